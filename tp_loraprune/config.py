@@ -1,0 +1,109 @@
+"""LoRAPruneConfig: every knob of the method in one checked dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+
+def _check_ratio(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value}. It is the fraction removed; 0.2 keeps 80%.")
+
+
+@dataclass
+class LoRAPruneConfig:
+    """How much to prune, where, when and by which score.
+
+    Size target (pick one):
+        ratio: fraction of the parameters of the pruned layers to remove (heads and FFN channels).
+            Heads are removed at `ratio` (rounded to what whole heads allow) and FFN channels take the rest.
+        head_ratio / channel_ratio: explicit fractions of attention heads and FFN channels to remove.
+            When either is set, `ratio` is ignored.
+
+    Heads:
+        head_mode: "per_group" removes the same number of query heads from every KV group (KV heads stay);
+            "kv_groups" removes whole KV groups (a KV head with all its query heads). For multi-head
+            attention both remove whole heads.
+
+    Where:
+        skip_first: fraction of the first decoder layers left unpruned (LoRAPrune: 10%).
+        skip_last: number of last decoder layers left unpruned (LoRAPrune: 1).
+        layers: explicit indices of decoder layers to prune (overrides skip_first / skip_last).
+        ranking: "local" removes the same fraction in every pruned layer; "global" ranks FFN channels
+            across layers (heads stay local so every layer keeps the same head layout).
+
+    When:
+        total_steps: optimizer steps of the fine-tune the pruning is spread over.
+        prune_every: prune every this many optimizer steps (paper: 10).
+        schedule, warmup, cooldown: ratio schedule (cubic as the official code, or linear); no pruning
+            in the first `warmup` fraction of steps, the target is reached before the last `cooldown`.
+
+    Score (see LoRAGuidedImportance):
+        ema, score, normalize.
+
+    Hardware:
+        round_to: keep FFN widths at multiples of this (8 or 64 make the pruned matmuls fast).
+    """
+
+    ratio: float = 0.5
+    head_ratio: float | None = None
+    channel_ratio: float | None = None
+    head_mode: Literal["per_group", "kv_groups"] = "per_group"
+    skip_first: float = 0.1
+    skip_last: int = 1
+    layers: list[int] | None = None
+    ranking: Literal["local", "global"] = "local"
+    total_steps: int = 200
+    prune_every: int = 10
+    schedule: Literal["cubic", "linear"] = "cubic"
+    warmup: float = 0.1
+    cooldown: float = 0.1
+    ema: float = 0.9
+    score: Literal["square", "abs"] = "square"
+    normalize: bool = False
+    round_to: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_ratio("ratio", self.ratio)
+        _check_ratio("head_ratio", self.head_ratio)
+        _check_ratio("channel_ratio", self.channel_ratio)
+        choices = {"head_mode": ("per_group", "kv_groups"), "ranking": ("local", "global"),
+                   "schedule": ("cubic", "linear"), "score": ("square", "abs")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.skip_first < 1.0:
+            raise ValueError(f"`skip_first` is a fraction of layers in [0, 1), got {self.skip_first}.")
+        if self.skip_last < 0:
+            raise ValueError(f"`skip_last` is a number of layers >= 0, got {self.skip_last}.")
+        if self.layers is not None and len(self.layers) == 0:
+            raise ValueError("`layers` is empty: it selects no layer to prune. Pass None to use skip_first/skip_last.")
+        if self.total_steps < 1:
+            raise ValueError(f"`total_steps` must be >= 1, got {self.total_steps}.")
+        if self.prune_every < 1:
+            raise ValueError(f"`prune_every` must be >= 1, got {self.prune_every}.")
+        if not (0.0 <= self.warmup < 1.0 and 0.0 <= self.cooldown < 1.0 and self.warmup + self.cooldown < 1.0):
+            raise ValueError(
+                f"`warmup` ({self.warmup}) and `cooldown` ({self.cooldown}) are fractions of the run whose sum "
+                "must stay below 1, leaving steps to prune in."
+            )
+        ramp_steps = (1.0 - self.warmup - self.cooldown) * self.total_steps
+        if self.prune_every > max(ramp_steps, 1):
+            raise ValueError(
+                f"`prune_every` ({self.prune_every}) is larger than the pruning ramp ({ramp_steps:.0f} of "
+                f"{self.total_steps} steps), so the target would be reached in one jump or never. Lower "
+                "`prune_every` or raise `total_steps`."
+            )
+        if self.round_to < 1:
+            raise ValueError(f"`round_to` must be >= 1, got {self.round_to}.")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"`ema` must be in [0, 1), got {self.ema}.")
+
+    @property
+    def explicit_ratios(self) -> bool:
+        return self.head_ratio is not None or self.channel_ratio is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

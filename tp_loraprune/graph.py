@@ -1,0 +1,77 @@
+"""Building Torch-Pruning's DependencyGraph on a PEFT model, with the preconditions it needs.
+
+Tracing is autograd-based, so every parameter must require grad while the graph is built (frozen
+layers would be invisible). On transformers 5, SDPA calls `enable_gqa=True` and skips `repeat_kv`,
+which hides the coupling between query heads and their KV head; eager attention shows it. The trace
+also leaves the model in eval mode and needs `use_cache=False`. `traceable` sets all of this up and
+restores the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+def _configs(model: nn.Module) -> list:
+    seen, configs = set(), []
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "use_cache") and id(c) not in seen:
+            seen.add(id(c))
+            configs.append(c)
+    return configs
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[nn.Module]:
+    """All params trainable, eager attention, no KV cache; restores flags, mode and config afterwards."""
+    grads = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    configs = _configs(model)
+    saved = [(c, c.use_cache, getattr(c, "_attn_implementation", None)) for c in configs]
+    try:
+        for p in grads:
+            p.requires_grad_(True)
+        for c in configs:
+            c.use_cache = False
+            if getattr(c, "_attn_implementation", None) not in (None, "eager"):
+                c._attn_implementation = "eager"
+        yield model
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for c, use_cache, attn in saved:
+            c.use_cache = use_cache
+            if attn is not None and getattr(c, "_attn_implementation", None) != attn:
+                c._attn_implementation = attn
+        model.train(was_training)
+
+
+def model_output(out):
+    """The tensor to trace back from: logits for LMs, hidden states for encoders."""
+    for attr in ("logits", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
+    """A short batch of token ids on the model's device, enough to trace the graph."""
+    device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 100) or 100
+    return torch.arange(length, device=device).remainder(vocab).unsqueeze(0)
+
+
+def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
+    """Trace `model` into a DependencyGraph under `traceable`."""
+    if example_inputs is None:
+        example_inputs = example_input_ids(model)
+    with traceable(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, output_transform=model_output, verbose=False
+        )

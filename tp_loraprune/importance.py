@@ -1,0 +1,164 @@
+"""LoRAGuidedImportance: Torch-Pruning importance from LoRA factors and their gradients only.
+
+Use it like any Torch-Pruning importance::
+
+    imp = LoRAGuidedImportance()
+    pruner = tp.pruner.MetaPruner(peft_model, example_inputs, importance=imp, ...)
+    for batch in data:
+        loss = peft_model(**batch).loss
+        loss.backward()
+        imp.accumulate(peft_model)      # after backward, before optimizer.step() / zero_grad()
+        optimizer.step(); optimizer.zero_grad()
+    pruner.step()
+
+State is one moving average per LoRA layer and direction: a score per output channel and a score
+per input channel (O(channels)). No gradient of a frozen weight is ever computed or stored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
+from .scores import ScoreKind, channel_scores, l2_normalized
+
+Direction = Literal["out", "in"]
+_DIRECTION_OF_HANDLER = {
+    tp.prune_linear_out_channels: "out",
+    tp.prune_linear_in_channels: "in",
+}
+
+
+class LoRAGuidedImportance(tp.importance.Importance):
+    """LoRAPrune's criterion (arXiv 2305.18403, Eq. 10) as a `tp.importance.Importance`.
+
+    Args:
+        ema: λ of the moving average across steps, S̄_t = λ·S̄_{t−1} + (1−λ)·S_t (0 keeps only the last step).
+        score: "square" for the paper's (Ĝ ∘ W')², "abs" for the official code's |Ĝ ∘ W'|.
+        normalize: divide each layer's channel scores by their L2 norm before they are summed into a
+            group (the official code does; it balances layers whose gradients differ in scale).
+
+    Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
+    layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
+    layer's scores on the coupled channels. A group without LoRA layers gives None, which makes
+    Torch-Pruning skip it. Items that Torch-Pruning maps without root indices (the k/v projections of
+    a GQA model seen from a query-head group) are not summed into the group.
+    """
+
+    def __init__(self, ema: float = 0.9, score: ScoreKind = "square", normalize: bool = False):
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"`ema` must be in [0, 1), got {ema}. 0.9 is the paper's value.")
+        if score not in ("square", "abs"):
+            raise ValueError(f"`score` must be 'square' (paper) or 'abs' (official code), got {score!r}.")
+        self.ema = float(ema)
+        self.score: ScoreKind = score
+        self.normalize = bool(normalize)
+        self.steps = 0
+        self._scores: dict[str, dict[Direction, torch.Tensor]] = {}
+        self._name_of: dict[nn.Module, str] = {}
+
+    # ------------------------------------------------------------------ accumulation
+    @torch.no_grad()
+    def accumulate(self, model: nn.Module) -> None:
+        """Fold the current LoRA gradients of every LoRA layer of `model` into the moving average."""
+        layers = lora_layers(model)
+        if not layers:
+            raise ValueError(f"LoRAGuidedImportance found no LoRA layers in {type(model).__name__}. {NO_LORA_HELP}")
+        seen = 0
+        for name, layer in layers.items():
+            self._name_of[layer] = self._name_of[base_layer(layer)] = name
+            f = lora_factors(layer)
+            if f is None:
+                continue
+            out_scores, in_scores = channel_scores(f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score)
+            self._fold(name, "out", out_scores)
+            self._fold(name, "in", in_scores)
+            seen += 1
+        if seen == 0:
+            raise ValueError(
+                "No LoRA layer has a gradient: call `imp.accumulate(model)` after `loss.backward()` and "
+                "before `optimizer.zero_grad()`."
+            )
+        self.steps += 1
+
+    def _fold(self, name: str, direction: Direction, current: torch.Tensor) -> None:
+        state = self._scores.setdefault(name, {})
+        previous = state.get(direction)
+        if previous is None:
+            previous = torch.zeros_like(current)
+        elif previous.shape != current.shape:
+            raise ValueError(
+                f"Stored scores of {name!r} ({direction}) have {previous.numel()} channels but the layer now has "
+                f"{current.numel()}: the layer was pruned without telling the importance. Call "
+                f"`imp.on_pruned(module, direction, keep_idxs)` after pruning, or prune with tp_loraprune.LoRAPruner."
+            )
+        state[direction] = previous.mul_(self.ema).add_(current, alpha=1.0 - self.ema)
+
+    # ------------------------------------------------------------------ scoring
+    def channel_scores(self, module: nn.Module, direction: Direction) -> torch.Tensor | None:
+        """The moving-average scores of a LoRA layer (or its base layer) along one direction."""
+        name = self._name_of.get(module)
+        if name is None:
+            return None
+        v = self._scores.get(name, {}).get(direction)
+        if v is None:
+            return None
+        return l2_normalized(v) if self.normalize else v
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        if not self._scores:
+            raise ValueError(
+                "LoRAGuidedImportance has no scores yet: call `imp.accumulate(model)` after each "
+                "`loss.backward()` before pruning."
+            )
+        total = torch.zeros(len(group[0].idxs))
+        hit = False
+        for i, (dep, idxs) in enumerate(group):
+            direction = _DIRECTION_OF_HANDLER.get(dep.handler)
+            if direction is None:
+                continue
+            v = self.channel_scores(dep.target.module, direction)
+            root_idxs = group[i].root_idxs
+            if v is None or root_idxs is None or any(r is None for r in root_idxs):
+                continue
+            total.scatter_add_(0, torch.as_tensor(root_idxs), v[torch.as_tensor(idxs, device=v.device)].cpu())
+            hit = True
+        return total if hit else None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def on_pruned(self, module: nn.Module, direction: Direction, keep_idxs: torch.Tensor) -> None:
+        """Keep the stored scores aligned with a layer whose channels were removed."""
+        name = self._name_of.get(module)
+        if name is None or direction not in self._scores.get(name, {}):
+            return
+        v = self._scores[name][direction]
+        self._scores[name][direction] = v[torch.as_tensor(keep_idxs, device=v.device)]
+
+    def reset(self) -> None:
+        self._scores.clear()
+        self.steps = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors: '<layer name>.<out|in>' → scores, plus the step count."""
+        flat = {f"{name}.{d}": v.detach().cpu() for name, s in self._scores.items() for d, v in s.items()}
+        flat["__steps__"] = torch.tensor(self.steps)
+        return flat
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor], model: nn.Module | None = None) -> None:
+        self._scores = {}
+        for key, v in flat.items():
+            if key == "__steps__":
+                self.steps = int(v)
+                continue
+            name, direction = key.rsplit(".", 1)
+            self._scores.setdefault(name, {})[direction] = v.clone()
+        if model is not None:
+            for name, layer in lora_layers(model).items():
+                self._name_of[layer] = self._name_of[base_layer(layer)] = name
+                device = base_layer(layer).weight.device
+                self._scores[name] = {d: v.to(device) for d, v in self._scores.get(name, {}).items()}

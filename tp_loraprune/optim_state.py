@@ -1,0 +1,30 @@
+"""Keeping an optimizer valid when Torch-Pruning replaces a parameter by a sliced copy.
+
+Torch-Pruning builds a new `nn.Parameter` for every pruned weight; the optimizer still holds the old
+one. `replace_parameter` swaps it in every param group and slices the per-parameter state (AdamW's
+`exp_avg` / `exp_avg_sq`, momentum buffers) to the kept indices, so the moments are not reset.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def replace_parameter(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, dim: int,
+                      keep: torch.Tensor) -> None:
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            state[key] = value.index_select(dim, keep.to(value.device))
+    optimizer.state[new] = state
+
+
+def trainable_parameters_match(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
+    """True when the optimizer holds exactly the model's trainable parameters (by identity)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return held == trainable

@@ -1,0 +1,369 @@
+"""LoRAPruner: progressive structured pruning inside a LoRA fine-tune, with physical removal.
+
+The user's loop stays theirs::
+
+    pruner = LoRAPruner(peft_model, LoRAPruneConfig(ratio=0.2, total_steps=200), optimizer=optimizer)
+    for batch in data:
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        pruner.step()            # accumulate scores; every `prune_every` steps remove heads/channels
+        optimizer.zero_grad()
+
+One prune event: trace Torch-Pruning's DependencyGraph (fresh shapes) → score each structure with
+LoRAGuidedImportance → pick the lowest-scoring heads / channels down to the scheduled size → remove
+them physically through the graph → restore every invariant (frozen base weights, optimizer state,
+stored scores, PEFT shapes, attention bookkeeping, HF config).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .config import LoRAPruneConfig
+from .graph import build_graph, example_input_ids
+from .importance import LoRAGuidedImportance
+from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
+from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
+from .optim_state import replace_parameter
+from .schedule import progress
+from .surgery import Replaced, is_unmapped, prune_items
+
+
+def selected_layer_indices(num_layers: int, config: LoRAPruneConfig) -> list[int]:
+    """Decoder layers to prune: explicit `layers`, else all but the first `skip_first` and last `skip_last`."""
+    if config.layers is not None:
+        bad = [i for i in config.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"`layers` {bad} are out of range: the model has {num_layers} decoder layers.")
+        return sorted(set(config.layers))
+    first = int(num_layers * config.skip_first)
+    chosen = list(range(first, num_layers - config.skip_last))
+    if not chosen:
+        raise ValueError(
+            f"The layer selection selects nothing: {num_layers} layers, skip_first={config.skip_first} skips "
+            f"{first}, skip_last={config.skip_last}. Lower them or pass `layers=[...]`."
+        )
+    return chosen
+
+
+def _keep_count(initial: int, ratio: float, multiple: int = 1) -> int:
+    """round(initial·(1 − ratio)) to the nearest multiple, within [multiple, initial]."""
+    kept = initial * (1.0 - ratio)
+    kept = int(math.floor(kept / multiple + 0.5)) * multiple
+    return max(min(kept, initial), min(multiple, initial))
+
+
+@dataclass
+class _Heads:
+    """Bookkeeping of one attention block: original ids of the query heads still alive."""
+
+    layout: AttentionLayout
+    initial_heads: int
+    initial_kv: int
+    alive: list[int] = field(default_factory=list)
+
+    @property
+    def initial_group_size(self) -> int:
+        return self.initial_heads // self.initial_kv
+
+
+@dataclass
+class _Channels:
+    """Bookkeeping of one channel group (an FFN): its width and the original ids still alive."""
+
+    key: str
+    initial: int
+    cost: int  # base parameters removed with one channel
+    alive: list[int] = field(default_factory=list)
+
+
+class LoRAPruner:
+    """Drives LoRAPrune through a fine-tune: call `step()` after every optimizer step.
+
+    Args:
+        model: a PEFT model with LoRA on the projections to be scored (all of q/k/v/o/gate/up/down is best).
+        config: size target, layer selection, schedule and score options.
+        optimizer: the optimizer of the LoRA parameters; its state is sliced when parameters are pruned.
+        importance: a LoRAGuidedImportance (built from `config` when omitted).
+        example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
+    """
+
+    def __init__(self, model: nn.Module, config: LoRAPruneConfig | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 importance: LoRAGuidedImportance | None = None, example_inputs=None):
+        self.model = model
+        self.config = config or LoRAPruneConfig()
+        self.optimizer = optimizer
+        self.importance = importance or LoRAGuidedImportance(
+            ema=self.config.ema, score=self.config.score, normalize=self.config.normalize
+        )
+        self.example_inputs = example_inputs if example_inputs is not None else example_input_ids(model)
+        if not lora_layers(model):
+            raise ValueError(f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. "
+                             f"{NO_LORA_HELP}")
+        layers = decoder_layers(model)
+        if not layers:
+            raise ValueError(
+                f"Could not find the decoder layers of {type(model).__name__}: no ModuleList of blocks with "
+                "q/k/v/o attention projections. See docs/architectures.md for supported models."
+            )
+        self.layer_indices = selected_layer_indices(len(layers), self.config)
+        self._selected_layers = [layers[i] for i in self.layer_indices]
+        self._selected = {m for layer in self._selected_layers for m in layer.modules()}
+        self._names = {m: n for n, m in model.named_modules()}
+        self.step_count = 0
+        self.progress = 0.0
+        self.events: list[dict] = []
+        self.initial_parameters = count_parameters(model)
+        self._heads = {a.name: _Heads(a, a.num_heads, a.num_kv_heads, list(range(a.num_heads)))
+                       for a in attention_layouts(model) if a.module in self._selected}
+        graph = build_graph(model, self.example_inputs)
+        self._channels = {}
+        for key, group in self._channel_groups(graph).items():
+            width = len(group[0].idxs)
+            self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
+        self.head_ratio, self.channel_ratio = self._resolve_ratios()
+
+    # ------------------------------------------------------------------ targets
+    def _channel_cost(self, graph: tp.DependencyGraph, group) -> int:
+        lora_parts = {m for layer in lora_layers(self.model).values() for m in layer.modules() if m is not layer
+                      and m is not base_layer(layer)}
+        cost = 0
+        for dep, _ in group:
+            m = dep.target.module
+            if not isinstance(m, nn.Linear) or m in lora_parts:
+                continue
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                cost += m.in_features + (1 if m.bias is not None else 0)
+            elif graph.is_in_channel_pruning_fn(dep.handler):
+                cost += m.out_features
+        return cost
+
+    def _kept_heads(self, h: _Heads, fraction: float) -> tuple[int, int]:
+        """(query heads, KV heads) to keep in one block after `fraction` of the head target."""
+        ratio = self.head_ratio * fraction
+        if self.config.head_mode == "per_group" and h.initial_group_size > 1:
+            per_group = _keep_count(h.initial_group_size, ratio)
+            return per_group * h.initial_kv, h.initial_kv
+        kv = _keep_count(h.initial_kv, ratio)
+        return kv * h.initial_group_size, kv
+
+    def _check_head_ratio(self, ratio: float) -> None:
+        for h in self._heads.values():
+            per_group = self.config.head_mode == "per_group" and h.initial_group_size > 1
+            n = h.initial_group_size if per_group else h.initial_kv
+            if round(n * (1.0 - ratio)) < 1:
+                what = "query heads per KV group" if per_group else "KV groups" if h.initial_group_size > 1 else "heads"
+                raise ValueError(
+                    f"head ratio {ratio} would leave 0 {what} in {h.layout.name} ({n} {what}); the largest "
+                    f"ratio that keeps one is {(n - 1) / n:.3f} (values round to whole heads)."
+                )
+
+    def _head_cost(self, h: _Heads) -> tuple[int, int]:
+        """Base parameters removed with one query head, and with one KV head (k and v rows)."""
+        q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
+        d = h.layout.head_dim
+        bias = lambda m: 1 if m.bias is not None else 0  # noqa: E731
+        return d * (q.in_features + bias(q) + o.out_features), d * (k.in_features + bias(k) + v.in_features + bias(v))
+
+    def _resolve_ratios(self) -> tuple[float, float]:
+        c = self.config
+        if c.explicit_ratios:
+            head_ratio, channel_ratio = c.head_ratio or 0.0, c.channel_ratio or 0.0
+            self._check_head_ratio(head_ratio)
+            return head_ratio, channel_ratio
+        self._check_head_ratio(c.ratio)
+        self.head_ratio = c.ratio
+        total = sum(count_parameters(layer) for layer in self._selected_layers)
+        removed_by_heads = 0
+        for h in self._heads.values():
+            q_heads, kv_heads = self._kept_heads(h, 1.0)
+            per_q, per_kv = self._head_cost(h)
+            removed_by_heads += (h.initial_heads - q_heads) * per_q + (h.initial_kv - kv_heads) * per_kv
+        channel_total = sum(ch.initial * ch.cost for ch in self._channels.values())
+        needed = c.ratio * total - removed_by_heads
+        if channel_total == 0 or needed <= 0:
+            return c.ratio, 0.0
+        channel_ratio = needed / channel_total
+        if channel_ratio >= 1.0:
+            raise ValueError(f"ratio {c.ratio} cannot be reached: it would remove every FFN channel. Use a lower ratio.")
+        return c.ratio, channel_ratio
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> dict | None:
+        """Call once per optimizer step, after `optimizer.step()` and before `zero_grad()`.
+
+        Folds the current LoRA gradients into the scores and, on a prune step, removes heads and
+        channels. Returns the prune event (a dict also appended to `events`) or None.
+        """
+        self.importance.accumulate(self.model)
+        self.step_count += 1
+        c = self.config
+        target = progress(self.step_count, c.total_steps, c.schedule, c.warmup, c.cooldown)
+        due = self.step_count % c.prune_every == 0 or target >= 1.0
+        if due and target > self.progress:
+            return self.prune(target)
+        return None
+
+    @torch.no_grad()
+    def prune(self, fraction: float = 1.0) -> dict | None:
+        """Prune now to `fraction` of the final target (1.0 = the whole target; used by `step`)."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"`fraction` must be in [0, 1], got {fraction}.")
+        with torch.enable_grad():
+            graph = build_graph(self.model, self.example_inputs)
+        removed: dict[str, list[int]] = {}
+        replaced: list[Replaced] = []
+        for key, group in self._channel_groups(graph).items():
+            ids = self._prune_channels(graph, self._channels[key], group, fraction, replaced.append)
+            if ids:
+                removed[key] = ids
+        for h in self._heads.values():
+            ids = self._prune_heads(graph, h, fraction, replaced.append)
+            if ids:
+                removed[h.layout.name] = ids
+        self._restore_invariants(replaced)
+        self.progress = max(self.progress, fraction)
+        if not removed:
+            return None
+        event = {"step": self.step_count, "fraction": round(fraction, 6), "removed": removed,
+                 "parameters": count_parameters(self.model)}
+        self.events.append(event)
+        return event
+
+    # ------------------------------------------------------------------ structures
+    def _channel_groups(self, graph: tp.DependencyGraph) -> dict[str, object]:
+        """Channel groups (FFNs) of the selected layers, keyed by the name of their root module.
+
+        The first call discovers them from every linear of the selected layers outside attention
+        (groups reaching an unselected module, e.g. the residual stream, are dropped); later calls
+        ask the graph only for the known roots, which keeps each prune event cheap.
+        """
+        if getattr(self, "_channel_roots", None) is None:
+            self._channel_roots = self._discover_channel_roots(graph)
+        return {key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+                for key, m in self._channel_roots.items()}
+
+    def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
+        attention, lora_parts = set(), set()
+        for a in attention_layouts(self.model):
+            for m in (a.q, a.k, a.v, a.o):
+                attention.update(m.modules())
+        for layer in lora_layers(self.model).values():
+            lora_parts.update(m for m in layer.modules() if m is not layer and m is not base_layer(layer))
+        allowed = self._selected
+        roots, visited = {}, set()
+        for m in self.model.modules():
+            if not isinstance(m, nn.Linear) or m not in allowed or m in lora_parts or m in attention or m in visited:
+                continue
+            if m not in graph.module2node:
+                continue
+            group = graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+            items = [(dep.target.module, dep.handler) for dep, _ in group if dep.target.module in self._names]
+            members = [x for x, _ in items]
+            outs = [x for x, fn in items if graph.is_out_channel_pruning_fn(fn)]
+            visited.update(outs)
+            if any(x not in allowed for x in outs) or any(x in attention for x in members):
+                continue
+            roots[self._names[m]] = m
+        return roots
+
+    def _prune_channels(self, graph, ch: _Channels, group, fraction: float, on_replaced) -> list[int]:
+        current = len(group[0].idxs)
+        keep = _keep_count(ch.initial, self.channel_ratio * fraction, self.config.round_to)
+        n_remove = current - keep
+        if n_remove <= 0:
+            return []
+        scores = self.importance(group)
+        if scores is None:
+            warnings.warn(f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.",
+                          stacklevel=3)
+            return []
+        positions = torch.argsort(scores)[:n_remove].tolist()
+        root = group[0]
+        prune_items(graph, graph.get_pruning_group(root.dep.target.module, root.dep.handler, positions),
+                    on_replaced)
+        ids = [ch.alive[p] for p in positions]
+        drop = set(positions)
+        ch.alive = [c for i, c in enumerate(ch.alive) if i not in drop]
+        return sorted(ids)
+
+    def _prune_heads(self, graph, h: _Heads, fraction: float, on_replaced) -> list[int]:
+        a = h.layout
+        keep_q, keep_kv = self._kept_heads(h, fraction)
+        heads, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
+        if keep_q >= heads:
+            return []
+        o = base_layer(a.o)
+        group = graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(o.in_features)))
+        scores = self.importance(group)
+        if scores is None:
+            warnings.warn(f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.",
+                          stacklevel=3)
+            return []
+        head_scores = scores.view(heads, d).sum(1)
+        size = heads // kv
+        if keep_kv == kv:  # remove the same number of query heads from every KV group
+            per_group = head_scores.view(kv, size)
+            drop = torch.argsort(per_group, dim=1)[:, : size - keep_q // kv]
+            positions = sorted((drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist())
+        else:  # remove whole KV groups: their query heads, k and v
+            group_scores = head_scores.view(kv, size).sum(1)
+            for proj in (a.k, a.v):
+                s = self.importance.channel_scores(base_layer(proj), "out")
+                if s is not None and size > 1:
+                    group_scores += s.view(kv, d).sum(1).cpu()
+            dropped_kv = torch.argsort(group_scores)[: kv - keep_kv].tolist()
+            positions = sorted(g * size + j for g in dropped_kv for j in range(size))
+        channels = [p * d + j for p in positions for j in range(d)]
+        pruning = graph.get_pruning_group(o, tp.prune_linear_in_channels, channels)
+        items = list(pruning)
+        if keep_kv == kv and size > 1:
+            items = [it for it, orig in zip(items, pruning) if not is_unmapped(orig)]
+            kv_modules = {m for proj in (a.k, a.v) for m in proj.modules()}
+            if any(dep.target.module in kv_modules for dep, _ in items):
+                raise RuntimeError(
+                    f"{a.name}: the dependency graph couples k/v channels 1:1 with query channels, so the GQA "
+                    "structure was not traced (repeat_kv hidden by the attention kernel). Refusing to prune "
+                    "rather than cutting k/v wrongly; please report the model type."
+                )
+        prune_items(graph, items, on_replaced)
+        ids = [h.alive[p] for p in positions]
+        drop = set(positions)
+        h.alive = [x for i, x in enumerate(h.alive) if i not in drop]
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ invariants
+    def _restore_invariants(self, replaced: list[Replaced]) -> None:
+        """After physical removal: frozen stays frozen, optimizer and scores follow the new parameters,
+        PEFT's cached shapes, attention head bookkeeping and the HF config match the weights."""
+        for r in replaced:
+            r.new.requires_grad_(r.old.requires_grad)
+            if self.optimizer is not None and r.old.requires_grad:
+                replace_parameter(self.optimizer, r.old, r.new, r.dim, r.keep)
+            if r.attr == "weight":
+                self.importance.on_pruned(r.module, r.direction, r.keep)
+        sync_lora_features(self.model)
+        sync_config(self.model)
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def summary(self) -> dict:
+        return {
+            "initial_parameters": self.initial_parameters,
+            "parameters": self.parameters,
+            "pruned_layers": self.layer_indices,
+            "head_ratio": self.head_ratio,
+            "channel_ratio": self.channel_ratio,
+            "heads": {k: len(h.alive) for k, h in self._heads.items()},
+            "channels": {k: len(c.alive) for k, c in self._channels.items()},
+        }

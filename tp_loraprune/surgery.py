@@ -1,0 +1,57 @@
+"""Executing a Torch-Pruning group while keeping everything that points at the old parameters valid.
+
+Torch-Pruning replaces each pruned weight by a new `nn.Parameter` (which defaults to requires_grad=True).
+`prune_items` runs the group's pruning functions and reports every replaced parameter with the indices
+it kept, so the caller can re-freeze base weights, slice optimizer moments and slice stored scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Replaced:
+    module: nn.Module
+    attr: str  # "weight" or "bias"
+    old: nn.Parameter
+    new: nn.Parameter
+    direction: str  # "out" or "in"
+    dim: int
+    keep: torch.Tensor  # kept indices along `dim` (ascending)
+
+
+def is_unmapped(item) -> bool:
+    """An item Torch-Pruning reached without root indices (e.g. k/v seen from a GQA query-head group)."""
+    return item.root_idxs is not None and any(r is None for r in item.root_idxs)
+
+
+def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callable[[Replaced], None]) -> None:
+    """Prune the given group items (a whole group or a filtered part of one)."""
+    group = tp.dependency.Group()
+    watched = []
+    for dep, idxs in items:
+        group.add_dep(dep, idxs)
+        module = dep.target.module
+        if not isinstance(module, nn.Module):
+            continue
+        out = graph.is_out_channel_pruning_fn(dep.handler)
+        for attr in ("weight", "bias"):
+            p = getattr(module, attr, None)
+            if isinstance(p, nn.Parameter) and not (attr == "bias" and not out):
+                watched.append((module, attr, p, "out" if out else "in", sorted(set(idxs))))
+    group._DG = graph
+    group.prune(record_history=False)
+    for module, attr, old, direction, removed in watched:
+        new = getattr(module, attr)
+        if new is old:
+            continue
+        dim = 0 if direction == "out" else 1  # (out, in) weights; biases are watched on "out" only
+        removed_set = set(removed)
+        keep = torch.tensor([i for i in range(old.shape[dim]) if i not in removed_set], dtype=torch.long)
+        on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
