@@ -219,16 +219,12 @@ class LoRAPruner:
         with torch.enable_grad():
             graph = build_graph(self.model, self.example_inputs)
         removed: dict[str, list[int]] = {}
-        replaced: list[Replaced] = []
         for key, group in self._channel_groups(graph).items():
-            ids = self._prune_channels(graph, self._channels[key], group, fraction, replaced.append)
-            if ids:
-                removed[key] = ids
-        for h in self._heads.values():
-            ids = self._prune_heads(graph, h, fraction, replaced.append)
-            if ids:
-                removed[h.layout.name] = ids
-        self._restore_invariants(replaced)
+            removed[key] = self._choose_channels(self._channels[key], group, fraction)
+        for key, h in self._heads.items():
+            removed[key] = self._choose_heads(graph, h, fraction)
+        removed = {k: ids for k, ids in removed.items() if ids}
+        self._remove(graph, removed)
         self.progress = max(self.progress, fraction)
         if not removed:
             return None
@@ -236,6 +232,28 @@ class LoRAPruner:
                  "parameters": count_parameters(self.model)}
         self.events.append(event)
         return event
+
+    @torch.no_grad()
+    def replay(self, events: list[dict]) -> None:
+        """Remove exactly what `events` removed (original ids), without scoring: rebuilds an architecture."""
+        for event in events:
+            with torch.enable_grad():
+                graph = build_graph(self.model, self.example_inputs)
+            self._remove(graph, event["removed"])
+            self.events.append(event)
+
+    def _remove(self, graph: tp.DependencyGraph, removed: dict[str, list[int]]) -> None:
+        """Physically remove structures given by original ids, then restore every invariant."""
+        replaced: list[Replaced] = []
+        groups = self._channel_groups(graph) if any(k in self._channels for k in removed) else {}
+        for key, ids in removed.items():
+            if key in self._channels:
+                self._remove_channels(graph, self._channels[key], groups[key], ids, replaced.append)
+            elif key in self._heads:
+                self._remove_heads(graph, self._heads[key], ids, replaced.append)
+            else:
+                raise ValueError(f"Unknown structure {key!r}: the events do not belong to this model/config.")
+        self._restore_invariants(replaced)
 
     # ------------------------------------------------------------------ structures
     def _channel_groups(self, graph: tp.DependencyGraph) -> dict[str, object]:
@@ -274,10 +292,10 @@ class LoRAPruner:
             roots[self._names[m]] = m
         return roots
 
-    def _prune_channels(self, graph, ch: _Channels, group, fraction: float, on_replaced) -> list[int]:
-        current = len(group[0].idxs)
+    def _choose_channels(self, ch: _Channels, group, fraction: float) -> list[int]:
+        """Original ids of the lowest-scoring channels to remove to reach the scheduled width."""
         keep = _keep_count(ch.initial, self.channel_ratio * fraction, self.config.round_to)
-        n_remove = current - keep
+        n_remove = len(ch.alive) - keep
         if n_remove <= 0:
             return []
         scores = self.importance(group)
@@ -285,47 +303,52 @@ class LoRAPruner:
             warnings.warn(f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.",
                           stacklevel=3)
             return []
-        positions = torch.argsort(scores)[:n_remove].tolist()
-        root = group[0]
-        prune_items(graph, graph.get_pruning_group(root.dep.target.module, root.dep.handler, positions),
-                    on_replaced)
-        ids = [ch.alive[p] for p in positions]
-        drop = set(positions)
-        ch.alive = [c for i, c in enumerate(ch.alive) if i not in drop]
-        return sorted(ids)
+        return sorted(ch.alive[p] for p in torch.argsort(scores)[:n_remove].tolist())
 
-    def _prune_heads(self, graph, h: _Heads, fraction: float, on_replaced) -> list[int]:
+    def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
+        positions = _positions(ch.alive, ids, ch.key)
+        root = group[0]
+        prune_items(graph, graph.get_pruning_group(root.dep.target.module, root.dep.handler, positions), on_replaced)
+        ch.alive = [c for c in ch.alive if c not in set(ids)]
+
+    def _choose_heads(self, graph, h: _Heads, fraction: float) -> list[int]:
+        """Original ids of the query heads to remove (whole KV groups in kv_groups mode)."""
         a = h.layout
         keep_q, keep_kv = self._kept_heads(h, fraction)
         heads, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         if keep_q >= heads:
             return []
         o = base_layer(a.o)
-        group = graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(o.in_features)))
-        scores = self.importance(group)
+        scores = self.importance(graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(o.in_features))))
         if scores is None:
             warnings.warn(f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.",
                           stacklevel=3)
             return []
         head_scores = scores.view(heads, d).sum(1)
         size = heads // kv
-        if keep_kv == kv:  # remove the same number of query heads from every KV group
-            per_group = head_scores.view(kv, size)
-            drop = torch.argsort(per_group, dim=1)[:, : size - keep_q // kv]
-            positions = sorted((drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist())
-        else:  # remove whole KV groups: their query heads, k and v
+        if keep_kv == kv:  # the same number of query heads from every KV group
+            drop = torch.argsort(head_scores.view(kv, size), dim=1)[:, : size - keep_q // kv]
+            positions = (drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist()
+        else:  # whole KV groups: their query heads, k and v
             group_scores = head_scores.view(kv, size).sum(1)
-            for proj in (a.k, a.v):
-                s = self.importance.channel_scores(base_layer(proj), "out")
-                if s is not None and size > 1:
-                    group_scores += s.view(kv, d).sum(1).cpu()
-            dropped_kv = torch.argsort(group_scores)[: kv - keep_kv].tolist()
-            positions = sorted(g * size + j for g in dropped_kv for j in range(size))
-        channels = [p * d + j for p in positions for j in range(d)]
-        pruning = graph.get_pruning_group(o, tp.prune_linear_in_channels, channels)
+            if size > 1:
+                for proj in (a.k, a.v):
+                    s = self.importance.channel_scores(base_layer(proj), "out")
+                    if s is not None:
+                        group_scores += s.view(kv, d).sum(1).cpu()
+            positions = [g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)]
+        return sorted(h.alive[p] for p in positions)
+
+    def _remove_heads(self, graph, h: _Heads, ids: list[int], on_replaced) -> None:
+        a = h.layout
+        d, size = a.head_dim, a.group_size
+        positions = _positions(h.alive, ids, a.name)
+        o = base_layer(a.o)
+        pruning = graph.get_pruning_group(o, tp.prune_linear_in_channels, [p * d + j for p in positions for j in range(d)])
         items = list(pruning)
-        if keep_kv == kv and size > 1:
-            items = [it for it, orig in zip(items, pruning) if not is_unmapped(orig)]
+        query_only = self.config.head_mode == "per_group" and size > 1
+        if query_only:
+            items = [it for it in items if not is_unmapped(it)]
             kv_modules = {m for proj in (a.k, a.v) for m in proj.modules()}
             if any(dep.target.module in kv_modules for dep, _ in items):
                 raise RuntimeError(
@@ -333,11 +356,11 @@ class LoRAPruner:
                     "structure was not traced (repeat_kv hidden by the attention kernel). Refusing to prune "
                     "rather than cutting k/v wrongly; please report the model type."
                 )
+            per_group = [sum(1 for p in positions if p // size == g) for g in range(a.num_kv_heads)]
+            if len(set(per_group)) != 1:
+                raise ValueError(f"{a.name}: removing query heads {ids} would leave KV groups of unequal size.")
         prune_items(graph, items, on_replaced)
-        ids = [h.alive[p] for p in positions]
-        drop = set(positions)
-        h.alive = [x for i, x in enumerate(h.alive) if i not in drop]
-        return sorted(ids)
+        h.alive = [x for x in h.alive if x not in set(ids)]
 
     # ------------------------------------------------------------------ invariants
     def _restore_invariants(self, replaced: list[Replaced]) -> None:
@@ -367,3 +390,12 @@ class LoRAPruner:
             "heads": {k: len(h.alive) for k, h in self._heads.items()},
             "channels": {k: len(c.alive) for k, c in self._channels.items()},
         }
+
+
+def _positions(alive: list[int], ids: list[int], where: str) -> list[int]:
+    """Current positions of original ids among the alive ones."""
+    index = {orig: pos for pos, orig in enumerate(alive)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{where}: ids {missing} were already removed or never existed.")
+    return sorted(index[i] for i in ids)

@@ -1,0 +1,137 @@
+"""Merging LoRA into the pruned model, saving it, and loading it back.
+
+Two on-disk formats, both safetensors plus JSON:
+
+* uniform: every pruned layer has the same shape, so the HF config can describe it. The directory is a
+  normal `save_pretrained` directory that `AutoModelForCausalLM.from_pretrained` loads.
+* per-layer: layers differ (the default, since the first and last layers are left unpruned). HF configs
+  have one width per attribute, so the directory holds the original config, `model.safetensors`, and
+  `tp_loraprune.json` with the shape of every linear layer that differs from the config.
+  `tp_loraprune.load_pruned(path)` builds the model from the config, reshapes those layers and loads
+  the weights (strict). It never unpickles anything and never enables `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import lora_layers
+from .models import sync_attention_attributes, sync_config
+
+MANIFEST = "tp_loraprune.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its (pruned) base weight and return the plain model."""
+    if lora_layers(model) and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    sync_config(model)
+    return model
+
+
+def _auto_class_name(model: nn.Module) -> str:
+    arch = type(model).__name__
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "AutoModelForCausalLM"
+    return "AutoModel"
+
+
+def _linear_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _reference_model(config, auto_class: str) -> nn.Module:
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config)
+
+
+def _config_validates(config) -> bool:
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 - any validation failure means the config cannot describe the model
+        return False
+    return True
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, merge: bool = True,
+                overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
+
+    Refuses to write into an existing non-empty directory unless `overwrite=True`.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"Output directory {path} exists and is not empty; choose a new path or pass overwrite=True.")
+    if merge:
+        model = merge_lora(model)
+    elif lora_layers(model):
+        raise ValueError("save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft.")
+    path.mkdir(parents=True, exist_ok=True)
+    auto_class = _auto_class_name(model)
+    uniform = sync_config(model) and _config_validates(model.config)
+    manifest = {"format_version": FORMAT_VERSION, "auto_class": auto_class, "layout": "uniform" if uniform else "per_layer",
+                "metadata": metadata or {}}
+    if uniform:
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        reference = _linear_shapes(_reference_model(model.config, auto_class))
+        manifest["linear_shapes"] = {n: s for n, s in _linear_shapes(model).items() if reference.get(n) != s}
+        model.config.save_pretrained(path)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+        save_model(model, str(path / WEIGHTS))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> None:
+    like = linear.weight
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=like.dtype, device=like.device),
+                                 requires_grad=like.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
+    linear.out_features, linear.in_features = out_features, in_features
+
+
+def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a model saved by `save_pruned` (either format)."""
+    import transformers
+
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise ValueError(f"{path} has no {MANIFEST}; it was not saved by tp_loraprune.save_pruned.")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{manifest_file} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}.")
+    auto = getattr(transformers, manifest["auto_class"])
+    if manifest["layout"] == "uniform":
+        return auto.from_pretrained(path, dtype=dtype, device_map=None).to(device)
+    from safetensors.torch import load_model
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = auto.from_config(config)
+    modules = dict(model.named_modules())
+    for name, (out_features, in_features) in manifest["linear_shapes"].items():
+        if not isinstance(modules.get(name), nn.Linear):
+            raise ValueError(f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}.")
+        _resize_linear(modules[name], out_features, in_features)
+    sync_attention_attributes(model)
+    sync_config(model)
+    load_model(model, str(path / WEIGHTS), strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
