@@ -375,6 +375,22 @@ class LoRAPruner:
         sync_lora_features(self.model)
         sync_config(self.model)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """JSON-able state (step, schedule position, what was removed) plus the score tensors."""
+        return {"step_count": self.step_count, "progress": self.progress, "events": self.events,
+                "config": self.config.to_dict(), "importance": self.importance.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a pruner built on a fresh copy of the original model: replays the removals first."""
+        if self.events:
+            raise ValueError("load_state_dict needs a pruner on the unpruned model; this one has already pruned.")
+        if state["config"] != self.config.to_dict():
+            raise ValueError("The checkpoint was made with a different LoRAPruneConfig; use the same config to resume.")
+        self.replay(state["events"])
+        self.step_count, self.progress = int(state["step_count"]), float(state["progress"])
+        self.importance.load_state_dict(state["importance"], self.model)
+
     # ------------------------------------------------------------------ reporting
     @property
     def parameters(self) -> int:

@@ -1,0 +1,194 @@
+"""The one-call driver: LoRA fine-tune with LoRAPrune inside, for scripts, the CLI and benchmarks.
+
+    result = tp_loraprune.prune(model, tokenizer, documents, LoRAPruneConfig(ratio=0.2), TrainConfig())
+    result.model   # merged, pruned, plain transformers model
+
+Each optimizer step: `grad_accum` micro-batches (forward/backward under autocast) → unscale (fp16) →
+clip → optimizer step → scheduler step → `pruner.step()` (scores, maybe a prune event) → zero_grad.
+Data order and dropout are seeded per step, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoRAPruneConfig
+from .lora import lora_layers
+from .models import count_parameters
+from .pruner import LoRAPruner
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """The LoRA fine-tune that pruning runs inside (the paper: r=8, α=16, lr 1e-4, AdamW)."""
+
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    block_size: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in _DTYPES:
+            raise ValueError(f"`precision` must be one of {list(_DTYPES)}, got {self.precision!r}.")
+        for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"`checkpoint_every` must be >= 0 (0 = never), got {self.checkpoint_every}.")
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module  # merged LoRA, pruned, plain transformers model
+    events: list[dict]
+    summary: dict
+    seconds: float
+    losses: list[float]
+
+
+def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """Wrap a plain model with a fresh PEFT LoRA adapter (a PEFT model is returned unchanged)."""
+    if lora_layers(model):
+        return model
+    import peft
+
+    config = peft.LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                             target_modules=train.target_modules, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> torch.Tensor:
+    """The micro-batch of a step, drawn from a permutation seeded by (seed, epoch): resumable, no RNG state."""
+    per_step = train.batch_size * train.grad_accum
+    start = (step * per_step + micro * train.batch_size)
+    epoch, offset = divmod(start, len(blocks))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
+    idx = order[(torch.arange(train.batch_size) + offset) % len(blocks)]
+    return blocks[idx]
+
+
+def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig):
+    """(peft_model, optimizer, scheduler, pruner) for a run; also what a resume rebuilds."""
+    torch.manual_seed(train.seed)
+    model = add_lora(model, train).to(train.device)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
+    warmup = max(1, int(0.03 * config.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / config.total_steps) + 1e-3
+    )
+    pruner = LoRAPruner(model, config, optimizer=optimizer)
+    return model, optimizer, scheduler, pruner
+
+
+def prune(model: nn.Module, tokenizer, blocks: torch.Tensor, config: LoRAPruneConfig | None = None,
+          train: TrainConfig | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          on_event: Callable[[dict], None] | None = None, stop_after: int | None = None) -> PruneResult:
+    """LoRA fine-tune `model` on token `blocks` (n, block_size) for `config.total_steps` steps while pruning.
+
+    Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
+    is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
+    (after that many steps, without merging) to simulate an interruption.
+    """
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .export import merge_lora
+
+    config, train = config or LoRAPruneConfig(), train or TrainConfig()
+    if blocks.dim() != 2 or len(blocks) == 0:
+        raise ValueError(f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}.")
+    peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
+    losses: list[float] = []
+    start_step = 0
+    if resume:
+        if checkpoint_dir is None or not Path(checkpoint_dir).exists():
+            raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
+        losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler)["losses"]
+        start_step = pruner.step_count
+    dtype = _DTYPES[train.precision]
+    device_type = torch.device(train.device).type
+    autocast = dtype != torch.float32
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    bar = _progress_bar(config.total_steps, start_step, train.progress)
+    t0 = time.perf_counter()
+    for step in range(start_step, config.total_steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks repeat on resume
+        total = 0.0
+        for micro in range(train.grad_accum):
+            ids = _batch(blocks, step, micro, train).to(train.device)
+            with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                loss = peft_model(input_ids=ids, labels=ids).loss / train.grad_accum
+            scaler.scale(loss).backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"Loss became {total} at step {step}; lower `lr` or use bf16/fp32.")
+        scaler.unscale_(optimizer)  # scores and clipping see true gradients, not loss-scaled ones
+        if train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], train.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        event = pruner.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        if event is not None and on_event is not None:
+            on_event(event)
+        if bar is not None:
+            bar.set_postfix(loss=f"{total:.3f}", params=f"{pruner.parameters / 1e6:.2f}M")
+            bar.update(1)
+        if checkpoint_dir is not None and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    summary = pruner.summary()
+    if stop_after is not None and pruner.step_count < config.total_steps:
+        return PruneResult(peft_model, pruner.events, summary, seconds, losses)
+    if pruner.progress < 1.0:
+        pruner.prune(1.0)
+    merged = merge_lora(peft_model).eval()
+    summary = dict(summary, parameters=count_parameters(merged))
+    return PruneResult(merged, pruner.events, summary, seconds, losses)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="LoRAPrune", unit="step")
+
+
+def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
+    """Every prune event (step, what was removed per structure, params left) plus settings, as JSON."""
+    Path(path).write_text(json.dumps({"config": config.to_dict(), "train": asdict(train), "summary": result.summary,
+                                      "seconds": result.seconds, "losses": result.losses, "events": result.events},
+                                     indent=1))
