@@ -20,6 +20,12 @@ _EXPORTS = {
     "LoRAPruner": "pruner",
     "build_graph": "graph",
     "count_parameters": "models",
+    "prune": "train",
+    "TrainConfig": "train",
+    "save_pruned": "export",
+    "load_pruned": "export",
+    "merge_lora": "export",
+    "LoRAPruneCallback": "callback",
 }
 
 __all__ = ["__version__", *_EXPORTS]

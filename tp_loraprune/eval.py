@@ -136,7 +136,22 @@ def perplexity(
             "use a longer text or a smaller seq_len."
         )
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    starts = range(0, n_windows, batch_size)
+    return blocks_perplexity(model, windows, batch_size=batch_size, device=device, progress=progress)
+
+
+def blocks_perplexity(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> float:
+    """exp of the mean next-token NLL over all predicted tokens of token ``blocks`` (n, seq_len)."""
+    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must have shape (n >= 1, seq_len >= 2), got {tuple(blocks.shape)}.")
+    device = torch.device(device) if device is not None else _model_device(model)
+    starts = range(0, len(blocks), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -144,11 +159,11 @@ def perplexity(
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     with _eval_mode(model), torch.no_grad():
         for start in starts:
-            batch = windows[start : start + batch_size].to(device)
+            batch = blocks[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             for row_logits, row_ids in zip(logits, batch, strict=True):  # row by row: small fp32 copy
                 nll_sum += F.cross_entropy(row_logits[:-1].float(), row_ids[1:], reduction="sum")
-    return math.exp(nll_sum.item() / (n_windows * (seq_len - 1)))
+    return math.exp(nll_sum.item() / (blocks.shape[0] * (blocks.shape[1] - 1)))
 
 
 @contextlib.contextmanager

@@ -108,10 +108,13 @@ def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig
     return model, optimizer, scheduler, pruner
 
 
-def prune(model: nn.Module, tokenizer, blocks: torch.Tensor, config: LoRAPruneConfig | None = None,
+def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = None,
           train: TrainConfig | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
           on_event: Callable[[dict], None] | None = None, stop_after: int | None = None) -> PruneResult:
-    """LoRA fine-tune `model` on token `blocks` (n, block_size) for `config.total_steps` steps while pruning.
+    """LoRA fine-tune `model` on `data` for `config.total_steps` steps while pruning.
+
+    `data` is a (n, block_size) tensor of token ids, a list of documents, or a source for
+    `tp_loraprune.data.read_text_documents` (a text/jsonl file, "builtin", a dataset name).
 
     Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
     is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
@@ -121,6 +124,7 @@ def prune(model: nn.Module, tokenizer, blocks: torch.Tensor, config: LoRAPruneCo
     from .export import merge_lora
 
     config, train = config or LoRAPruneConfig(), train or TrainConfig()
+    blocks = _as_blocks(data, tokenizer, train.block_size)
     if blocks.dim() != 2 or len(blocks) == 0:
         raise ValueError(f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}.")
     peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
@@ -177,6 +181,17 @@ def prune(model: nn.Module, tokenizer, blocks: torch.Tensor, config: LoRAPruneCo
     merged = merge_lora(peft_model).eval()
     summary = dict(summary, parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
+
+
+def _as_blocks(data, tokenizer, block_size: int) -> torch.Tensor:
+    if torch.is_tensor(data):
+        return data
+    from .data import read_text_documents, token_blocks
+
+    if tokenizer is None:
+        raise ValueError("Text data needs a tokenizer: pass `tokenizer`, or pass a tensor of token blocks.")
+    documents = data if isinstance(data, list) else read_text_documents(data)
+    return token_blocks(documents, tokenizer, block_size=block_size)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
