@@ -90,7 +90,9 @@ class LoRAPruner:
         model: a PEFT model with LoRA on the projections to be scored (all of q/k/v/o/gate/up/down is best).
         config: size target, layer selection, schedule and score options.
         optimizer: the optimizer of the LoRA parameters; its state is sliced when parameters are pruned.
-        importance: a LoRAGuidedImportance (built from `config` when omitted).
+        importance: a LoRAGuidedImportance (built from `config` when omitted). Any other
+            `tp.importance.Importance` also works for one-shot baselines (magnitude, Taylor, random):
+            `step()` then only counts steps, since only LoRA-guided scores accumulate.
         example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
     """
 
@@ -103,6 +105,7 @@ class LoRAPruner:
         self.importance = importance or LoRAGuidedImportance(
             ema=self.config.ema, score=self.config.score, normalize=self.config.normalize
         )
+        self._accumulates = isinstance(self.importance, LoRAGuidedImportance)
         self.example_inputs = example_inputs if example_inputs is not None else example_input_ids(model)
         if not lora_layers(model):
             raise ValueError(f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. "
@@ -202,7 +205,8 @@ class LoRAPruner:
         Folds the current LoRA gradients into the scores and, on a prune step, removes heads and
         channels. Returns the prune event (a dict also appended to `events`) or None.
         """
-        self.importance.accumulate(self.model)
+        if self._accumulates:
+            self.importance.accumulate(self.model)
         self.step_count += 1
         c = self.config
         target = progress(self.step_count, c.total_steps, c.schedule, c.warmup, c.cooldown)
@@ -331,7 +335,7 @@ class LoRAPruner:
             positions = (drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist()
         else:  # whole KV groups: their query heads, k and v
             group_scores = head_scores.view(kv, size).sum(1)
-            if size > 1:
+            if size > 1 and self._accumulates:
                 for proj in (a.k, a.v):
                     s = self.importance.channel_scores(base_layer(proj), "out")
                     if s is not None:
@@ -370,7 +374,7 @@ class LoRAPruner:
             r.new.requires_grad_(r.old.requires_grad)
             if self.optimizer is not None and r.old.requires_grad:
                 replace_parameter(self.optimizer, r.old, r.new, r.dim, r.keep)
-            if r.attr == "weight":
+            if r.attr == "weight" and self._accumulates:
                 self.importance.on_pruned(r.module, r.direction, r.keep)
         sync_lora_features(self.model)
         sync_config(self.model)
@@ -379,7 +383,8 @@ class LoRAPruner:
     def state_dict(self) -> dict:
         """JSON-able state (step, schedule position, what was removed) plus the score tensors."""
         return {"step_count": self.step_count, "progress": self.progress, "events": self.events,
-                "config": self.config.to_dict(), "importance": self.importance.state_dict()}
+                "config": self.config.to_dict(),
+                "importance": self.importance.state_dict() if self._accumulates else {}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a pruner built on a fresh copy of the original model: replays the removals first."""
@@ -389,7 +394,8 @@ class LoRAPruner:
             raise ValueError("The checkpoint was made with a different LoRAPruneConfig; use the same config to resume.")
         self.replay(state["events"])
         self.step_count, self.progress = int(state["step_count"]), float(state["progress"])
-        self.importance.load_state_dict(state["importance"], self.model)
+        if self._accumulates:
+            self.importance.load_state_dict(state["importance"], self.model)
 
     # ------------------------------------------------------------------ reporting
     @property

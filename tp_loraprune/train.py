@@ -91,57 +91,48 @@ def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> t
     return blocks[idx]
 
 
-def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig):
-    """(peft_model, optimizer, scheduler, pruner) for a run; also what a resume rebuilds."""
+def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """Seeded LoRA wrapping, device placement, gradient checkpointing, train mode."""
     torch.manual_seed(train.seed)
     model = add_lora(model, train).to(train.device)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model.train()
+    return model.train()
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig, total_steps: int):
+    """AdamW on the trainable (LoRA) parameters with 3% warmup and linear decay."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
-    warmup = max(1, int(0.03 * config.total_steps))
+    warmup = max(1, int(0.03 * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / config.total_steps) + 1e-3
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / total_steps) + 1e-3
     )
-    pruner = LoRAPruner(model, config, optimizer=optimizer)
-    return model, optimizer, scheduler, pruner
+    return optimizer, scheduler
 
 
-def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = None,
-          train: TrainConfig | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
-          on_event: Callable[[dict], None] | None = None, stop_after: int | None = None) -> PruneResult:
-    """LoRA fine-tune `model` on `data` for `config.total_steps` steps while pruning.
+def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig):
+    """(peft_model, optimizer, scheduler, pruner) for a run; also what a resume rebuilds."""
+    model = prepare_lora_model(model, train)
+    optimizer, scheduler = make_optimizer(model, train, config.total_steps)
+    return model, optimizer, scheduler, LoRAPruner(model, config, optimizer=optimizer)
 
-    `data` is a (n, block_size) tensor of token ids, a list of documents, or a source for
-    `tp_loraprune.data.read_text_documents` (a text/jsonl file, "builtin", a dataset name).
 
-    Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
-    is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
-    (after that many steps, without merging) to simulate an interruption.
-    """
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .export import merge_lora
+def finetune(peft_model: nn.Module, blocks: torch.Tensor, train: TrainConfig, total_steps: int, *,
+             optimizer: torch.optim.Optimizer, scheduler=None, pruner: LoRAPruner | None = None,
+             start_step: int = 0, stop_after: int | None = None, checkpoint_dir: str | Path | None = None,
+             losses: list[float] | None = None, on_event: Callable[[dict], None] | None = None) -> list[float]:
+    """The LoRA training loop; with a `pruner`, `pruner.step()` runs after every optimizer step."""
+    from .checkpoint import save_checkpoint
 
-    config, train = config or LoRAPruneConfig(), train or TrainConfig()
-    blocks = _as_blocks(data, tokenizer, train.block_size)
-    if blocks.dim() != 2 or len(blocks) == 0:
-        raise ValueError(f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}.")
-    peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
-    losses: list[float] = []
-    start_step = 0
-    if resume:
-        if checkpoint_dir is None or not Path(checkpoint_dir).exists():
-            raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
-        losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler)["losses"]
-        start_step = pruner.step_count
+    losses = [] if losses is None else losses
     dtype = _DTYPES[train.precision]
     device_type = torch.device(train.device).type
     autocast = dtype != torch.float32
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    bar = _progress_bar(config.total_steps, start_step, train.progress)
-    t0 = time.perf_counter()
-    for step in range(start_step, config.total_steps):
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    bar = _progress_bar(total_steps, start_step, train.progress)
+    for step in range(start_step, total_steps):
         if stop_after is not None and step >= stop_after:
             break
         torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks repeat on resume
@@ -156,22 +147,57 @@ def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = No
             raise FloatingPointError(f"Loss became {total} at step {step}; lower `lr` or use bf16/fp32.")
         scaler.unscale_(optimizer)  # scores and clipping see true gradients, not loss-scaled ones
         if train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], train.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        event = pruner.step()
+        if scheduler is not None:
+            scheduler.step()
+        event = pruner.step() if pruner is not None else None
+        if event is not None:
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            if on_event is not None:
+                on_event(event)
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-        if event is not None and on_event is not None:
-            on_event(event)
         if bar is not None:
-            bar.set_postfix(loss=f"{total:.3f}", params=f"{pruner.parameters / 1e6:.2f}M")
+            bar.set_postfix(loss=f"{total:.3f}", params=f"{count_parameters(peft_model) / 1e6:.2f}M")
             bar.update(1)
-        if checkpoint_dir is not None and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0:
+        if checkpoint_dir is not None and pruner is not None and train.checkpoint_every \
+                and (step + 1) % train.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
     if bar is not None:
         bar.close()
+    return losses
+
+
+def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = None,
+          train: TrainConfig | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          on_event: Callable[[dict], None] | None = None, stop_after: int | None = None) -> PruneResult:
+    """LoRA fine-tune `model` on `data` for `config.total_steps` steps while pruning.
+
+    `data` is a (n, block_size) tensor of token ids, a list of documents, or a source for
+    `tp_loraprune.data.read_text_documents` (a text/jsonl file, "builtin", a dataset name).
+    Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
+    is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
+    (after that many steps, without merging) to simulate an interruption.
+    """
+    from .checkpoint import load_checkpoint
+    from .export import merge_lora
+
+    config, train = config or LoRAPruneConfig(), train or TrainConfig()
+    blocks = _as_blocks(data, tokenizer, train.block_size)
+    if blocks.dim() != 2 or len(blocks) == 0:
+        raise ValueError(f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}.")
+    peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
+    losses: list[float] = []
+    if resume:
+        if checkpoint_dir is None or not Path(checkpoint_dir).exists():
+            raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
+        losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler)["losses"]
+    t0 = time.perf_counter()
+    losses = finetune(peft_model, blocks, train, config.total_steps, optimizer=optimizer, scheduler=scheduler,
+                      pruner=pruner, start_step=pruner.step_count, stop_after=stop_after,
+                      checkpoint_dir=checkpoint_dir, losses=losses, on_event=on_event)
     seconds = time.perf_counter() - t0
     summary = pruner.summary()
     if stop_after is not None and pruner.step_count < config.total_steps:
@@ -179,7 +205,7 @@ def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = No
     if pruner.progress < 1.0:
         pruner.prune(1.0)
     merged = merge_lora(peft_model).eval()
-    summary = dict(summary, parameters=count_parameters(merged))
+    summary = dict(pruner.summary(), parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
 
 
