@@ -1,0 +1,77 @@
+"""One-shot baseline criteria on the same graph and removal path as LoRAPrune.
+
+Each baseline scores only the frozen base weights (the LoRA factors are skipped), so magnitude,
+Taylor and random see exactly the weights a user would prune without LoRA:
+
+* magnitude: Torch-Pruning's GroupMagnitudeImportance (L2, mean over the group).
+* taylor:    Torch-Pruning's GroupTaylorImportance, |W ∘ ∂L/∂W| with full weight gradients accumulated
+             over calibration batches (LLM-Pruner's "vanilla" element-wise first-order criterion).
+* random:    Torch-Pruning's RandomImportance.
+* separate:  LoRAGuidedImportance accumulated over the calibration batches at the start, then one-shot
+             pruning and fine-tuning (the paper's "separate" ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from tp_loraprune import LoRAGuidedImportance
+from tp_loraprune.lora import lora_layers
+
+
+def _lora_parts(model: nn.Module) -> set[nn.Module]:
+    parts = set()
+    for layer in lora_layers(model).values():
+        parts.update(layer.lora_A.values())
+        parts.update(layer.lora_B.values())
+    return parts
+
+
+class _BaseWeightsOnly:
+    """Drop the LoRA factor items of a group before a stock Torch-Pruning importance sees it."""
+
+    def __init__(self, inner, model: nn.Module):
+        self.inner, self.skip = inner, _lora_parts(model)
+
+    def __call__(self, group):
+        kept = tp.dependency.Group()
+        for i, item in enumerate(group):
+            if item.dep.target.module in self.skip:
+                continue
+            kept.add_dep(item.dep, item.idxs)
+            kept[len(kept) - 1].root_idxs = group[i].root_idxs
+        kept._DG = group._DG
+        return self.inner(kept)
+
+
+def calibration_batches(blocks: torch.Tensor, n: int, batch_size: int, device) -> list[torch.Tensor]:
+    return [blocks[i * batch_size:(i + 1) * batch_size].to(device) for i in range(n)]
+
+
+def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tensor], config):
+    """A ready-to-use importance for `method`, computed on `batches` where it needs data."""
+    if method == "magnitude":
+        return _BaseWeightsOnly(tp.importance.GroupMagnitudeImportance(p=2), peft_model)
+    if method == "random":
+        return _BaseWeightsOnly(tp.importance.RandomImportance(), peft_model)
+    if method == "taylor":
+        skip = _lora_parts(peft_model)
+        bases = [m for m in peft_model.modules() if isinstance(m, nn.Linear) and m not in skip
+                 and m.weight.requires_grad is False and m.weight.dim() == 2]
+        for m in bases:
+            m.weight.requires_grad_(True)
+        for ids in batches:
+            (peft_model(input_ids=ids, labels=ids).loss / len(batches)).backward()
+        imp = _BaseWeightsOnly(tp.importance.GroupTaylorImportance(), peft_model)
+        imp.release = lambda: [(m.weight.requires_grad_(False), setattr(m.weight, "grad", None)) for m in bases]
+        return imp
+    if method == "separate":
+        imp = LoRAGuidedImportance(ema=config.ema, score=config.score, normalize=config.normalize)
+        for ids in batches:
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+            imp.accumulate(peft_model)
+            peft_model.zero_grad(set_to_none=True)
+        return imp
+    raise ValueError(f"Unknown baseline {method!r}; choose magnitude, taylor, random or separate.")

@@ -1,0 +1,254 @@
+"""Efficiency benchmark: step time and peak memory of LoRA / LoRAPrune / Taylor steps, and inference speed
+of pruned, merged models. Random bf16 weights at real shapes (LLaMA-7B, LLaMA-3-8B GQA, SmolLM2-135M).
+
+    python benchmarks/efficiency.py --out benchmarks/results/efficiency_gpu.json          # GPU
+    python benchmarks/efficiency.py --shapes smollm2 --batch 2 --seq 128 --out /tmp/e.json  # CPU smoke
+
+Step variants, measured side by side in one process on the same model:
+  peft_lora        PEFT LoRA (r=8, all 7 projections, dropout 0), adapters in fp32 (peft's default
+                   autocast_adapter_dtype=True) on a bf16 base: forward+backward+AdamW step.
+  peft_lora_bf16   the same with bf16 adapters (autocast_adapter_dtype=False).
+  loraprune        peft_lora_bf16 + LoRAGuidedImportance.accumulate every step + one prune event
+                   amortized over prune_every=10 steps (measured separately and added).
+  taylor           full weight gradients of every projection (what Taylor importance needs), no LoRA.
+Times are medians over the timed steps; memory is torch.cuda.max_memory_allocated over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000),
+    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(shape: str, device: str, dtype=torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def timed_steps(step_fn, n_warmup: int, n_timed: int, device: str) -> tuple[float, float | None]:
+    for _ in range(n_warmup):
+        step_fn()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(n_timed):
+        t = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return statistics.median(times), peak
+
+
+def lora_model(base, bf16_adapters: bool):
+    import peft
+
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+    return peft.get_peft_model(base, cfg, autocast_adapter_dtype=not bf16_adapters)
+
+
+def step_variants(shape: str, args) -> list[dict]:
+    from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner
+
+    device, rows = args.device, []
+    for ckpt in args.checkpointing:
+        base = build(shape, device)
+        if ckpt:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
+
+        def train_step(model, opt, after=None):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            if after is not None:
+                after()
+            opt.zero_grad(set_to_none=True)
+
+        for variant in ("peft_lora", "peft_lora_bf16", "loraprune"):
+            model = lora_model(base, bf16_adapters=variant != "peft_lora")
+            if ckpt:
+                model.enable_input_require_grads()
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            after, extra = None, {}
+            if variant == "loraprune":
+                imp = LoRAGuidedImportance()
+                after = lambda: imp.accumulate(model)  # noqa: E731
+            try:
+                sec, peak = timed_steps(lambda: train_step(model, opt, after), args.warmup, args.steps, device)
+                if variant == "loraprune":
+                    model(input_ids=ids, labels=ids).loss.backward()  # gradients to score
+                    acc_sec, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
+                    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
+                                        optimizer=opt, importance=imp)
+                    sync(device)
+                    t = time.perf_counter()
+                    pruner.prune(0.1)
+                    sync(device)
+                    event = time.perf_counter() - t
+                    extra = {"accumulate_s": round(acc_sec, 4), "prune_event_s": round(event, 3),
+                             "step_plus_amortized_event_s": round(sec + event / 10, 4)}
+                rows.append({"shape": shape, "variant": variant, "checkpointing": ckpt, "step_s": round(sec, 4),
+                             "peak_gib": None if peak is None else round(peak, 2), **extra})
+            except torch.OutOfMemoryError:
+                rows.append({"shape": shape, "variant": variant, "checkpointing": ckpt, "error": "OOM"})
+            print(json.dumps(rows[-1]), flush=True)
+            del opt
+            base = model.unload() if hasattr(model, "unload") else base
+            if variant == "loraprune":  # the pruned base is no longer the shape we measure: rebuild
+                del base, model
+                gc.collect()
+                torch.cuda.empty_cache() if device.startswith("cuda") else None
+                base = build(shape, device)
+                if ckpt:
+                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.config.use_cache = False
+            else:
+                del model
+        # Taylor: full weight gradients of all projections, no LoRA (AdamW not needed for the score).
+        for p in base.parameters():
+            p.requires_grad_(False)
+        projections = [m.weight for n, m in base.named_modules() if n.split(".")[-1] in TARGETS]
+        for w in projections:
+            w.requires_grad_(True)
+        if ckpt:
+            base.enable_input_require_grads()
+        base.train()
+
+        def taylor_step():
+            base(input_ids=ids, labels=ids).loss.backward()
+            for w in projections:
+                w.grad = None
+
+        try:
+            sec, peak = timed_steps(taylor_step, args.warmup, args.steps, device)
+            rows.append({"shape": shape, "variant": "taylor", "checkpointing": ckpt, "step_s": round(sec, 4),
+                         "peak_gib": None if peak is None else round(peak, 2)})
+        except torch.OutOfMemoryError:
+            rows.append({"shape": shape, "variant": "taylor", "checkpointing": ckpt, "error": "OOM"})
+        print(json.dumps(rows[-1]), flush=True)
+        del base, projections
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def inference_speed(shape: str, args) -> list[dict]:
+    """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models."""
+    import peft
+
+    from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
+
+    device, rows = args.device, []
+    for ratio, round_to in [(0.0, 1)] + [(r, m) for r in args.ratios for m in (1, 64)]:
+        model = build(shape, device)
+        if ratio > 0:
+            pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
+            ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+            imp = LoRAGuidedImportance()
+            with torch.enable_grad():
+                pm(input_ids=ids, labels=ids).loss.backward()
+            imp.accumulate(pm)
+            pruner = LoRAPruner(pm, LoRAPruneConfig(ratio=ratio, layers=list(range(model.config.num_hidden_layers)),
+                                                    round_to=round_to), importance=imp)
+            pruner.prune(1.0)
+            model = merge_lora(pm)
+        model.eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
+        prefill, _ = timed_steps(lambda: model(input_ids=prompt, use_cache=False), 2, 5, device)
+        short = prompt[:, :16]
+        gen = lambda: model.generate(short, max_new_tokens=args.decode, min_new_tokens=args.decode,  # noqa: E731
+                                     do_sample=False, pad_token_id=0)
+        decode, _ = timed_steps(gen, 1, 3, device)
+        rows.append({"shape": shape, "ratio": ratio, "round_to": round_to, "parameters": n_params,
+                     "intermediate_size": model.model.layers[1].mlp.down_proj.in_features,
+                     "q_heads": model.model.layers[1].self_attn.q_proj.out_features // model.config.head_dim,
+                     "prefill_s": round(prefill, 4), "decode_tokens_per_s": round(args.decode / decode, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="llama7b,llama3_8b,smollm2")
+    p.add_argument("--inference-shapes", default="llama7b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--checkpointing", default="1,0", help="1 = with gradient checkpointing, 0 = without")
+    p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--skip", default="", help="comma list: steps,inference")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    args.checkpointing = [bool(int(c)) for c in args.checkpointing.split(",")]
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    import peft
+    import transformers
+
+    result = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "peft": peft.__version__, "python": platform.python_version(),
+                              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "steps": [], "inference": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skip = set(args.skip.split(","))
+    if "steps" not in skip:
+        for shape in args.shapes.split(","):
+            result["steps"] += step_variants(shape, args)
+            out.write_text(json.dumps(result, indent=1))
+    if "inference" not in skip:
+        for shape in args.inference_shapes.split(","):
+            result["inference"] += inference_speed(shape, args)
+            out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Quality benchmark: LoRAPrune vs magnitude / Taylor / random / "separate" at equal LoRA budget.
+
+Every method gets the same LoRA fine-tune (rank, steps, tokens, learning rate, data, seed). LoRAPrune
+prunes progressively inside it; the baselines prune one-shot at step 0 and then fine-tune. Results are
+appended to a JSON file after every run (a killed run keeps what finished), with device, versions and
+settings.
+
+    # full table (GPU):
+    python benchmarks/quality.py --device cuda --out benchmarks/results/quality_gpu.json
+    # reduced configuration for a 2-core CPU (under 30 minutes):
+    python benchmarks/quality.py --preset cpu --out benchmarks/results/quality_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import calibration_batches, make_importance  # noqa: E402
+
+from tp_loraprune import LoRAPruneConfig, LoRAPruner  # noqa: E402
+from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
+from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text, zero_shot  # noqa: E402
+from tp_loraprune.export import merge_lora  # noqa: E402
+from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
+from tp_loraprune.models import count_parameters  # noqa: E402
+from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
+
+PRESETS = {
+    "gpu": dict(ratios=[0.2, 0.3, 0.5], steps=100, prune_every=10, batch_size=8, block_size=256, ppl_windows=None,
+                zs_limit=200, seeds=[0], ablation_ratio=0.5, extra_seeds=[1, 2]),
+    "cpu": dict(ratios=[0.2, 0.5], steps=16, prune_every=2, batch_size=2, block_size=128, ppl_windows=24,
+                zs_limit=0, seeds=[0], ablation_ratio=None, extra_seeds=[]),
+}
+
+
+def environment(device: str) -> dict:
+    import peft
+    import torch_pruning as tp
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "torch_pruning": getattr(tp, "__version__", "?"), "device": device,
+           "host": platform.node(), "cpu_count": os.cpu_count()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_overrides=None) -> dict:
+    device = args.device
+    config = LoRAPruneConfig(ratio=ratio, total_steps=args.steps, prune_every=args.prune_every,
+                             **(config_overrides or {}))
+    train = TrainConfig(lr=args.lr, batch_size=args.batch_size, block_size=args.block_size, lora_r=8, lora_alpha=16,
+                        precision=args.precision, seed=seed, device=device, progress=False)
+    model = copy.deepcopy(dense)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if method == "loraprune":
+        result = prune(model, tokenizer, blocks, config, train)
+        merged, events = result.model, len(result.events)
+    else:
+        peft_model = prepare_lora_model(model, train)
+        batches = calibration_batches(blocks, args.calibration_batches, args.batch_size, device)
+        imp = make_importance(method, peft_model, batches, config)
+        pruner = LoRAPruner(peft_model, config, importance=imp)
+        pruner.prune(1.0)
+        getattr(imp, "release", lambda: None)()
+        optimizer, scheduler = make_optimizer(peft_model, train, args.steps)
+        finetune(peft_model, blocks, train, args.steps, optimizer=optimizer, scheduler=scheduler)
+        merged, events = merge_lora(peft_model).eval(), len(pruner.events)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    row = {"name": name, "method": method, "ratio": ratio, "seed": seed, "config": config_overrides or {},
+           "parameters": count_parameters(merged), "prune_and_finetune_s": round(seconds, 2),
+           "peak_gib": None if peak is None else round(peak, 3), "prune_events": events}
+    row.update(evaluate_model(merged, tokenizer, args))
+    del merged, model
+    return row
+
+
+def evaluate_model(model, tokenizer, args) -> dict:
+    out = {}
+    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        for name in ("wikitext2", "ptb"):
+            out[f"{name}_ppl"] = round(perplexity(model, tokenizer, perplexity_text(name, args.data_dir),
+                                                  seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
+                                                  batch_size=8), 3)
+    if args.zs_limit:
+        try:
+            out["zero_shot"] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=args.zs_limit,
+                                         batch_size=32)
+        except Exception as e:  # noqa: BLE001 - recorded in the results, the table says why a cell is empty
+            out["zero_shot_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def plan(args) -> list[tuple]:
+    runs = [("dense", "dense", 0.0, args.seeds[0], None)]
+    for ratio in args.ratios:
+        for method in args.methods:
+            for seed in args.seeds:
+                runs.append((f"{method}@{ratio}/s{seed}", method, ratio, seed, None))
+    if args.ablation_ratio is not None:
+        r = args.ablation_ratio
+        for seed in args.extra_seeds:
+            runs.append((f"loraprune@{r}/s{seed}", "loraprune", r, seed, None))
+        for lam in (0.0, 0.5, 0.99):
+            runs.append((f"ema={lam}@{r}", "loraprune", r, args.seeds[0], {"ema": lam}))
+        for score, norm in (("abs", True), ("abs", False), ("square", True)):
+            runs.append((f"{score},norm={norm}@{r}", "loraprune", r, args.seeds[0],
+                         {"score": score, "normalize": norm}))
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="gpu")
+    p.add_argument("--model", default=None, help="default: packaged SmolLM2-135M-Instruct")
+    p.add_argument("--data", default=None, help="fine-tune text (default: the C4 sample in the data dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--methods", default="loraprune,magnitude,taylor,random,separate")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped past it")
+    p.add_argument("--only", default=None, help="comma-separated run names to run (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. --set steps=4 --set ratios=[0.2]")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        setattr(args, k, v)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        setattr(args, key, json.loads(value))
+    args.methods = args.methods.split(",")
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.data_dir = str(find_data_dir(args.data_dir)) if find_data_dir(args.data_dir) else None
+    data = args.data or os.path.join(args.data_dir, "calibration", "c4_demo.jsonl")
+    t_start = time.perf_counter()
+    dense, tokenizer = load_model_and_tokenizer(args.model)
+    dense.to(args.device)
+    blocks = token_blocks(read_text_documents(data), tokenizer, block_size=args.block_size)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks),
+               "runs": []}
+    only = set(args.only.split(",")) if args.only else None
+    for name, method, ratio, seed, overrides in plan(args):
+        if only is not None and name not in only:
+            continue
+        if time.perf_counter() - t_start > args.time_budget:
+            results.setdefault("skipped", []).append(name)
+            continue
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {name}", flush=True)
+        if method == "dense":
+            row = {"name": "dense", "method": "dense", "ratio": 0.0, "seed": seed,
+                   "parameters": count_parameters(dense)}
+            row.update(evaluate_model(dense, tokenizer, args))
+        else:
+            row = run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, overrides)
+        print("   ", json.dumps({k: v for k, v in row.items() if k != "zero_shot"}), flush=True)
+        results["runs"].append(row)
+        out_path.write_text(json.dumps(results, indent=1))
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    out_path.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
