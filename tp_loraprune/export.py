@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .lora import lora_layers
-from .models import sync_attention_attributes, sync_config
+from .models import config_validates, sync_attention_attributes, sync_config
 
 MANIFEST = "tp_loraprune.json"
 WEIGHTS = "model.safetensors"
@@ -54,14 +54,6 @@ def _reference_model(config, auto_class: str) -> nn.Module:
         return getattr(transformers, auto_class).from_config(config)
 
 
-def _config_validates(config) -> bool:
-    try:
-        type(config).from_dict(config.to_dict())
-    except Exception:  # noqa: BLE001 - any validation failure means the config cannot describe the model
-        return False
-    return True
-
-
 def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, merge: bool = True,
                 overwrite: bool = False, metadata: dict | None = None) -> Path:
     """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
@@ -77,7 +69,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, me
         raise ValueError("save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft.")
     path.mkdir(parents=True, exist_ok=True)
     auto_class = _auto_class_name(model)
-    uniform = sync_config(model) and _config_validates(model.config)
+    uniform = sync_config(model) and config_validates(model.config)
     manifest = {"format_version": FORMAT_VERSION, "auto_class": auto_class, "layout": "uniform" if uniform else "per_layer",
                 "metadata": metadata or {}}
     if uniform:

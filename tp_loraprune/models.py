@@ -86,6 +86,15 @@ def mlp_widths(model: nn.Module) -> list[int]:
     return widths
 
 
+def config_validates(config) -> bool:
+    """Whether a HF config survives its own validation (as `save_pretrained` / `from_pretrained` run it)."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 - any validation failure means the config cannot describe the model
+        return False
+    return True
+
+
 def sync_config(model: nn.Module) -> bool:
     """Write uniform head counts and FFN width into the HF config; returns False if layers differ.
 
@@ -102,9 +111,13 @@ def sync_config(model: nn.Module) -> bool:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
         if len(heads) == 1:
             (h, kv), = heads
-            if getattr(config, "head_dim", None) is None:
+            saved = (getattr(config, "head_dim", None), config.num_attention_heads, config.num_key_value_heads)
+            if saved[0] is None:
                 config.head_dim = layouts[0].head_dim
             config.num_attention_heads, config.num_key_value_heads = h, kv
+            if not config_validates(config):  # e.g. hidden_size no longer a multiple of the head count
+                config.head_dim, config.num_attention_heads, config.num_key_value_heads = saved
+                uniform = False
         else:
             uniform = False
     widths = set(mlp_widths(model))

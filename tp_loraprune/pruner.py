@@ -32,7 +32,7 @@ from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
 from .optim_state import replace_parameter
 from .schedule import progress
-from .surgery import Replaced, is_unmapped, prune_items
+from .surgery import Replaced, declared_group, prune_items
 
 
 def selected_layer_indices(num_layers: int, config: LoRAPruneConfig) -> list[int]:
@@ -307,13 +307,30 @@ class LoRAPruner:
             warnings.warn(f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.",
                           stacklevel=3)
             return []
-        return sorted(ch.alive[p] for p in torch.argsort(scores)[:n_remove].tolist())
+        return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
         positions = _positions(ch.alive, ids, ch.key)
         root = group[0]
         prune_items(graph, graph.get_pruning_group(root.dep.target.module, root.dep.handler, positions), on_replaced)
         ch.alive = [c for c in ch.alive if c not in set(ids)]
+
+    def _head_group(self, graph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):
+        """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows)."""
+        d = a.head_dim
+        q_channels = [h * d + j for h in heads for j in range(d)]
+        kv_channels = [g * d + j for g in kv_heads for j in range(d)]
+        kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
+        items = []
+        for proj, direction, channels, roots in ((a.q, "out", q_channels, q_channels), (a.o, "in", q_channels, q_channels),
+                                                 (a.k, "out", kv_channels, kv_roots), (a.v, "out", kv_channels, kv_roots)):
+            if not channels:
+                continue
+            parts = [base_layer(proj)]
+            if proj is not parts[0]:  # a LoRA wrapper: its factors follow the base rows / columns
+                parts += list((proj.lora_B if direction == "out" else proj.lora_A).values())
+            items += [(m, direction, channels, roots) for m in parts]
+        return declared_group(graph, items)
 
     def _choose_heads(self, graph, h: _Heads, fraction: float) -> list[int]:
         """Original ids of the query heads to remove (whole KV groups in kv_groups mode)."""
@@ -322,14 +339,13 @@ class LoRAPruner:
         heads, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         if keep_q >= heads:
             return []
-        o = base_layer(a.o)
-        scores = self.importance(graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(o.in_features))))
+        size = heads // kv
+        scores = self.importance(self._head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
         if scores is None:
             warnings.warn(f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.",
                           stacklevel=3)
             return []
-        head_scores = scores.view(heads, d).sum(1)
-        size = heads // kv
+        head_scores = scores.float().cpu().view(heads, d).sum(1)
         if keep_kv == kv:  # the same number of query heads from every KV group
             drop = torch.argsort(head_scores.view(kv, size), dim=1)[:, : size - keep_q // kv]
             positions = (drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist()
@@ -339,31 +355,24 @@ class LoRAPruner:
                 for proj in (a.k, a.v):
                     s = self.importance.channel_scores(base_layer(proj), "out")
                     if s is not None:
-                        group_scores += s.view(kv, d).sum(1).cpu()
+                        group_scores += s.float().cpu().view(kv, d).sum(1)
             positions = [g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)]
         return sorted(h.alive[p] for p in positions)
 
     def _remove_heads(self, graph, h: _Heads, ids: list[int], on_replaced) -> None:
         a = h.layout
-        d, size = a.head_dim, a.group_size
+        size = a.group_size
         positions = _positions(h.alive, ids, a.name)
-        o = base_layer(a.o)
-        pruning = graph.get_pruning_group(o, tp.prune_linear_in_channels, [p * d + j for p in positions for j in range(d)])
-        items = list(pruning)
-        query_only = self.config.head_mode == "per_group" and size > 1
-        if query_only:
-            items = [it for it in items if not is_unmapped(it)]
-            kv_modules = {m for proj in (a.k, a.v) for m in proj.modules()}
-            if any(dep.target.module in kv_modules for dep, _ in items):
-                raise RuntimeError(
-                    f"{a.name}: the dependency graph couples k/v channels 1:1 with query channels, so the GQA "
-                    "structure was not traced (repeat_kv hidden by the attention kernel). Refusing to prune "
-                    "rather than cutting k/v wrongly; please report the model type."
-                )
-            per_group = [sum(1 for p in positions if p // size == g) for g in range(a.num_kv_heads)]
-            if len(set(per_group)) != 1:
+        by_group = [sum(1 for p in positions if p // size == g) for g in range(a.num_kv_heads)]
+        if self.config.head_mode == "per_group" and size > 1:
+            if len(set(by_group)) != 1:
                 raise ValueError(f"{a.name}: removing query heads {ids} would leave KV groups of unequal size.")
-        prune_items(graph, items, on_replaced)
+            kv_heads: list[int] = []
+        else:
+            kv_heads = [g for g, n in enumerate(by_group) if n > 0]
+            if any(n not in (0, size) for n in by_group):
+                raise ValueError(f"{a.name}: query heads {ids} are not whole KV groups, which kv_groups mode removes.")
+        prune_items(graph, self._head_group(graph, a, positions, kv_heads), on_replaced)
         h.alive = [x for x in h.alive if x not in set(ids)]
 
     # ------------------------------------------------------------------ invariants

@@ -31,6 +31,26 @@ def is_unmapped(item) -> bool:
     return item.root_idxs is not None and any(r is None for r in item.root_idxs)
 
 
+def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, str, list[int], list[int]]]):
+    """A Torch-Pruning group built from known couplings instead of graph propagation.
+
+    `items` are (module, "out" | "in", idxs, root_idxs). Used for attention heads, whose coupling
+    (q/k/v rows, o columns, per head) is declared by the model layout, like Torch-Pruning's own
+    `num_heads`: Torch-Pruning 1.6.1's propagation through RoPE's rotate_half does not terminate
+    when a KV group holds two query heads, and it repeats k/v indices when whole KV groups go.
+    """
+    group = tp.dependency.Group()
+    for module, direction, idxs, root_idxs in items:
+        node = graph.module2node.get(module)
+        if node is None:
+            raise ValueError(f"{type(module).__name__} is not in the dependency graph; it cannot be pruned.")
+        fn = tp.prune_linear_out_channels if direction == "out" else tp.prune_linear_in_channels
+        group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(idxs))
+        group[len(group) - 1].root_idxs = list(root_idxs)
+    group._DG = graph
+    return group
+
+
 def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callable[[Replaced], None]) -> None:
     """Prune the given group items (a whole group or a filtered part of one)."""
     group = tp.dependency.Group()
