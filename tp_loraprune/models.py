@@ -15,6 +15,27 @@ ATTENTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT
 )
 
+# Dotted paths relative to the attention module, for layouts that split q/k/v and o into sub-modules.
+ATTENTION_PATHS: tuple[tuple[str, str, str, str], ...] = (
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT / RoBERTa-style encoders (BertAttention)
+)
+
+# Child names of fused q/k/v projections: one linear holds every head's q, k and v rows, so removing a head
+# would need per-slice handling of that layer. Such models are refused instead of being pruned wrongly.
+FUSED_QKV_NAMES: tuple[str, ...] = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack")
+
+# (up, down) projections of an FFN relative to its owner, and the config attributes holding its width.
+FFN_PATHS: tuple[tuple[str, str], ...] = (
+    ("up_proj", "down_proj"),  # LLaMA-style gated MLP
+    ("fc1", "fc2"),  # OPT decoder layer
+    ("intermediate.dense", "output.dense"),  # BERT layer
+)
+FFN_WIDTH_ATTRIBUTES: tuple[str, ...] = ("intermediate_size", "ffn_dim")
+
+# Families whose attention derives head_dim from hidden_size / num_attention_heads, ignoring config.head_dim:
+# their config can describe pruned heads only while heads · head_dim still equals hidden_size.
+HEAD_DIM_FROM_HIDDEN = ("bert", "roberta", "xlm-roberta", "opt")
+
 
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -27,6 +48,7 @@ class AttentionLayout:
     v: nn.Module
     o: nn.Module
     head_dim: int
+    head_owner: nn.Module | None = None  # the module keeping head counts (BERT: `.self`), default `module`
 
     @property
     def num_heads(self) -> int:
@@ -43,10 +65,26 @@ class AttentionLayout:
 
 
 def _head_dim(module: nn.Module, config) -> int:
-    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+    head_dim = (getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+                or getattr(config, "head_dim", None))
     if not head_dim:
         head_dim = config.hidden_size // config.num_attention_heads
     return int(head_dim)
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    current: object = module
+    for part in path.split("."):
+        current = getattr(current, part, None)
+        if not isinstance(current, nn.Module):
+            return None
+    return current if isinstance(current, nn.Module) else None
+
+
+def _owner(module: nn.Module, path: str) -> nn.Module:
+    """The module holding the child named by the last part of `path` (relative to `module`)."""
+    parent = path.rpartition(".")[0]
+    return (_submodule(module, parent) if parent else None) or module
 
 
 def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
@@ -54,35 +92,61 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
     config = getattr(model, "config", None)
     layouts = []
     for name, module in model.named_modules():
-        for q, k, v, o in ATTENTION_NAMES:
-            if all(isinstance(getattr(module, n, None), nn.Module) for n in (q, k, v, o)):
-                layouts.append(
-                    AttentionLayout(
-                        name, module, getattr(module, q), getattr(module, k), getattr(module, v),
-                        getattr(module, o), _head_dim(module, config),
-                    )
-                )
+        for q, k, v, o in ATTENTION_NAMES + ATTENTION_PATHS:
+            qm, km, vm, om = (_submodule(module, n) for n in (q, k, v, o))
+            if qm is not None and km is not None and vm is not None and om is not None:
+                owner = _owner(module, q)
+                layouts.append(AttentionLayout(name, module, qm, km, vm, om, _head_dim(owner, config), owner))
                 break
     return layouts
+
+
+def fused_qkv_modules(model: nn.Module) -> list[str]:
+    """Qualified names of fused q/k/v projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`, GPT-NeoX `query_key_value`)."""
+    found = []
+    for name, module in model.named_modules():
+        for child in FUSED_QKV_NAMES:
+            if isinstance(getattr(module, child, None), nn.Module):
+                found.append(f"{name}.{child}" if name else child)
+    return found
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a ValueError for layouts that would be pruned wrongly (fused q/k/v projections)."""
+    fused = fused_qkv_modules(model)
+    if fused:
+        more = f" (and {len(fused) - 1} more)" if len(fused) > 1 else ""
+        raise ValueError(
+            f"{type(model).__name__} has a fused q/k/v projection at {fused[0]!r}{more}: one linear layer holds the "
+            "query, key and value rows of every head, so removing a head would need per-slice handling of that "
+            "layer, which tp_loraprune does not do yet. Architectures with separate q/k/v projections (LLaMA, "
+            "Mistral, Qwen2/3, Gemma, OPT, BERT) are supported; see docs/architectures.md."
+        )
 
 
 def sync_attention_attributes(model: nn.Module) -> None:
     """Make every attention module's head bookkeeping match its (possibly pruned) projections."""
     for a in attention_layouts(model):
-        if hasattr(a.module, "num_key_value_groups"):
-            a.module.num_key_value_groups = a.group_size
-        for attr, value in (("num_heads", a.num_heads), ("num_key_value_heads", a.num_kv_heads)):
-            if hasattr(a.module, attr):
-                setattr(a.module, attr, value)
+        for module in {a.module, a.head_owner or a.module}:
+            if hasattr(module, "num_key_value_groups"):
+                module.num_key_value_groups = a.group_size
+            for attr, value in (("num_heads", a.num_heads), ("num_key_value_heads", a.num_kv_heads),
+                                ("num_attention_heads", a.num_heads),  # BERT self-attention
+                                ("all_head_size", a.num_heads * a.head_dim)):
+                if hasattr(module, attr):
+                    setattr(module, attr, value)
 
 
 def mlp_widths(model: nn.Module) -> list[int]:
-    """Intermediate width of each decoder MLP that has gate/up/down or fc1/fc2-style projections."""
+    """Intermediate width of each FFN: up/down (LLaMA), fc1/fc2 (OPT) or intermediate/output (BERT) projections."""
     widths = []
     for module in model.modules():
-        down = getattr(module, "down_proj", None)
-        if isinstance(down, nn.Module) and hasattr(module, "up_proj"):
-            widths.append(base_layer(down).in_features)
+        for up, down in FFN_PATHS:
+            up_m, down_m = _submodule(module, up), _submodule(module, down)
+            width = getattr(base_layer(down_m), "in_features", None) if down_m is not None else None
+            if up_m is not None and isinstance(width, int):
+                widths.append(width)
+                break
     return widths
 
 
@@ -111,18 +175,31 @@ def sync_config(model: nn.Module) -> bool:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
         if len(heads) == 1:
             (h, kv), = heads
-            saved = (getattr(config, "head_dim", None), config.num_attention_heads, config.num_key_value_heads)
-            if saved[0] is None:
-                config.head_dim = layouts[0].head_dim
-            config.num_attention_heads, config.num_key_value_heads = h, kv
-            if not config_validates(config):  # e.g. hidden_size no longer a multiple of the head count
-                config.head_dim, config.num_attention_heads, config.num_key_value_heads = saved
-                uniform = False
+            d = layouts[0].head_dim
+            if getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN:
+                # head_dim is hidden_size / heads there: the config holds pruned heads only if that still holds
+                if h * d != config.hidden_size:
+                    uniform = False
+            else:
+                has_kv = hasattr(config, "num_key_value_heads")
+                saved = (getattr(config, "head_dim", None), config.num_attention_heads,
+                         config.num_key_value_heads if has_kv else None)
+                if saved[0] is None:
+                    config.head_dim = d
+                config.num_attention_heads = h
+                if has_kv:
+                    config.num_key_value_heads = kv
+                if not config_validates(config):  # e.g. hidden_size no longer a multiple of the head count
+                    config.head_dim, config.num_attention_heads = saved[:2]
+                    if has_kv:
+                        config.num_key_value_heads = saved[2]
+                    uniform = False
         else:
             uniform = False
     widths = set(mlp_widths(model))
-    if len(widths) == 1 and hasattr(config, "intermediate_size"):
-        config.intermediate_size = widths.pop()
+    width_attr = next((a for a in FFN_WIDTH_ATTRIBUTES if hasattr(config, a)), None)
+    if len(widths) == 1 and width_attr is not None:
+        setattr(config, width_attr, widths.pop())
         for module in model.modules():
             if hasattr(module, "down_proj") and hasattr(module, "intermediate_size"):
                 module.intermediate_size = config.intermediate_size
@@ -132,7 +209,11 @@ def sync_config(model: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the model: the longest ModuleList whose every entry holds one attention block."""
+    """The repeated blocks of the model: the longest ModuleList whose every entry holds one attention block.
+
+    Raises ValueError for models with fused q/k/v projections (see `check_supported`).
+    """
+    check_supported(model)
     attention_modules = {a.module for a in attention_layouts(model)}
     best: list[nn.Module] = []
     for module in model.modules():

@@ -32,7 +32,7 @@ from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
 from .optim_state import replace_parameter
 from .schedule import progress
-from .surgery import Replaced, declared_group, prune_items
+from .surgery import Replaced, declared_group, prune_items, subgroup
 
 
 def selected_layer_indices(num_layers: int, config: LoRAPruneConfig) -> list[int]:
@@ -310,9 +310,7 @@ class LoRAPruner:
         return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
-        positions = _positions(ch.alive, ids, ch.key)
-        root = group[0]
-        prune_items(graph, graph.get_pruning_group(root.dep.target.module, root.dep.handler, positions), on_replaced)
+        prune_items(graph, subgroup(group, _positions(ch.alive, ids, ch.key)), on_replaced)
         ch.alive = [c for c in ch.alive if c not in set(ids)]
 
     def _head_group(self, graph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):

@@ -51,6 +51,21 @@ def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, s
     return group
 
 
+def subgroup(group, root_positions: Iterable[int]):
+    """The part of a full group that removes `root_positions` of its root: each item keeps the indices
+    whose root index is selected. Equivalent to asking the graph again for those root indices, without a
+    second propagation (and its index-mapping refresh) per structure."""
+    chosen = set(root_positions)
+    part = tp.dependency.Group()
+    for item in group:
+        pairs = [(i, r) for i, r in zip(item.idxs, item.root_idxs) if r in chosen]
+        if pairs:
+            part.add_dep(item.dep, [i for i, _ in pairs])
+            part[len(part) - 1].root_idxs = [r for _, r in pairs]
+    part._DG = group._DG
+    return part
+
+
 def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callable[[Replaced], None]) -> None:
     """Prune the given group items (a whole group or a filtered part of one)."""
     group = tp.dependency.Group()
