@@ -140,3 +140,21 @@ def test_cli_refuses_existing_output_dir(tmp_path):
 def test_pruner_without_lora_says_how_to_wrap():
     with pytest.raises(ValueError, match="get_peft_model"):
         LoRAPruner(build_llama(), LoRAPruneConfig())
+
+
+def test_global_ranking_removes_the_same_total_but_unevenly():
+    model = wrap_peft(build_llama())
+    train_step(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(head_ratio=0.0, channel_ratio=0.5, layers=[0, 1, 2], ranking="global"))
+    pruner.importance.accumulate(model)
+    scores = {}
+    from tp_loraprune.graph import build_graph
+
+    graph = build_graph(model)
+    for key, group in pruner._channel_groups(graph).items():
+        scores.update({(key, i): float(v) for i, v in enumerate(pruner.importance(group))})
+    event = pruner.prune(1.0)
+    removed = {(k, i) for k, ids in event["removed"].items() for i in ids}
+    assert len(removed) == 3 * 24  # the same total as local ranking (half of 3 x 48)
+    kept = set(scores) - removed
+    assert max(scores[r] for r in removed) <= min(scores[k] for k in kept)  # the globally lowest went

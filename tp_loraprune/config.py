@@ -30,8 +30,9 @@ class LoRAPruneConfig:
         skip_first: fraction of the first decoder layers left unpruned (LoRAPrune: 10%).
         skip_last: number of last decoder layers left unpruned (LoRAPrune: 1).
         layers: explicit indices of decoder layers to prune (overrides skip_first / skip_last).
-        ranking: "local" removes the same fraction in every pruned layer; "global" ranks FFN channels
-            across layers (heads stay local so every layer keeps the same head layout).
+        ranking: "local" removes the same fraction in every pruned layer; "global" removes the same total
+            number of FFN channels, picked by raw score across layers (each keeps >= `round_to`); heads
+            stay local so every layer keeps the same head layout.
 
     When:
         total_steps: optimizer steps of the fine-tune the pruning is spread over.

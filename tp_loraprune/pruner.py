@@ -222,9 +222,11 @@ class LoRAPruner:
             raise ValueError(f"`fraction` must be in [0, 1], got {fraction}.")
         with torch.enable_grad():
             graph = build_graph(self.model, self.example_inputs)
-        removed: dict[str, list[int]] = {}
-        for key, group in self._channel_groups(graph).items():
-            removed[key] = self._choose_channels(self._channels[key], group, fraction)
+        groups = self._channel_groups(graph)
+        if self.config.ranking == "global":
+            removed = self._choose_channels_globally(groups, fraction)
+        else:
+            removed = {key: self._choose_channels(self._channels[key], g, fraction) for key, g in groups.items()}
         for key, h in self._heads.items():
             removed[key] = self._choose_heads(graph, h, fraction)
         removed = {k: ids for k, ids in removed.items() if ids}
@@ -308,6 +310,29 @@ class LoRAPruner:
                           stacklevel=3)
             return []
         return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
+
+    def _choose_channels_globally(self, groups: dict, fraction: float) -> dict[str, list[int]]:
+        """Remove the same total number of channels as local ranking, picked by score across all groups.
+
+        Raw scores are compared across layers (use `normalize=True` to compare relative importance
+        instead); every group keeps at least `round_to` channels.
+        """
+        candidates, total = [], 0
+        for key, group in groups.items():
+            ch = self._channels[key]
+            total += len(ch.alive) - _keep_count(ch.initial, self.channel_ratio * fraction, self.config.round_to)
+            scores = self.importance(group)
+            if scores is not None:
+                candidates += [(float(v), key, p) for p, v in enumerate(scores.float().cpu().tolist())]
+        removed: dict[str, list[int]] = {key: [] for key in groups}
+        for _, key, p in sorted(candidates):
+            if total <= 0:
+                break
+            ch = self._channels[key]
+            if len(ch.alive) - len(removed[key]) > self.config.round_to:
+                removed[key].append(ch.alive[p])
+                total -= 1
+        return {key: sorted(ids) for key, ids in removed.items()}
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
         prune_items(graph, subgroup(group, _positions(ch.alive, ids, ch.key)), on_replaced)
