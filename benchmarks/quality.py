@@ -120,7 +120,7 @@ def plan(args) -> list[tuple]:
         for lam in (0.0, 0.5, 0.99):
             runs.append((f"ema={lam}@{r}", "loraprune", r, args.seeds[0], {"ema": lam}))
         for score, norm in (("abs", True), ("abs", False), ("square", True)):
-            runs.append((f"{score},norm={norm}@{r}", "loraprune", r, args.seeds[0],
+            runs.append((f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0],
                          {"score": score, "normalize": norm}))
     return runs
 
