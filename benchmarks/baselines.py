@@ -47,7 +47,7 @@ class _BaseWeightsOnly:
 
 
 def calibration_batches(blocks: torch.Tensor, n: int, batch_size: int, device) -> list[torch.Tensor]:
-    return [blocks[i * batch_size:(i + 1) * batch_size].to(device) for i in range(n)]
+    return [blocks[i * batch_size : (i + 1) * batch_size].to(device) for i in range(n)]
 
 
 def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tensor], config):
@@ -58,8 +58,11 @@ def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tens
         return _BaseWeightsOnly(tp.importance.RandomImportance(), peft_model)
     if method == "taylor":
         skip = _lora_parts(peft_model)
-        bases = [m for m in peft_model.modules() if isinstance(m, nn.Linear) and m not in skip
-                 and m.weight.requires_grad is False and m.weight.dim() == 2]
+        bases = [
+            m
+            for m in peft_model.modules()
+            if isinstance(m, nn.Linear) and m not in skip and m.weight.requires_grad is False and m.weight.dim() == 2
+        ]
         for m in bases:
             m.weight.requires_grad_(True)
         for ids in batches:

@@ -32,8 +32,12 @@ from tp_loraprune.graph import build_graph  # noqa: E402
 from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
 from tp_loraprune.train import TrainConfig, prepare_lora_model  # noqa: E402
 
-VARIANTS = {"square": ("square", False), "square+norm": ("square", True), "abs": ("abs", False),
-            "abs+norm": ("abs", True)}
+VARIANTS = {
+    "square": ("square", False),
+    "square+norm": ("square", True),
+    "abs": ("abs", False),
+    "abs+norm": ("abs", True),
+}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,19 +62,26 @@ def main(argv=None) -> int:
     model, tok = load_model_and_tokenizer()
     data_dir = find_data_dir()
     docs = read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl")) if data_dir else "builtin"
-    blocks = token_blocks(docs if isinstance(docs, list) else read_text_documents(docs), tok,
-                          block_size=args.block_size)
+    blocks = token_blocks(
+        docs if isinstance(docs, list) else read_text_documents(docs), tok, block_size=args.block_size
+    )
     train = TrainConfig(lr=args.lr, lora_dropout=0.0, progress=False)
     peft_model = prepare_lora_model(model, train)
     imps = {name: LoRAGuidedImportance(score=s, normalize=n) for name, (s, n) in VARIANTS.items()}
     pruner = LoRAPruner(peft_model, LoRAPruneConfig(ratio=0.2), importance=imps["square"])
-    bases = [m.weight for m in peft_model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2
-             and not m.weight.requires_grad and m.weight.shape[0] != tok.vocab_size]
+    bases = [
+        m.weight
+        for m in peft_model.modules()
+        if isinstance(m, torch.nn.Linear)
+        and m.weight.dim() == 2
+        and not m.weight.requires_grad
+        and m.weight.shape[0] != tok.vocab_size
+    ]
     for w in bases:
         w.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for n, p in peft_model.named_parameters() if "lora_" in n], lr=args.lr)
     for step in range(args.steps):
-        ids = blocks[step * args.batch_size:(step + 1) * args.batch_size]
+        ids = blocks[step * args.batch_size : (step + 1) * args.batch_size]
         peft_model(input_ids=ids, labels=ids).loss.backward()  # weight grads accumulate over the steps
         for imp in imps.values():
             imp.accumulate(peft_model)
@@ -82,17 +93,26 @@ def main(argv=None) -> int:
     graph = build_graph(peft_model)
     rows = {name: {"spearman": [], "bottom20_overlap": []} for name in imps}
     with torch.no_grad():
-        for key, group in pruner._channel_groups(graph).items():
+        for group in pruner._channel_groups(graph).values():
             t = taylor(group).float().cpu()
             for name, imp in imps.items():
                 s = imp(group).float().cpu()
                 rows[name]["spearman"].append(spearman(s, t))
                 rows[name]["bottom20_overlap"].append(bottom_overlap(s, t))
     summary = {name: {k: round(statistics.median(v), 4) for k, v in r.items()} for name, r in rows.items()}
-    result = {"what": "median over the 26 pruned layers' FFN groups, vs Taylor |W*dL/dW| on the same batches",
-              "settings": vars(args), "summary": summary, "per_layer": rows,
-              "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-                              "cpu_count": os.cpu_count()}, "seconds": round(time.perf_counter() - t0, 1)}
+    result = {
+        "what": "median over the 26 pruned layers' FFN groups, vs Taylor |W*dL/dW| on the same batches",
+        "settings": vars(args),
+        "summary": summary,
+        "per_layer": rows,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": "cpu",
+            "cpu_count": os.cpu_count(),
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))

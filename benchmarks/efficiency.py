@@ -28,12 +28,30 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32000),
-    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152),
+    "llama7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama3_8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -115,17 +133,32 @@ def step_variants(shape: str, args) -> list[dict]:
                 if variant == "loraprune":
                     model(input_ids=ids, labels=ids).loss.backward()  # gradients to score
                     acc_sec, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
-                    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
-                                        optimizer=opt, importance=imp)
+                    pruner = LoRAPruner(
+                        model,
+                        LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
+                        optimizer=opt,
+                        importance=imp,
+                    )
                     sync(device)
                     t = time.perf_counter()
                     pruner.prune(0.1)
                     sync(device)
                     event = time.perf_counter() - t
-                    extra = {"accumulate_s": round(acc_sec, 4), "prune_event_s": round(event, 3),
-                             "step_plus_amortized_event_s": round(sec + event / 10, 4)}
-                rows.append({"shape": shape, "variant": variant, "checkpointing": ckpt, "step_s": round(sec, 4),
-                             "peak_gib": None if peak is None else round(peak, 2), **extra})
+                    extra = {
+                        "accumulate_s": round(acc_sec, 4),
+                        "prune_event_s": round(event, 3),
+                        "step_plus_amortized_event_s": round(sec + event / 10, 4),
+                    }
+                rows.append(
+                    {
+                        "shape": shape,
+                        "variant": variant,
+                        "checkpointing": ckpt,
+                        "step_s": round(sec, 4),
+                        "peak_gib": None if peak is None else round(peak, 2),
+                        **extra,
+                    }
+                )
             except torch.OutOfMemoryError:
                 rows.append({"shape": shape, "variant": variant, "checkpointing": ckpt, "error": "OOM"})
             print(json.dumps(rows[-1]), flush=True)
@@ -158,8 +191,15 @@ def step_variants(shape: str, args) -> list[dict]:
 
         try:
             sec, peak = timed_steps(taylor_step, args.warmup, args.steps, device)
-            rows.append({"shape": shape, "variant": "taylor", "checkpointing": ckpt, "step_s": round(sec, 4),
-                         "peak_gib": None if peak is None else round(peak, 2)})
+            rows.append(
+                {
+                    "shape": shape,
+                    "variant": "taylor",
+                    "checkpointing": ckpt,
+                    "step_s": round(sec, 4),
+                    "peak_gib": None if peak is None else round(peak, 2),
+                }
+            )
         except torch.OutOfMemoryError:
             rows.append({"shape": shape, "variant": "taylor", "checkpointing": ckpt, "error": "OOM"})
         print(json.dumps(rows[-1]), flush=True)
@@ -187,8 +227,11 @@ def inference_speed(shape: str, args) -> list[dict]:
             with torch.enable_grad():
                 pm(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(pm)
-            pruner = LoRAPruner(pm, LoRAPruneConfig(ratio=ratio, layers=list(range(model.config.num_hidden_layers)),
-                                                    round_to=round_to), importance=imp)
+            pruner = LoRAPruner(
+                pm,
+                LoRAPruneConfig(ratio=ratio, layers=list(range(model.config.num_hidden_layers)), round_to=round_to),
+                importance=imp,
+            )
             pruner.prune(1.0)
             model = merge_lora(pm)
         model.eval()
@@ -196,13 +239,26 @@ def inference_speed(shape: str, args) -> list[dict]:
         prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
         prefill, _ = timed_steps(lambda: model(input_ids=prompt, use_cache=False), 2, 5, device)
         short = prompt[:, :16]
-        gen = lambda: model.generate(short, max_new_tokens=args.decode, min_new_tokens=args.decode,  # noqa: E731
-                                     do_sample=False, pad_token_id=0)
+        gen = lambda: model.generate(  # noqa: E731
+            short,
+            max_new_tokens=args.decode,
+            min_new_tokens=args.decode,
+            do_sample=False,
+            pad_token_id=0,
+        )
         decode, _ = timed_steps(gen, 1, 3, device)
-        rows.append({"shape": shape, "ratio": ratio, "round_to": round_to, "parameters": n_params,
-                     "intermediate_size": model.model.layers[1].mlp.down_proj.in_features,
-                     "q_heads": model.model.layers[1].self_attn.q_proj.out_features // model.config.head_dim,
-                     "prefill_s": round(prefill, 4), "decode_tokens_per_s": round(args.decode / decode, 1)})
+        rows.append(
+            {
+                "shape": shape,
+                "ratio": ratio,
+                "round_to": round_to,
+                "parameters": n_params,
+                "intermediate_size": model.model.layers[1].mlp.down_proj.in_features,
+                "q_heads": model.model.layers[1].self_attn.q_proj.out_features // model.config.head_dim,
+                "prefill_s": round(prefill, 4),
+                "decode_tokens_per_s": round(args.decode / decode, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         del model
         gc.collect()
@@ -232,10 +288,18 @@ def main(argv=None) -> int:
     import peft
     import transformers
 
-    result = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                              "peft": peft.__version__, "python": platform.python_version(),
-                              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "steps": [], "inference": []}
+    result = {
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "steps": [],
+        "inference": [],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))

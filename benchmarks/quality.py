@@ -36,10 +36,30 @@ from tp_loraprune.models import count_parameters  # noqa: E402
 from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
 
 PRESETS = {
-    "gpu": dict(ratios=[0.2, 0.3, 0.5], steps=100, prune_every=10, batch_size=8, block_size=256, ppl_windows=None,
-                zs_limit=200, seeds=[0], ablation_ratio=0.5, extra_seeds=[1, 2]),
-    "cpu": dict(ratios=[0.2, 0.5], steps=16, prune_every=2, batch_size=2, block_size=128, ppl_windows=24,
-                zs_limit=0, seeds=[0], ablation_ratio=None, extra_seeds=[]),
+    "gpu": dict(
+        ratios=[0.2, 0.3, 0.5],
+        steps=100,
+        prune_every=10,
+        batch_size=8,
+        block_size=256,
+        ppl_windows=None,
+        zs_limit=200,
+        seeds=[0],
+        ablation_ratio=0.5,
+        extra_seeds=[1, 2],
+    ),
+    "cpu": dict(
+        ratios=[0.2, 0.5],
+        steps=16,
+        prune_every=2,
+        batch_size=2,
+        block_size=128,
+        ppl_windows=24,
+        zs_limit=0,
+        seeds=[0],
+        ablation_ratio=None,
+        extra_seeds=[],
+    ),
 }
 
 
@@ -48,9 +68,16 @@ def environment(device: str) -> dict:
     import torch_pruning as tp
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "torch_pruning": getattr(tp, "__version__", "?"), "device": device,
-           "host": platform.node(), "cpu_count": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "torch_pruning": getattr(tp, "__version__", "?"),
+        "device": device,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -58,10 +85,20 @@ def environment(device: str) -> dict:
 
 def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_overrides=None) -> dict:
     device = args.device
-    config = LoRAPruneConfig(ratio=ratio, total_steps=args.steps, prune_every=args.prune_every,
-                             **(config_overrides or {}))
-    train = TrainConfig(lr=args.lr, batch_size=args.batch_size, block_size=args.block_size, lora_r=8, lora_alpha=16,
-                        precision=args.precision, seed=seed, device=device, progress=False)
+    config = LoRAPruneConfig(
+        ratio=ratio, total_steps=args.steps, prune_every=args.prune_every, **(config_overrides or {})
+    )
+    train = TrainConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        lora_r=8,
+        lora_alpha=16,
+        precision=args.precision,
+        seed=seed,
+        device=device,
+        progress=False,
+    )
     model = copy.deepcopy(dense)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -83,9 +120,17 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    row = {"name": name, "method": method, "ratio": ratio, "seed": seed, "config": config_overrides or {},
-           "parameters": count_parameters(merged), "prune_and_finetune_s": round(seconds, 2),
-           "peak_gib": None if peak is None else round(peak, 3), "prune_events": events}
+    row = {
+        "name": name,
+        "method": method,
+        "ratio": ratio,
+        "seed": seed,
+        "config": config_overrides or {},
+        "parameters": count_parameters(merged),
+        "prune_and_finetune_s": round(seconds, 2),
+        "peak_gib": None if peak is None else round(peak, 3),
+        "prune_events": events,
+    }
     row.update(evaluate_model(merged, tokenizer, args))
     del merged, model
     return row
@@ -95,13 +140,20 @@ def evaluate_model(model, tokenizer, args) -> dict:
     out = {}
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
         for name in ("wikitext2", "ptb"):
-            out[f"{name}_ppl"] = round(perplexity(model, tokenizer, perplexity_text(name, args.data_dir),
-                                                  seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
-                                                  batch_size=8), 3)
+            out[f"{name}_ppl"] = round(
+                perplexity(
+                    model,
+                    tokenizer,
+                    perplexity_text(name, args.data_dir),
+                    seq_len=args.ppl_seq_len,
+                    max_windows=args.ppl_windows,
+                    batch_size=8,
+                ),
+                3,
+            )
     if args.zs_limit:
         try:
-            out["zero_shot"] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=args.zs_limit,
-                                         batch_size=32)
+            out["zero_shot"] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=args.zs_limit, batch_size=32)
         except Exception as e:  # noqa: BLE001 - recorded in the results, the table says why a cell is empty
             out["zero_shot_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
@@ -120,8 +172,9 @@ def plan(args) -> list[tuple]:
         for lam in (0.0, 0.5, 0.99):
             runs.append((f"ema={lam}@{r}", "loraprune", r, args.seeds[0], {"ema": lam}))
         for score, norm in (("abs", True), ("abs", False), ("square", True)):
-            runs.append((f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0],
-                         {"score": score, "normalize": norm}))
+            runs.append(
+                (f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0], {"score": score, "normalize": norm})
+            )
     return runs
 
 
@@ -139,8 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped past it")
     p.add_argument("--only", default=None, help="comma-separated run names to run (default: all)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset value, e.g. --set steps=4 --set ratios=[0.2]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset value, e.g. --set steps=4 --set ratios=[0.2]",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
@@ -159,8 +217,7 @@ def main(argv=None) -> int:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks),
-               "runs": []}
+    results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks), "runs": []}
     only = set(args.only.split(",")) if args.only else None
     for name, method, ratio, seed, overrides in plan(args):
         if only is not None and name not in only:
@@ -170,8 +227,13 @@ def main(argv=None) -> int:
             continue
         print(f"[{time.perf_counter() - t_start:7.1f}s] {name}", flush=True)
         if method == "dense":
-            row = {"name": "dense", "method": "dense", "ratio": 0.0, "seed": seed,
-                   "parameters": count_parameters(dense)}
+            row = {
+                "name": "dense",
+                "method": "dense",
+                "ratio": 0.0,
+                "seed": seed,
+                "parameters": count_parameters(dense),
+            }
             row.update(evaluate_model(dense, tokenizer, args))
         else:
             row = run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, overrides)

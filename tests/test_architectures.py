@@ -37,51 +37,92 @@ def _seed(seed=0):
 
 
 def _common(**kw):
-    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                max_position_embeddings=64, initializer_range=0.1, **kw)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        **kw,
+    )
 
 
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
-    return MistralForCausalLM(MistralConfig(**_common(intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM,
-                                                      tie_word_embeddings=False)))
+
+    return MistralForCausalLM(
+        MistralConfig(
+            **_common(intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM, tie_word_embeddings=False)
+        )
+    )
 
 
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(Qwen2Config(**_common(intermediate_size=FFN, num_key_value_heads=2,
-                                                  tie_word_embeddings=False)))
+
+    return Qwen2ForCausalLM(
+        Qwen2Config(**_common(intermediate_size=FFN, num_key_value_heads=2, tie_word_embeddings=False))
+    )
 
 
 def _qwen3():  # per-head q_norm / k_norm
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    return Qwen3ForCausalLM(Qwen3Config(**_common(intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM,
-                                                  tie_word_embeddings=False)))
+
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            **_common(intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM, tie_word_embeddings=False)
+        )
+    )
 
 
 def _gemma():  # scaled embeddings, GELU gate, RMSNorm(1 + w)
     from transformers import GemmaConfig, GemmaForCausalLM
+
     return GemmaForCausalLM(GemmaConfig(**_common(intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM)))
 
 
 def _gemma3():  # per-head q_norm / k_norm, sliding-window + global layers, query_pre_attn_scalar
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    return Gemma3ForCausalLM(Gemma3TextConfig(**_common(intermediate_size=FFN, num_key_value_heads=2,
-                                                        head_dim=HEAD_DIM, sliding_window=4,
-                                                        query_pre_attn_scalar=HEAD_DIM)))
+
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **_common(
+                intermediate_size=FFN,
+                num_key_value_heads=2,
+                head_dim=HEAD_DIM,
+                sliding_window=4,
+                query_pre_attn_scalar=HEAD_DIM,
+            )
+        )
+    )
 
 
 def _opt():  # MHA with biases, out_proj, fc1/fc2 on the decoder layer, LayerNorm
     from transformers import OPTConfig, OPTForCausalLM
-    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS,
-                                    num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
-                                    dropout=0.0, attention_dropout=0.0, init_std=0.1))
+
+    return OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            ffn_dim=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=64,
+            word_embed_proj_dim=HIDDEN,
+            dropout=0.0,
+            attention_dropout=0.0,
+            init_std=0.1,
+        )
+    )
 
 
 def _bert():  # encoder: attention.self.{query,key,value} + attention.output.dense, intermediate.dense + output.dense
     from transformers import BertConfig, BertModel
-    return BertModel(BertConfig(**_common(intermediate_size=FFN, hidden_dropout_prob=0.0,
-                                          attention_probs_dropout_prob=0.0)))
+
+    return BertModel(
+        BertConfig(**_common(intermediate_size=FFN, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    )
 
 
 @dataclass
@@ -101,10 +142,17 @@ ARCHS = {
     "qwen3": Arch(_qwen3, DECODER_TARGETS, "down_proj", "mlp.gate_proj.base_layer"),
     "gemma": Arch(_gemma, DECODER_TARGETS, "down_proj", "mlp.gate_proj.base_layer"),
     "gemma3": Arch(_gemma3, DECODER_TARGETS, "down_proj", "mlp.gate_proj.base_layer"),
-    "opt": Arch(_opt, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "fc2", "fc1.base_layer",
-                kv_heads=HEADS),
-    "bert": Arch(_bert, ["query", "key", "value", "dense"], "output.dense", "intermediate.dense.base_layer",
-                 causal=False, kv_heads=HEADS),
+    "opt": Arch(
+        _opt, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "fc2", "fc1.base_layer", kv_heads=HEADS
+    ),
+    "bert": Arch(
+        _bert,
+        ["query", "key", "value", "dense"],
+        "output.dense",
+        "intermediate.dense.base_layer",
+        causal=False,
+        kv_heads=HEADS,
+    ),
 }
 
 # (arch, head_mode): GQA families are run in both head modes; MHA ones once.
@@ -194,8 +242,12 @@ def mask(ref, removed: dict, arch: Arch):
 def _prune(name: str, head_mode: str = "per_group", head_ratio=0.5, channel_ratio=0.5):
     model = build(name)
     _backward(model)
-    pruner = LoRAPruner(model, LoRAPruneConfig(head_ratio=head_ratio, channel_ratio=channel_ratio,
-                                               head_mode=head_mode, layers=list(range(LAYERS))))
+    pruner = LoRAPruner(
+        model,
+        LoRAPruneConfig(
+            head_ratio=head_ratio, channel_ratio=channel_ratio, head_mode=head_mode, layers=list(range(LAYERS))
+        ),
+    )
     pruner.importance.accumulate(model)
     before = copy.deepcopy(model)
     event = pruner.prune(1.0)
@@ -235,9 +287,15 @@ def test_prune_is_exact_and_usable(name, head_mode):
         assert base_layer(a.o).weight.shape[1] == base_layer(a.o).in_features == a.o.in_features == want_q * HEAD_DIM
         assert base_layer(a.o).out_features == HIDDEN  # the hidden size is never pruned
         owner = a.head_owner or a.module
-        for attr, want in (("num_heads", want_q), ("num_attention_heads", want_q), ("num_key_value_heads", want_kv),
-                           ("all_head_size", want_q * HEAD_DIM), ("attention_head_size", HEAD_DIM),
-                           ("head_dim", HEAD_DIM), ("num_key_value_groups", want_q // want_kv)):
+        for attr, want in (
+            ("num_heads", want_q),
+            ("num_attention_heads", want_q),
+            ("num_key_value_heads", want_kv),
+            ("all_head_size", want_q * HEAD_DIM),
+            ("attention_head_size", HEAD_DIM),
+            ("head_dim", HEAD_DIM),
+            ("num_key_value_groups", want_q // want_kv),
+        ):
             for m in {a.module, owner}:
                 if hasattr(m, attr):
                     assert getattr(m, attr) == want, (key, attr)
@@ -281,8 +339,9 @@ def test_bert_channel_group_is_the_intermediate_not_the_residual():
     model = build("bert")
     _backward(model)
     pruner = LoRAPruner(model, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.5, layers=[0, 1]))
-    assert sorted(pruner._channels) == [f"base_model.model.encoder.layer.{i}.intermediate.dense.base_layer"
-                                        for i in range(LAYERS)]
+    assert sorted(pruner._channels) == [
+        f"base_model.model.encoder.layer.{i}.intermediate.dense.base_layer" for i in range(LAYERS)
+    ]
     assert all(c.initial == FFN for c in pruner._channels.values())
     assert sorted(pruner._heads) == [f"base_model.model.encoder.layer.{i}.attention" for i in range(LAYERS)]
 
@@ -310,20 +369,32 @@ def test_opt_config_records_pruned_ffn_width():
 # ---------------------------------------------------------------------------------------------- fused q/k/v
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64)), \
-        ["c_attn", "c_proj", "c_fc"], "c_attn"
+
+    return (
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64)),
+        ["c_attn", "c_proj", "c_fc"],
+        "c_attn",
+    )
 
 
 def _phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
-    return Phi3ForCausalLM(Phi3Config(**_common(intermediate_size=FFN, num_key_value_heads=HEADS, pad_token_id=0))), \
-        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "qkv_proj"
+
+    return (
+        Phi3ForCausalLM(Phi3Config(**_common(intermediate_size=FFN, num_key_value_heads=HEADS, pad_token_id=0))),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        "qkv_proj",
+    )
 
 
 def _neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**_common(intermediate_size=FFN))), \
-        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "query_key_value"
+
+    return (
+        GPTNeoXForCausalLM(GPTNeoXConfig(**_common(intermediate_size=FFN))),
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        "query_key_value",
+    )
 
 
 @pytest.mark.parametrize("make", [_gpt2, _phi3, _neox], ids=["gpt2", "phi3", "gpt_neox"])
@@ -372,7 +443,7 @@ def _sentences():
 def _embed(model, tok, sentences, batch_size=32):
     chunks = []
     for i in range(0, len(sentences), batch_size):
-        enc = tok(sentences[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc = tok(sentences[i : i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
         hidden = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         chunks.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))
@@ -398,15 +469,26 @@ def test_minilm_real_weights_keep_embeddings_after_30_percent_pruning():
         dense_held = _embed(dense, tok, held_out)
 
     _seed()
-    model = peft.get_peft_model(copy.deepcopy(dense), peft.LoraConfig(
-        r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], lora_dropout=0.0))
+    model = peft.get_peft_model(
+        copy.deepcopy(dense),
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], lora_dropout=0.0),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     num_layers = dense.config.num_hidden_layers
     steps, prune_every, bs = 40, 4, 16
-    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.3, layers=list(range(num_layers)), total_steps=steps,
-                                               prune_every=prune_every, warmup=0.1, cooldown=0.2),
-                        optimizer=optimizer)
+    pruner = LoRAPruner(
+        model,
+        LoRAPruneConfig(
+            ratio=0.3,
+            layers=list(range(num_layers)),
+            total_steps=steps,
+            prune_every=prune_every,
+            warmup=0.1,
+            cooldown=0.2,
+        ),
+        optimizer=optimizer,
+    )
     for step in range(steps + 10):  # the last steps recover after the final prune
         idx = [rng.randrange(len(train)) for _ in range(bs)]
         emb = _embed(model, tok, [train[i] for i in idx], batch_size=bs)
@@ -421,8 +503,10 @@ def test_minilm_real_weights_keep_embeddings_after_30_percent_pruning():
     with torch.no_grad():
         cosine = (_embed(merged, tok, held_out) * dense_held).sum(-1)
     removed = 1 - count_parameters(merged.encoder) / count_parameters(dense.encoder)
-    print(f"\nall-MiniLM-L6-v2, ratio 0.3: removed {removed:.1%} of encoder parameters, "
-          f"held-out cosine to dense mean {cosine.mean():.4f} min {cosine.min():.4f} "
-          f"({len(held_out)} sentences; bound {MINILM_COSINE_BOUND})")
+    print(
+        f"\nall-MiniLM-L6-v2, ratio 0.3: removed {removed:.1%} of encoder parameters, "
+        f"held-out cosine to dense mean {cosine.mean():.4f} min {cosine.min():.4f} "
+        f"({len(held_out)} sentences; bound {MINILM_COSINE_BOUND})"
+    )
     assert 0.25 <= removed <= 0.35
     assert cosine.mean() > MINILM_COSINE_BOUND

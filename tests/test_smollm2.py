@@ -26,8 +26,10 @@ def test_real_model_prune_step_is_exact_and_usable(smollm2, tmp_path):
 
     base, tok = smollm2
     torch.manual_seed(0)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear",
-                                                                      init_lora_weights=False, lora_dropout=0.0))
+    model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0),
+    )
     ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
     model(input_ids=ids, labels=ids).loss.backward()
     pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2))
@@ -63,8 +65,9 @@ def test_real_model_prune_step_is_exact_and_usable(smollm2, tmp_path):
         diff = (model(input_ids=ids).logits - before(input_ids=ids).logits).abs().max().item()
     assert diff < 2e-3, diff  # fp32, logits of scale ~40
 
-    out = model.generate(tok("The capital of France is", return_tensors="pt").input_ids, max_new_tokens=4,
-                         do_sample=False)
+    out = model.generate(
+        tok("The capital of France is", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False
+    )
     assert out.shape[1] > 5
     merged_dir = save_pruned(model, tmp_path / "pruned", tok)
     reloaded = load_pruned(merged_dir)

@@ -89,9 +89,17 @@ def test_trainer_callback_prunes_and_keeps_optimizer_consistent(tmp_path):
     model = wrap_peft(build_llama())
     data = [{"input_ids": b, "labels": b} for b in torch.randint(0, 64, (32, 12))]
     callback = LoRAPruneCallback(LoRAPruneConfig(ratio=0.3, layers=[0, 1, 2], prune_every=2))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
-                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
-                             logging_steps=100, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=100,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
     pruner = callback.pruner

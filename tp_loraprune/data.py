@@ -74,9 +74,7 @@ def _read_jsonl(path: Path, max_documents: int | None) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}, line {line_no}: not valid JSON ({e}); fix or remove that line."
-                ) from e
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({e}); fix or remove that line.") from e
             text = _row_text(row, path, line_no).strip()
             if text:
                 documents.append(text)
@@ -124,9 +122,7 @@ def read_text_documents(source: str | os.PathLike[str], *, max_documents: int | 
     else:
         path = Path(source)
         if path.is_dir():
-            raise ValueError(
-                f"{path} is a directory; pass one .txt, .jsonl or .jsonl.gz file inside it instead."
-            )
+            raise ValueError(f"{path} is a directory; pass one .txt, .jsonl or .jsonl.gz file inside it instead.")
         if path.is_file():
             name = path.name.lower()
             try:
@@ -136,9 +132,7 @@ def read_text_documents(source: str | os.PathLike[str], *, max_documents: int | 
                 elif name.endswith((".jsonl", ".jsonl.gz")):
                     documents = _read_jsonl(path, max_documents)
                 else:
-                    raise ValueError(
-                        f"{path}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}."
-                    )
+                    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}.")
             except (OSError, UnicodeDecodeError, EOFError) as e:
                 raise ValueError(
                     f"{path} could not be read ({type(e).__name__}: {e}); check the file is UTF-8 text "

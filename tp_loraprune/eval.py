@@ -199,9 +199,7 @@ def zero_shot(
     ``device`` moves the model there first; otherwise it is evaluated where it is.
     """
     if isinstance(tasks, str):
-        raise TypeError(
-            f"tasks must be a sequence of task names, got the string {tasks!r}; wrap it in a list."
-        )
+        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}; wrap it in a list.")
     if not tasks:
         raise ValueError("tasks is empty; name at least one task, e.g. ['piqa_local'].")
     root = _require_data_dir(data_dir)

@@ -54,8 +54,15 @@ def _reference_model(config, auto_class: str) -> nn.Module:
         return getattr(transformers, auto_class).from_config(config)
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, merge: bool = True,
-                overwrite: bool = False, metadata: dict | None = None) -> Path:
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer=None,
+    *,
+    merge: bool = True,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+) -> Path:
     """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
 
     Refuses to write into an existing non-empty directory unless `overwrite=True`.
@@ -66,12 +73,18 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, me
     if merge:
         model = merge_lora(model)
     elif lora_layers(model):
-        raise ValueError("save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft.")
+        raise ValueError(
+            "save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft."
+        )
     path.mkdir(parents=True, exist_ok=True)
     auto_class = _auto_class_name(model)
     uniform = sync_config(model) and config_validates(model.config)
-    manifest = {"format_version": FORMAT_VERSION, "auto_class": auto_class, "layout": "uniform" if uniform else "per_layer",
-                "metadata": metadata or {}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "auto_class": auto_class,
+        "layout": "uniform" if uniform else "per_layer",
+        "metadata": metadata or {},
+    }
     if uniform:
         model.save_pretrained(path, safe_serialization=True)
     else:
@@ -91,8 +104,9 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, me
 
 def _resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> None:
     like = linear.weight
-    linear.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=like.dtype, device=like.device),
-                                 requires_grad=like.requires_grad)
+    linear.weight = nn.Parameter(
+        torch.empty(out_features, in_features, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad
+    )
     if linear.bias is not None:
         linear.bias = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
     linear.out_features, linear.in_features = out_features, in_features
@@ -108,7 +122,9 @@ def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, de
         raise ValueError(f"{path} has no {MANIFEST}; it was not saved by tp_loraprune.save_pruned.")
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest_file} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}.")
+        raise ValueError(
+            f"{manifest_file} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}."
+        )
     auto = getattr(transformers, manifest["auto_class"])
     if manifest["layout"] == "uniform":
         return auto.from_pretrained(path, dtype=dtype, device_map=None).to(device)
@@ -119,7 +135,9 @@ def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, de
     modules = dict(model.named_modules())
     for name, (out_features, in_features) in manifest["linear_shapes"].items():
         if not isinstance(modules.get(name), nn.Linear):
-            raise ValueError(f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}.")
+            raise ValueError(
+                f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}."
+            )
         _resize_linear(modules[name], out_features, in_features)
     sync_attention_attributes(model)
     sync_config(model)

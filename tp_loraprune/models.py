@@ -65,8 +65,11 @@ class AttentionLayout:
 
 
 def _head_dim(module: nn.Module, config) -> int:
-    head_dim = (getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-                or getattr(config, "head_dim", None))
+    head_dim = (
+        getattr(module, "head_dim", None)
+        or getattr(module, "attention_head_size", None)
+        or getattr(config, "head_dim", None)
+    )
     if not head_dim:
         head_dim = config.hidden_size // config.num_attention_heads
     return int(head_dim)
@@ -130,9 +133,12 @@ def sync_attention_attributes(model: nn.Module) -> None:
         for module in {a.module, a.head_owner or a.module}:
             if hasattr(module, "num_key_value_groups"):
                 module.num_key_value_groups = a.group_size
-            for attr, value in (("num_heads", a.num_heads), ("num_key_value_heads", a.num_kv_heads),
-                                ("num_attention_heads", a.num_heads),  # BERT self-attention
-                                ("all_head_size", a.num_heads * a.head_dim)):
+            for attr, value in (
+                ("num_heads", a.num_heads),
+                ("num_key_value_heads", a.num_kv_heads),
+                ("num_attention_heads", a.num_heads),  # BERT self-attention
+                ("all_head_size", a.num_heads * a.head_dim),
+            ):
                 if hasattr(module, attr):
                     setattr(module, attr, value)
 
@@ -174,7 +180,7 @@ def sync_config(model: nn.Module) -> bool:
     if layouts:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
         if len(heads) == 1:
-            (h, kv), = heads
+            ((h, kv),) = heads
             d = layouts[0].head_dim
             if getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN:
                 # head_dim is hidden_size / heads there: the config holds pruned heads only if that still holds
@@ -182,8 +188,11 @@ def sync_config(model: nn.Module) -> bool:
                     uniform = False
             else:
                 has_kv = hasattr(config, "num_key_value_heads")
-                saved = (getattr(config, "head_dim", None), config.num_attention_heads,
-                         config.num_key_value_heads if has_kv else None)
+                saved = (
+                    getattr(config, "head_dim", None),
+                    config.num_attention_heads,
+                    config.num_key_value_heads if has_kv else None,
+                )
                 if saved[0] is None:
                     config.head_dim = d
                 config.num_attention_heads = h

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def replace_parameter(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, dim: int,
-                      keep: torch.Tensor) -> None:
+def replace_parameter(
+    optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, dim: int, keep: torch.Tensor
+) -> None:
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)

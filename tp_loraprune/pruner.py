@@ -96,9 +96,15 @@ class LoRAPruner:
         example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
     """
 
-    def __init__(self, model: nn.Module, config: LoRAPruneConfig | None = None, *,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 importance: LoRAGuidedImportance | None = None, example_inputs=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoRAPruneConfig | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        importance: LoRAGuidedImportance | None = None,
+        example_inputs=None,
+    ):
         self.model = model
         self.config = config or LoRAPruneConfig()
         self.optimizer = optimizer
@@ -108,8 +114,9 @@ class LoRAPruner:
         self._accumulates = isinstance(self.importance, LoRAGuidedImportance)
         self.example_inputs = example_inputs if example_inputs is not None else example_input_ids(model)
         if not lora_layers(model):
-            raise ValueError(f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. "
-                             f"{NO_LORA_HELP}")
+            raise ValueError(
+                f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. {NO_LORA_HELP}"
+            )
         layers = decoder_layers(model)
         if not layers:
             raise ValueError(
@@ -124,8 +131,11 @@ class LoRAPruner:
         self.progress = 0.0
         self.events: list[dict] = []
         self.initial_parameters = count_parameters(model)
-        self._heads = {a.name: _Heads(a, a.num_heads, a.num_kv_heads, list(range(a.num_heads)))
-                       for a in attention_layouts(model) if a.module in self._selected}
+        self._heads = {
+            a.name: _Heads(a, a.num_heads, a.num_kv_heads, list(range(a.num_heads)))
+            for a in attention_layouts(model)
+            if a.module in self._selected
+        }
         graph = build_graph(model, self.example_inputs)
         self._channels = {}
         for key, group in self._channel_groups(graph).items():
@@ -135,8 +145,12 @@ class LoRAPruner:
 
     # ------------------------------------------------------------------ targets
     def _channel_cost(self, graph: tp.DependencyGraph, group) -> int:
-        lora_parts = {m for layer in lora_layers(self.model).values() for m in layer.modules() if m is not layer
-                      and m is not base_layer(layer)}
+        lora_parts = {
+            m
+            for layer in lora_layers(self.model).values()
+            for m in layer.modules()
+            if m is not layer and m is not base_layer(layer)
+        }
         cost = 0
         for dep, _ in group:
             m = dep.target.module
@@ -195,7 +209,9 @@ class LoRAPruner:
             return c.ratio, 0.0
         channel_ratio = needed / channel_total
         if channel_ratio >= 1.0:
-            raise ValueError(f"ratio {c.ratio} cannot be reached: it would remove every FFN channel. Use a lower ratio.")
+            raise ValueError(
+                f"ratio {c.ratio} cannot be reached: it would remove every FFN channel. Use a lower ratio."
+            )
         return c.ratio, channel_ratio
 
     # ------------------------------------------------------------------ the loop
@@ -234,8 +250,12 @@ class LoRAPruner:
         self.progress = max(self.progress, fraction)
         if not removed:
             return None
-        event = {"step": self.step_count, "fraction": round(fraction, 6), "removed": removed,
-                 "parameters": count_parameters(self.model)}
+        event = {
+            "step": self.step_count,
+            "fraction": round(fraction, 6),
+            "removed": removed,
+            "parameters": count_parameters(self.model),
+        }
         self.events.append(event)
         return event
 
@@ -271,8 +291,10 @@ class LoRAPruner:
         """
         if getattr(self, "_channel_roots", None) is None:
             self._channel_roots = self._discover_channel_roots(graph)
-        return {key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
-                for key, m in self._channel_roots.items()}
+        return {
+            key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+            for key, m in self._channel_roots.items()
+        }
 
     def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
         attention, lora_parts = set(), set()
@@ -306,8 +328,9 @@ class LoRAPruner:
             return []
         scores = self.importance(group)
         if scores is None:
-            warnings.warn(f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.",
-                          stacklevel=3)
+            warnings.warn(
+                f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.", stacklevel=3
+            )
             return []
         return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
 
@@ -345,8 +368,12 @@ class LoRAPruner:
         kv_channels = [g * d + j for g in kv_heads for j in range(d)]
         kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
         items = []
-        for proj, direction, channels, roots in ((a.q, "out", q_channels, q_channels), (a.o, "in", q_channels, q_channels),
-                                                 (a.k, "out", kv_channels, kv_roots), (a.v, "out", kv_channels, kv_roots)):
+        for proj, direction, channels, roots in (
+            (a.q, "out", q_channels, q_channels),
+            (a.o, "in", q_channels, q_channels),
+            (a.k, "out", kv_channels, kv_roots),
+            (a.v, "out", kv_channels, kv_roots),
+        ):
             if not channels:
                 continue
             parts = [base_layer(proj)]
@@ -365,8 +392,9 @@ class LoRAPruner:
         size = heads // kv
         scores = self.importance(self._head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
         if scores is None:
-            warnings.warn(f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.",
-                          stacklevel=3)
+            warnings.warn(
+                f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.", stacklevel=3
+            )
             return []
         head_scores = scores.float().cpu().view(heads, d).sum(1)
         if keep_kv == kv:  # the same number of query heads from every KV group
@@ -379,7 +407,9 @@ class LoRAPruner:
                     s = self.importance.channel_scores(base_layer(proj), "out")
                     if s is not None:
                         group_scores += s.float().cpu().view(kv, d).sum(1)
-            positions = [g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)]
+            positions = [
+                g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)
+            ]
         return sorted(h.alive[p] for p in positions)
 
     def _remove_heads(self, graph, h: _Heads, ids: list[int], on_replaced) -> None:
@@ -414,9 +444,13 @@ class LoRAPruner:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """JSON-able state (step, schedule position, what was removed) plus the score tensors."""
-        return {"step_count": self.step_count, "progress": self.progress, "events": self.events,
-                "config": self.config.to_dict(),
-                "importance": self.importance.state_dict() if self._accumulates else {}}
+        return {
+            "step_count": self.step_count,
+            "progress": self.progress,
+            "events": self.events,
+            "config": self.config.to_dict(),
+            "importance": self.importance.state_dict() if self._accumulates else {},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a pruner built on a fresh copy of the original model: replays the removals first."""

@@ -7,8 +7,9 @@ from typing import Literal
 ScheduleKind = Literal["cubic", "linear"]
 
 
-def progress(step: int, total_steps: int, kind: ScheduleKind = "cubic", warmup: float = 0.1,
-             cooldown: float = 0.1) -> float:
+def progress(
+    step: int, total_steps: int, kind: ScheduleKind = "cubic", warmup: float = 0.1, cooldown: float = 0.1
+) -> float:
     """Fraction of the final ratio to have pruned after `step` of `total_steps` optimizer steps.
 
     0 during the first `warmup` of the run (the moving average warms up), 1 during the last `cooldown`

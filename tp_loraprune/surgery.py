@@ -58,7 +58,7 @@ def subgroup(group, root_positions: Iterable[int]):
     chosen = set(root_positions)
     part = tp.dependency.Group()
     for item in group:
-        pairs = [(i, r) for i, r in zip(item.idxs, item.root_idxs) if r in chosen]
+        pairs = [(i, r) for i, r in zip(item.idxs, item.root_idxs, strict=True) if r in chosen]
         if pairs:
             part.add_dep(item.dep, [i for i, _ in pairs])
             part[len(part) - 1].root_idxs = [r for _, r in pairs]

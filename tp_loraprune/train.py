@@ -76,15 +76,20 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
         return model
     import peft
 
-    config = peft.LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                             target_modules=train.target_modules, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=train.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, config)
 
 
 def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> torch.Tensor:
     """The micro-batch of a step, drawn from a permutation seeded by (seed, epoch): resumable, no RNG state."""
     per_step = train.batch_size * train.grad_accum
-    start = (step * per_step + micro * train.batch_size)
+    start = step * per_step + micro * train.batch_size
     epoch, offset = divmod(start, len(blocks))
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
     idx = order[(torch.arange(train.batch_size) + offset) % len(blocks)]
@@ -118,10 +123,21 @@ def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig
     return model, optimizer, scheduler, LoRAPruner(model, config, optimizer=optimizer)
 
 
-def finetune(peft_model: nn.Module, blocks: torch.Tensor, train: TrainConfig, total_steps: int, *,
-             optimizer: torch.optim.Optimizer, scheduler=None, pruner: LoRAPruner | None = None,
-             start_step: int = 0, stop_after: int | None = None, checkpoint_dir: str | Path | None = None,
-             losses: list[float] | None = None, on_event: Callable[[dict], None] | None = None) -> list[float]:
+def finetune(
+    peft_model: nn.Module,
+    blocks: torch.Tensor,
+    train: TrainConfig,
+    total_steps: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    pruner: LoRAPruner | None = None,
+    start_step: int = 0,
+    stop_after: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    losses: list[float] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> list[float]:
     """The LoRA training loop; with a `pruner`, `pruner.step()` runs after every optimizer step."""
     from .checkpoint import save_checkpoint
 
@@ -162,17 +178,30 @@ def finetune(peft_model: nn.Module, blocks: torch.Tensor, train: TrainConfig, to
         if bar is not None:
             bar.set_postfix(loss=f"{total:.3f}", params=f"{count_parameters(peft_model) / 1e6:.2f}M")
             bar.update(1)
-        if checkpoint_dir is not None and pruner is not None and train.checkpoint_every \
-                and (step + 1) % train.checkpoint_every == 0:
+        if (
+            checkpoint_dir is not None
+            and pruner is not None
+            and train.checkpoint_every
+            and (step + 1) % train.checkpoint_every == 0
+        ):
             save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
     if bar is not None:
         bar.close()
     return losses
 
 
-def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = None,
-          train: TrainConfig | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
-          on_event: Callable[[dict], None] | None = None, stop_after: int | None = None) -> PruneResult:
+def prune(
+    model: nn.Module,
+    tokenizer,
+    data,
+    config: LoRAPruneConfig | None = None,
+    train: TrainConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_event: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+) -> PruneResult:
     """LoRA fine-tune `model` on `data` for `config.total_steps` steps while pruning.
 
     `data` is a (n, block_size) tensor of token ids, a list of documents, or a source for
@@ -187,7 +216,9 @@ def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = No
     config, train = config or LoRAPruneConfig(), train or TrainConfig()
     blocks = _as_blocks(data, tokenizer, train.block_size)
     if blocks.dim() != 2 or len(blocks) == 0:
-        raise ValueError(f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}.")
+        raise ValueError(
+            f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}."
+        )
     peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
     losses: list[float] = []
     if resume:
@@ -195,9 +226,20 @@ def prune(model: nn.Module, tokenizer, data, config: LoRAPruneConfig | None = No
             raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
         losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler)["losses"]
     t0 = time.perf_counter()
-    losses = finetune(peft_model, blocks, train, config.total_steps, optimizer=optimizer, scheduler=scheduler,
-                      pruner=pruner, start_step=pruner.step_count, stop_after=stop_after,
-                      checkpoint_dir=checkpoint_dir, losses=losses, on_event=on_event)
+    losses = finetune(
+        peft_model,
+        blocks,
+        train,
+        config.total_steps,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        pruner=pruner,
+        start_step=pruner.step_count,
+        stop_after=stop_after,
+        checkpoint_dir=checkpoint_dir,
+        losses=losses,
+        on_event=on_event,
+    )
     seconds = time.perf_counter() - t0
     summary = pruner.summary()
     if stop_after is not None and pruner.step_count < config.total_steps:
@@ -230,6 +272,16 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
     """Every prune event (step, what was removed per structure, params left) plus settings, as JSON."""
-    Path(path).write_text(json.dumps({"config": config.to_dict(), "train": asdict(train), "summary": result.summary,
-                                      "seconds": result.seconds, "losses": result.losses, "events": result.events},
-                                     indent=1))
+    Path(path).write_text(
+        json.dumps(
+            {
+                "config": config.to_dict(),
+                "train": asdict(train),
+                "summary": result.summary,
+                "seconds": result.seconds,
+                "losses": result.losses,
+                "events": result.events,
+            },
+            indent=1,
+        )
+    )
