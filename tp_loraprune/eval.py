@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ def blocks_perplexity(
     if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must have shape (n >= 1, seq_len >= 2), got {tuple(blocks.shape)}.")
     device = torch.device(device) if device is not None else _model_device(model)
-    starts = range(0, len(blocks), batch_size)
+    starts: Iterable[int] = range(0, len(blocks), batch_size)
     if progress:
         from tqdm.auto import tqdm
 

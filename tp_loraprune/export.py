@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ FORMAT_VERSION = 1
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its (pruned) base weight and return the plain model."""
     if lora_layers(model) and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = cast(Any, model).merge_and_unload()
     sync_config(model)
     return model
 
@@ -86,15 +87,15 @@ def save_pruned(
         "metadata": metadata or {},
     }
     if uniform:
-        model.save_pretrained(path, safe_serialization=True)
+        cast(Any, model).save_pretrained(path, safe_serialization=True)
     else:
         from safetensors.torch import save_model
 
         reference = _linear_shapes(_reference_model(model.config, auto_class))
         manifest["linear_shapes"] = {n: s for n, s in _linear_shapes(model).items() if reference.get(n) != s}
-        model.config.save_pretrained(path)
+        cast(Any, model).config.save_pretrained(path)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(path)
+            cast(Any, model).generation_config.save_pretrained(path)
         save_model(model, str(path / WEIGHTS))
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:

@@ -17,7 +17,7 @@ per input channel (O(channels)). No gradient of a frozen weight is ever computed
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch_pruning as tp
@@ -27,7 +27,7 @@ from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
 from .scores import ScoreKind, channel_scores, l2_normalized
 
 Direction = Literal["out", "in"]
-_DIRECTION_OF_HANDLER = {
+_DIRECTION_OF_HANDLER: dict[object, Direction] = {
     tp.prune_linear_out_channels: "out",
     tp.prune_linear_in_channels: "in",
 }
@@ -156,9 +156,9 @@ class LoRAGuidedImportance(tp.importance.Importance):
                 self.steps = int(v)
                 continue
             name, direction = key.rsplit(".", 1)
-            self._scores.setdefault(name, {})[direction] = v.clone()
+            self._scores.setdefault(name, {})[cast(Direction, direction)] = v.clone()
         if model is not None:
             for name, layer in lora_layers(model).items():
                 self._name_of[layer] = self._name_of[base_layer(layer)] = name
-                device = base_layer(layer).weight.device
+                device = cast(torch.device, base_layer(layer).weight.device)
                 self._scores[name] = {d: v.to(device) for d, v in self._scores.get(name, {}).items()}

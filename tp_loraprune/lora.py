@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,12 +33,12 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def base_layer(module: nn.Module) -> nn.Module:
     """The frozen layer under a LoRA wrapper (the module itself when it is not wrapped)."""
-    return module.get_base_layer() if is_lora_layer(module) else module
+    return cast(nn.Module, cast(Any, module).get_base_layer()) if is_lora_layer(module) else module
 
 
 def active_adapter(layer: nn.Module) -> str:
     """The single active adapter of a LoRA layer; several active adapters are ambiguous for scoring."""
-    names = [a for a in layer.active_adapters if a in layer.lora_A]
+    names = [a for a in cast(Any, layer).active_adapters if a in cast(Any, layer).lora_A]
     if len(names) != 1:
         raise ValueError(
             f"LoRAPrune needs exactly one active LoRA adapter per layer, found {names} on "
@@ -53,7 +54,7 @@ def active_adapter(layer: nn.Module) -> str:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight as a dense (out, in) tensor."""
-    weight = base_layer(layer).weight
+    weight = cast(torch.Tensor, base_layer(layer).weight)
     if weight.dim() != 2:
         raise TypeError(f"Expected a 2-D linear weight under {type(layer).__name__}, got shape {tuple(weight.shape)}.")
     return weight.detach()
@@ -74,10 +75,12 @@ class LoRAFactors:
 def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     """The factors and gradients of the active adapter, or None when the layer has no gradient yet."""
     name = active_adapter(layer)
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
     if A.grad is None or B.grad is None:
         return None
-    return LoRAFactors(A.detach(), B.detach(), A.grad, B.grad, base_weight(layer), float(layer.scaling[name]))
+    return LoRAFactors(
+        A.detach(), B.detach(), A.grad, B.grad, base_weight(layer), float(cast(Any, layer).scaling[name])
+    )
 
 
 def sync_lora_features(model: nn.Module) -> None:

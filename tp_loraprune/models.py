@@ -4,6 +4,7 @@ and the attributes that must follow the weights after heads or channels are remo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -52,11 +53,11 @@ class AttentionLayout:
 
     @property
     def num_heads(self) -> int:
-        return base_layer(self.q).out_features // self.head_dim
+        return cast(int, base_layer(self.q).out_features) // self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        return base_layer(self.k).out_features // self.head_dim
+        return cast(int, base_layer(self.k).out_features) // self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -132,7 +133,7 @@ def sync_attention_attributes(model: nn.Module) -> None:
     for a in attention_layouts(model):
         for module in {a.module, a.head_owner or a.module}:
             if hasattr(module, "num_key_value_groups"):
-                module.num_key_value_groups = a.group_size
+                module.num_key_value_groups = a.group_size  # type: ignore[assignment]
             for attr, value in (
                 ("num_heads", a.num_heads),
                 ("num_key_value_heads", a.num_kv_heads),

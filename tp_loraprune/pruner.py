@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -27,7 +28,7 @@ from torch import nn
 
 from .config import LoRAPruneConfig
 from .graph import build_graph, example_input_ids
-from .importance import LoRAGuidedImportance
+from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
 from .optim_state import replace_parameter
@@ -139,7 +140,7 @@ class LoRAPruner:
         graph = build_graph(model, self.example_inputs)
         self._channels = {}
         for key, group in self._channel_groups(graph).items():
-            width = len(group[0].idxs)
+            width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
         self.head_ratio, self.channel_ratio = self._resolve_ratios()
 
@@ -184,7 +185,7 @@ class LoRAPruner:
 
     def _head_cost(self, h: _Heads) -> tuple[int, int]:
         """Base parameters removed with one query head, and with one KV head (k and v rows)."""
-        q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
+        q, k, v, o = (cast(Any, base_layer(m)) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
         d = h.layout.head_dim
         bias = lambda m: 1 if m.bias is not None else 0  # noqa: E731
         return d * (q.in_features + bias(q) + o.out_features), d * (k.in_features + bias(k) + v.in_features + bias(v))
@@ -292,11 +293,13 @@ class LoRAPruner:
         if getattr(self, "_channel_roots", None) is None:
             self._channel_roots = self._discover_channel_roots(graph)
         return {
-            key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+            key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(cast(int, m.out_features))))
             for key, m in self._channel_roots.items()
         }
 
     def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
+        attention: set[nn.Module]
+        lora_parts: set[nn.Module]
         attention, lora_parts = set(), set()
         for a in attention_layouts(self.model):
             for m in (a.q, a.k, a.v, a.o):
@@ -304,6 +307,8 @@ class LoRAPruner:
         for layer in lora_layers(self.model).values():
             lora_parts.update(m for m in layer.modules() if m is not layer and m is not base_layer(layer))
         allowed = self._selected
+        roots: dict[str, nn.Module]
+        visited: set[nn.Module]
         roots, visited = {}, set()
         for m in self.model.modules():
             if not isinstance(m, nn.Linear) or m not in allowed or m in lora_parts or m in attention or m in visited:
@@ -367,7 +372,7 @@ class LoRAPruner:
         q_channels = [h * d + j for h in heads for j in range(d)]
         kv_channels = [g * d + j for g in kv_heads for j in range(d)]
         kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
-        items = []
+        items: list[Any] = []
         for proj, direction, channels, roots in (
             (a.q, "out", q_channels, q_channels),
             (a.o, "in", q_channels, q_channels),
@@ -378,7 +383,7 @@ class LoRAPruner:
                 continue
             parts = [base_layer(proj)]
             if proj is not parts[0]:  # a LoRA wrapper: its factors follow the base rows / columns
-                parts += list((proj.lora_B if direction == "out" else proj.lora_A).values())
+                parts += list((cast(Any, proj).lora_B if direction == "out" else cast(Any, proj).lora_A).values())
             items += [(m, direction, channels, roots) for m in parts]
         return declared_group(graph, items)
 
@@ -437,7 +442,7 @@ class LoRAPruner:
             if self.optimizer is not None and r.old.requires_grad:
                 replace_parameter(self.optimizer, r.old, r.new, r.dim, r.keep)
             if r.attr == "weight" and self._accumulates:
-                self.importance.on_pruned(r.module, r.direction, r.keep)
+                self.importance.on_pruned(r.module, cast(Direction, r.direction), r.keep)
         sync_lora_features(self.model)
         sync_config(self.model)
 

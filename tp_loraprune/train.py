@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,8 +102,8 @@ def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     torch.manual_seed(train.seed)
     model = add_lora(model, train).to(train.device)
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        cast(Any, model).enable_input_require_grads()
     return model.train()
 
 
