@@ -167,3 +167,19 @@ def get_logits():
 @pytest.fixture
 def clone_model():
     return copy.deepcopy
+
+
+def reference_channel_scores(A, B, dA, dB, W, s, kind):
+    """The per-element formula written out with Python floats (double precision), then reduced."""
+    A, B, dA, dB, W = (t.double().tolist() for t in (A, B, dA, dB, W))
+    n_out, n_in, r = len(W), len(W[0]), len(A)
+    rows = [0.0] * n_out
+    cols = [0.0] * n_in
+    for i in range(n_out):
+        for j in range(n_in):
+            g = sum(dB[i][k] * A[k][j] + B[i][k] * dA[k][j] - dB[i][k] * dA[k][j] for k in range(r))
+            w = W[i][j] + s * sum(B[i][k] * A[k][j] for k in range(r))
+            e = (g * w) ** 2 if kind == "square" else abs(g * w)
+            rows[i] += e
+            cols[j] += e
+    return torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64)

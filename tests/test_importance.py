@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import reference_channel_scores
 
 from tp_loraprune import LoRAGuidedImportance
 from tp_loraprune.graph import build_graph
@@ -21,16 +22,7 @@ def _ref_layer_scores(layer, kind="square"):
     dB = layer.lora_B[ADAPTER].weight.grad.double().tolist()
     W = layer.base_layer.weight.detach().double().tolist()
     s = float(layer.scaling[ADAPTER])
-    n_out, n_in, r = len(W), len(W[0]), len(A)
-    rows, cols = [0.0] * n_out, [0.0] * n_in
-    for i in range(n_out):
-        for j in range(n_in):
-            g = sum(dB[i][k] * A[k][j] + B[i][k] * dA[k][j] - dB[i][k] * dA[k][j] for k in range(r))
-            w = W[i][j] + s * sum(B[i][k] * A[k][j] for k in range(r))
-            e = (g * w) ** 2 if kind == "square" else abs(g * w)
-            rows[i] += e
-            cols[j] += e
-    return torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64)
+    return reference_channel_scores(*(torch.tensor(t) for t in (A, B, dA, dB, W)), s, kind)
 
 
 def _ref_mlp(mlp, kind="square"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import reference_channel_scores
 
 from tp_loraprune.scores import channel_scores, l2_normalized, lora_weight_gradient
 
@@ -16,22 +17,6 @@ def _factors(out=5, inp=7, r=3, seed=0, dtype=torch.float32):
     dB = torch.randn(out, r, generator=g)
     W = torch.randn(out, inp, generator=g)
     return tuple(t.to(dtype) for t in (A, B, dA, dB, W))
-
-
-def _reference_channel_scores(A, B, dA, dB, W, s, kind):
-    """The per-element formula written out with Python floats (double precision), then reduced."""
-    A, B, dA, dB, W = (t.double().tolist() for t in (A, B, dA, dB, W))
-    n_out, n_in, r = len(W), len(W[0]), len(A)
-    rows = [0.0] * n_out
-    cols = [0.0] * n_in
-    for i in range(n_out):
-        for j in range(n_in):
-            g = sum(dB[i][k] * A[k][j] + B[i][k] * dA[k][j] - dB[i][k] * dA[k][j] for k in range(r))
-            w = W[i][j] + s * sum(B[i][k] * A[k][j] for k in range(r))
-            e = (g * w) ** 2 if kind == "square" else abs(g * w)
-            rows[i] += e
-            cols[j] += e
-    return torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64)
 
 
 def test_lora_weight_gradient_is_eq10():
@@ -56,7 +41,7 @@ def test_lora_weight_gradient_elementwise():
 def test_channel_scores_match_double_loop(kind, scaling):
     A, B, dA, dB, W = _factors(seed=3)
     rows, cols = channel_scores(A, B, dA, dB, W, scaling, kind)
-    ref_rows, ref_cols = _reference_channel_scores(A, B, dA, dB, W, scaling, kind)
+    ref_rows, ref_cols = reference_channel_scores(A, B, dA, dB, W, scaling, kind)
     assert rows.shape == (5,) and cols.shape == (7,)
     assert rows.dtype == torch.float32 and cols.dtype == torch.float32
     torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=1e-5)
@@ -90,7 +75,7 @@ def test_bf16_inputs_are_scored_in_fp32(kind):
     assert rows16.dtype == torch.float32 and cols16.dtype == torch.float32
     torch.testing.assert_close(rows16, rows32, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cols16, cols32, rtol=1e-6, atol=1e-6)
-    ref_rows, ref_cols = _reference_channel_scores(*args16, 1.7, kind)
+    ref_rows, ref_cols = reference_channel_scores(*args16, 1.7, kind)
     torch.testing.assert_close(rows16.double(), ref_rows, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cols16.double(), ref_cols, rtol=1e-5, atol=1e-4)
 

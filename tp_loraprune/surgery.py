@@ -26,11 +26,6 @@ class Replaced:
     keep: torch.Tensor  # kept indices along `dim` (ascending)
 
 
-def is_unmapped(item) -> bool:
-    """An item Torch-Pruning reached without root indices (e.g. k/v seen from a GQA query-head group)."""
-    return item.root_idxs is not None and any(r is None for r in item.root_idxs)
-
-
 def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, str, list[int], list[int]]]):
     """A Torch-Pruning group built from known couplings instead of graph propagation.
 
