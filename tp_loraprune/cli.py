@@ -42,6 +42,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--quantize",
+        choices=["8bit", "4bit"],
+        default=None,
+        help="load the frozen base as bitsandbytes 8-bit or 4-bit (nf4) layers; the result is merged into a "
+        "dequantized model of --precision's dtype",
+    )
     p.add_argument("--heldout", type=int, default=8, help="held-out blocks for perplexity before/after")
     p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +100,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (packaged GGUF)'} ...", flush=True)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    import torch
+
+    # a quantized base keeps its other weights in the training precision; a float model loads in fp32 (autocast)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, quantize=args.quantize, device=args.device, dtype=dtype if args.quantize else torch.float32
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         blocks = token_blocks(
             documents,
@@ -104,7 +120,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         train_blocks, heldout = split_holdout(blocks, args.heldout)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    model.to(args.device)
+    if args.quantize is None:
+        model.to(args.device)
     params_before = count_parameters(model)
     ppl_before = blocks_perplexity(model, heldout)
     print(

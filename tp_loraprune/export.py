@@ -21,20 +21,58 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .lora import lora_layers
+from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
+from .quant import dequantize_model, has_quantized_layers, quantization
 
 MANIFEST = "tp_loraprune.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its (pruned) base weight and return the plain model."""
+def merge_lora(model: nn.Module, *, dequantize: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every LoRA adapter into its (pruned) base weight and return the plain model.
+
+    Quantized (bitsandbytes) bases are dequantized first and each adapter is added in float,
+    W' = W + s·B·A, giving plain `nn.Linear` layers of `dtype` (default: the embedding dtype).
+    `dequantize=False` keeps them quantized: PEFT then re-quantizes W' (one more rounding of every
+    weight; see docs/quantized.md for what it costs).
+    """
+    if dequantize and has_quantized_layers(model):
+        dtype = dtype or _float_dtype(model)
+        for name, layer in lora_layers(model).items():
+            base = base_layer(layer)
+            if quantization(base) is not None:
+                _set_module(model, name, _merged_linear(layer, base, dtype))
+        dequantize_model(model, dtype)
     if lora_layers(model) and hasattr(model, "merge_and_unload"):
         model = cast(Any, model).merge_and_unload()
+    elif hasattr(model, "peft_config") and hasattr(model, "unload"):
+        model = cast(Any, model).unload()
     sync_config(model)
     return model
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is not None:
+        return embeddings.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _merged_linear(layer: nn.Module, base: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """An `nn.Linear` holding the dequantized base weight plus the active adapter's s·B·A."""
+    weight = base_weight(layer) + cast(Any, layer).get_delta_weight(active_adapter(layer)).float()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(cast(torch.Tensor, base.bias).detach().to(dtype), requires_grad=False)
+    return linear
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _auto_class_name(model: nn.Module) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .quant import customized_pruners
+
 
 def _configs(model: nn.Module) -> list:
     seen, configs = set(), []
@@ -36,7 +38,8 @@ def traceable(model: nn.Module) -> Iterator[nn.Module]:
     saved = [(c, c.use_cache, getattr(c, "_attn_implementation", None)) for c in configs]
     try:
         for p in grads:
-            p.requires_grad_(True)
+            if p.is_floating_point():  # quantized (integer) weights cannot; their layers are traced by input
+                p.requires_grad_(True)
         for c in configs:
             c.use_cache = False
             if getattr(c, "_attn_implementation", None) not in (None, "eager"):
@@ -73,5 +76,18 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
         example_inputs = example_input_ids(model)
     with traceable(model), torch.enable_grad():
         return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, output_transform=model_output, verbose=False
+            model,
+            example_inputs=example_inputs,
+            output_transform=model_output,
+            customized_pruners=customized_pruners(model),
+            verbose=False,
         )
+
+
+def pruning_fn(graph: tp.DependencyGraph, module: nn.Module, direction: str):
+    """The function that removes output ("out") or input ("in") channels of `module` in `graph`
+    (a customized pruner's for bitsandbytes layers, Torch-Pruning's own otherwise)."""
+    pruner = graph.get_pruner_of_module(module)
+    if pruner is None:
+        raise ValueError(f"Torch-Pruning has no pruner for {type(module).__name__}; it cannot be pruned.")
+    return pruner.prune_out_channels if direction == "out" else pruner.prune_in_channels

@@ -27,10 +27,12 @@ from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
 from .scores import ScoreKind, channel_scores, l2_normalized
 
 Direction = Literal["out", "in"]
-_DIRECTION_OF_HANDLER: dict[object, Direction] = {
-    tp.prune_linear_out_channels: "out",
-    tp.prune_linear_in_channels: "in",
-}
+
+
+def _direction(handler) -> Direction | None:
+    """Which side a Torch-Pruning pruning function removes (any pruner's, customized ones included)."""
+    name = getattr(handler, "__name__", "")
+    return "out" if name == "prune_out_channels" else "in" if name == "prune_in_channels" else None
 
 
 class LoRAGuidedImportance(tp.importance.Importance):
@@ -119,7 +121,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
         total = torch.zeros(len(group[0].idxs))
         hit = False
         for i, (dep, idxs) in enumerate(group):
-            direction = _DIRECTION_OF_HANDLER.get(dep.handler)
+            direction = _direction(dep.handler)
             if direction is None:
                 continue
             v = self.channel_scores(dep.target.module, direction)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
+
+from .quant import bnb_config
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,10 +48,34 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return plain
 
 
-def load_model_and_tokenizer(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from `spec`: None (packaged SmolLM2), a .gguf file, a local dir or a hub id."""
+def _requantized(model: nn.Module, quantization: dict) -> nn.Module:
+    """The same model loaded again through transformers' bitsandbytes path (via a temporary safetensors copy)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cast(Any, model).save_pretrained(tmp, safe_serialization=True)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype, **quantization)
+
+
+def load_model_and_tokenizer(
+    spec: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    device: str | torch.device = "cpu",
+):
+    """(model, tokenizer) from `spec`: None (packaged SmolLM2), a .gguf file, a local dir or a hub id.
+
+    `quantize="8bit" | "4bit"` loads the linear layers as bitsandbytes layers on `device` (the frozen
+    base of a QLoRA-style run; `dtype` is then the dtype of everything else and the 4-bit compute dtype).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quantization: dict = {}
+    if quantize is not None:
+        quantization = {"quantization_config": bnb_config(quantize, dtype), "device_map": device}
     path = smollm2_gguf() if spec is None else Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -56,12 +83,14 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, *, dtype: to
         kwargs = {"gguf_file": path.name}
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = _plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs))
+        if quantization:
+            model = _requantized(model, quantization)
     else:
         source = str(spec)
         if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ValueError(f"Model {source!r} is not a local path and HF_HUB_OFFLINE=1 forbids the hub.")
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -53,8 +53,13 @@ def active_adapter(layer: nn.Module) -> str:
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen base weight as a dense (out, in) tensor."""
-    weight = cast(torch.Tensor, base_layer(layer).weight)
+    """The frozen base weight as a dense (out, in) tensor (dequantized for bitsandbytes layers)."""
+    from .quant import dequantized_weight, quantization
+
+    base = base_layer(layer)
+    if quantization(base) is not None:
+        return dequantized_weight(base)
+    weight = cast(torch.Tensor, base.weight)
     if weight.dim() != 2:
         raise TypeError(f"Expected a 2-D linear weight under {type(layer).__name__}, got shape {tuple(weight.shape)}.")
     return weight.detach()

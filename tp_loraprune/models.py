@@ -9,6 +9,7 @@ from typing import cast
 from torch import nn
 
 from .lora import base_layer
+from .quant import quantization
 
 # (query, key, value, output) child names of an attention module, by family.
 ATTENTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
@@ -234,5 +235,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the model itself, without LoRA factors (what remains after merging)."""
-    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    """Parameters of the model itself, without LoRA factors (what remains after merging).
+
+    A quantized weight counts its logical (out × in) elements, not its packed storage.
+    """
+    packed: dict[int, int] = {
+        id(m.weight): cast(int, m.in_features) * cast(int, m.out_features)
+        for m in model.modules()
+        if quantization(m) is not None
+    }
+    return sum(packed.get(id(p), p.numel()) for name, p in model.named_parameters() if "lora_" not in name)

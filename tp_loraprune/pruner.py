@@ -27,11 +27,12 @@ import torch_pruning as tp
 from torch import nn
 
 from .config import LoRAPruneConfig
-from .graph import build_graph, example_input_ids
+from .graph import build_graph, example_input_ids, pruning_fn
 from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
 from .optim_state import replace_parameter
+from .quant import check_quantized
 from .schedule import progress
 from .surgery import Replaced, declared_group, prune_items, subgroup
 
@@ -118,6 +119,7 @@ class LoRAPruner:
             raise ValueError(
                 f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. {NO_LORA_HELP}"
             )
+        check_quantized(model)
         layers = decoder_layers(model)
         if not layers:
             raise ValueError(
@@ -293,7 +295,7 @@ class LoRAPruner:
         if getattr(self, "_channel_roots", None) is None:
             self._channel_roots = self._discover_channel_roots(graph)
         return {
-            key: graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(cast(int, m.out_features))))
+            key: graph.get_pruning_group(m, pruning_fn(graph, m, "out"), list(range(cast(int, m.out_features))))
             for key, m in self._channel_roots.items()
         }
 
@@ -315,7 +317,7 @@ class LoRAPruner:
                 continue
             if m not in graph.module2node:
                 continue
-            group = graph.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+            group = graph.get_pruning_group(m, pruning_fn(graph, m, "out"), list(range(m.out_features)))
             items = [(dep.target.module, dep.handler) for dep, _ in group if dep.target.module in self._names]
             members = [x for x, _ in items]
             outs = [x for x, fn in items if graph.is_out_channel_pruning_fn(fn)]

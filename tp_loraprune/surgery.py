@@ -14,6 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .graph import pruning_fn
+
 
 @dataclass(frozen=True)
 class Replaced:
@@ -39,7 +41,7 @@ def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, s
         node = graph.module2node.get(module)
         if node is None:
             raise ValueError(f"{type(module).__name__} is not in the dependency graph; it cannot be pruned.")
-        fn = tp.prune_linear_out_channels if direction == "out" else tp.prune_linear_in_channels
+        fn = pruning_fn(graph, module, direction)
         group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(idxs))
         group[len(group) - 1].root_idxs = list(root_idxs)
     group._DG = graph
@@ -74,14 +76,20 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         for attr in ("weight", "bias"):
             p = getattr(module, attr, None)
             if isinstance(p, nn.Parameter) and not (attr == "bias" and not out):
-                watched.append((module, attr, p, "out" if out else "in", sorted(set(idxs))))
+                watched.append((module, attr, p, "out" if out else "in", _width(module, attr, p, out), set(idxs)))
     group._DG = graph
     group.prune(record_history=False)
-    for module, attr, old, direction, removed in watched:
+    for module, attr, old, direction, width, removed in watched:
         new = getattr(module, attr)
         if new is old:
             continue
         dim = 0 if direction == "out" else 1  # (out, in) weights; biases are watched on "out" only
-        removed_set = set(removed)
-        keep = torch.tensor([i for i in range(old.shape[dim]) if i not in removed_set], dtype=torch.long)
+        keep = torch.tensor([i for i in range(width) if i not in removed], dtype=torch.long)
         on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
+
+
+def _width(module: nn.Module, attr: str, p: nn.Parameter, out: bool) -> int:
+    """Channels along the pruned side; a packed (4-bit) weight's shape is not its logical one."""
+    if attr == "weight" and hasattr(module, "out_features"):
+        return int(module.out_features if out else module.in_features)  # type: ignore[arg-type]
+    return p.shape[0 if out else 1]

@@ -25,6 +25,7 @@ from .config import LoRAPruneConfig
 from .lora import lora_layers
 from .models import count_parameters
 from .pruner import LoRAPruner
+from .quant import has_quantized_layers
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,11 +101,25 @@ def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> t
 def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     """Seeded LoRA wrapping, device placement, gradient checkpointing, train mode."""
     torch.manual_seed(train.seed)
-    model = add_lora(model, train).to(train.device)
+    if has_quantized_layers(model):  # bitsandbytes layers stay where they were loaded (device_map)
+        _check_quantized_device(model, train.device)
+        model = add_lora(model, train)
+    else:
+        model = add_lora(model, train).to(train.device)
     if train.gradient_checkpointing:
         cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         cast(Any, model).enable_input_require_grads()
     return model.train()
+
+
+def _check_quantized_device(model: nn.Module, device: str) -> None:
+    where = {p.device for p in model.parameters()}
+    if where != {torch.device(device)}:
+        raise ValueError(
+            f"The quantized model is on {sorted(map(str, where))} but train.device is {device!r}; bitsandbytes "
+            f"layers cannot be moved after loading. Load it with device_map={device!r} (e.g. "
+            f"`load_model_and_tokenizer(..., quantize='8bit', device={device!r})`)."
+        )
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig, total_steps: int):
