@@ -33,6 +33,7 @@ from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text, zero_s
 from tp_loraprune.export import merge_lora  # noqa: E402
 from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
 from tp_loraprune.models import count_parameters  # noqa: E402
+from tp_loraprune.quant import quantize_model  # noqa: E402
 from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
 
 PRESETS = {
@@ -47,6 +48,8 @@ PRESETS = {
         seeds=[0],
         ablation_ratio=0.5,
         extra_seeds=[1, 2],
+        quantized_bases=["8bit", "4bit"],
+        quantized_ratios=[0.2, 0.5],
     ),
     "cpu": dict(
         ratios=[0.2, 0.5],
@@ -59,6 +62,8 @@ PRESETS = {
         seeds=[0],
         ablation_ratio=None,
         extra_seeds=[],
+        quantized_bases=[],
+        quantized_ratios=[],
     ),
 }
 
@@ -85,9 +90,11 @@ def environment(device: str) -> dict:
 
 def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_overrides=None) -> dict:
     device = args.device
-    config = LoRAPruneConfig(
-        ratio=ratio, total_steps=args.steps, prune_every=args.prune_every, **(config_overrides or {})
-    )
+    overrides = dict(config_overrides or {})
+    base = overrides.pop("base", "float")  # "8bit" / "4bit": LoRAPrune on a bitsandbytes base
+    keep_quantized = overrides.pop("keep_quantized", False)  # merge into the quantized base instead
+    steps = overrides.pop("steps", args.steps)  # a longer (or shorter) budget for this run only
+    config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=args.prune_every, **overrides)
     train = TrainConfig(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -100,11 +107,13 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         progress=False,
     )
     model = copy.deepcopy(dense)
+    if base != "float":
+        model = quantize_model(model, base, compute_dtype=torch.bfloat16 if device.startswith("cuda") else None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if method == "loraprune":
-        result = prune(model, tokenizer, blocks, config, train)
+        result = prune(model, tokenizer, blocks, config, train, dequantize=not keep_quantized)
         merged, events = result.model, len(result.events)
     else:
         peft_model = prepare_lora_model(model, train)
@@ -113,8 +122,8 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         pruner = LoRAPruner(peft_model, config, importance=imp)
         pruner.prune(1.0)
         getattr(imp, "release", lambda: None)()
-        optimizer, scheduler = make_optimizer(peft_model, train, args.steps)
-        finetune(peft_model, blocks, train, args.steps, optimizer=optimizer, scheduler=scheduler)
+        optimizer, scheduler = make_optimizer(peft_model, train, steps)
+        finetune(peft_model, blocks, train, steps, optimizer=optimizer, scheduler=scheduler)
         merged, events = merge_lora(peft_model).eval(), len(pruner.events)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -125,8 +134,11 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         "method": method,
         "ratio": ratio,
         "seed": seed,
+        "base": base,
         "config": config_overrides or {},
         "parameters": count_parameters(merged),
+        "macs_per_token": macs_per_token(merged, args.ppl_seq_len),
+        "steps": steps,
         "prune_and_finetune_s": round(seconds, 2),
         "peak_gib": None if peak is None else round(peak, 3),
         "prune_events": events,
@@ -134,6 +146,16 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     row.update(evaluate_model(merged, tokenizer, args))
     del merged, model
     return row
+
+
+def macs_per_token(model, seq_len: int) -> int:
+    """Multiply-accumulates per token of a causal LM at `seq_len`: every linear layer (in × out) plus attention's
+    two matmuls (q·k and p·v, heads × head_dim per attended position, (seq_len + 1) / 2 positions on average)."""
+    from tp_loraprune.models import attention_layouts
+
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = sum(2 * a.num_heads * a.head_dim * (seq_len + 1) // 2 for a in attention_layouts(model))
+    return linear + attention
 
 
 def evaluate_model(model, tokenizer, args) -> dict:
@@ -171,10 +193,22 @@ def plan(args) -> list[tuple]:
             runs.append((f"loraprune@{r}/s{seed}", "loraprune", r, seed, None))
         for lam in (0.0, 0.5, 0.99):
             runs.append((f"ema={lam}@{r}", "loraprune", r, args.seeds[0], {"ema": lam}))
+        # recovery budget: pruning done by mid-run (50 LoRA-only steps after the last removal), and 4x the steps
+        runs.append((f"cooldown=0.5@{r}", "loraprune", r, args.seeds[0], {"cooldown": 0.5}))
+        for method in ("loraprune", "taylor"):
+            long = 4 * args.steps
+            runs.append((f"{method}-{long}steps@{r}", method, r, args.seeds[0], {"steps": long}))
         for score, norm in (("abs", True), ("abs", False), ("square", True)):
             runs.append(
                 (f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0], {"score": score, "normalize": norm})
             )
+    for base in args.quantized_bases:
+        for ratio in args.quantized_ratios:
+            runs.append((f"loraprune-{base}@{ratio}", "loraprune", ratio, args.seeds[0], {"base": base}))
+        first = args.quantized_ratios[0] if args.quantized_ratios else None
+        if first is not None:
+            overrides = {"base": base, "keep_quantized": True}
+            runs.append((f"loraprune-{base}-merged-quantized@{first}", "loraprune", first, args.seeds[0], overrides))
     return runs
 
 
@@ -233,6 +267,7 @@ def main(argv=None) -> int:
                 "ratio": 0.0,
                 "seed": seed,
                 "parameters": count_parameters(dense),
+                "macs_per_token": macs_per_token(dense, args.ppl_seq_len),
             }
             row.update(evaluate_model(dense, tokenizer, args))
         else:

@@ -276,6 +276,23 @@ def test_one_call_driver_on_a_quantized_base_returns_a_plain_model(tmp_path):
     assert result.summary["parameters"] < result.summary["initial_parameters"]
 
 
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_quantize_model_in_memory_matches_transformers_loading(tmp_path, kind):
+    import peft
+
+    from tp_loraprune.quant import quantize_model
+
+    loaded = _quantized_llama(tmp_path, kind, lora=False)
+    in_memory = quantize_model(build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2), kind)
+    loaded_layers = dict(loaded.named_modules())
+    quantized = [(n, m) for n, m in in_memory.named_modules() if quantization(m)]
+    assert len(quantized) == 14 and quantization(in_memory.lm_head) is None
+    for name, layer in quantized:
+        assert torch.equal(dequantized_weight(layer), dequantized_weight(loaded_layers[name])), name
+    wrapped = peft.get_peft_model(in_memory, peft.LoraConfig(r=2, target_modules=ALL_PROJECTIONS))
+    assert all(type(m).__module__ == "peft.tuners.lora.bnb" for m in lora_layers(wrapped).values())
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_float_weight_8bit_layers_and_unquantized_4bit_layers_are_refused(tmp_path):
     model = _quantized_llama(tmp_path, "8bit")

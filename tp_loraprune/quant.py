@@ -106,29 +106,59 @@ def _slice_bias(layer: nn.Module, keep: torch.Tensor) -> None:
         layer.bias = nn.Parameter(bias.data[keep.to(bias.device)].clone(), requires_grad=bias.requires_grad)
 
 
+def _set_int8_weight(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Give a Linear8bitLt new int8 codes (out, in) and row scales (out,)."""
+    from bitsandbytes.nn import Int8Params
+
+    codes, scales = codes.contiguous(), scales.contiguous()
+    layer.weight = Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+    state = cast(Any, layer).state
+    state.CB, state.SCB = None, None  # forward moves the new codes and scales into the state
+    cast(Any, layer).out_features, cast(Any, layer).in_features = codes.shape
+
+
+def _set_4bit_weight(layer: nn.Module, dense: torch.Tensor, quant_type: str, blocksize: int, nested: bool) -> None:
+    """Quantize a dense (out, in) weight into a Linear4bit (on the weight's device)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.nn import Params4bit
+
+    storage = getattr(cast(Any, layer).weight, "quant_storage", torch.uint8)
+    packed, state = F.quantize_4bit(
+        dense.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=nested,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+    layer.weight = Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=blocksize,
+        compress_statistics=nested,
+        quant_type=quant_type,
+        quant_storage=storage,
+        module=cast(Any, layer),
+        bnb_quantized=True,
+    )
+    cast(Any, layer).quant_state = state
+    cast(Any, layer).out_features, cast(Any, layer).in_features = dense.shape
+
+
 class Int8LinearPruner(tp.pruner.function.BasePruningFunc):
     """Removes rows / columns of a quantized `Linear8bitLt` by slicing its int8 codes and row scales."""
-
-    def _set(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        from bitsandbytes.nn import Int8Params
-
-        codes, scales = codes.contiguous(), scales.contiguous()
-        layer.weight = Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
-        state = cast(Any, layer).state
-        state.CB, state.SCB = None, None  # forward moves the new codes and scales into the state
-        cast(Any, layer).out_features, cast(Any, layer).in_features = codes.shape
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         codes, scales = _int8_codes_and_scales(layer)
         keep = _kept(codes.shape[0], idxs).to(codes.device)
-        self._set(layer, codes[keep], scales[keep])
+        _set_int8_weight(layer, codes[keep], scales[keep])
         _slice_bias(layer, keep)
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         codes, scales = _int8_codes_and_scales(layer)
         keep = _kept(codes.shape[1], idxs).to(codes.device)
-        self._set(layer, codes[:, keep], scales)
+        _set_int8_weight(layer, codes[:, keep], scales)
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
@@ -142,21 +172,9 @@ class FourBitLinearPruner(tp.pruner.function.BasePruningFunc):
     """Removes rows / columns of a `Linear4bit` by dequantizing, slicing and quantizing with the same settings."""
 
     def _requantize(self, layer: nn.Module, dense: torch.Tensor) -> None:
-        from bitsandbytes.nn import Params4bit
-
         old = cast(Any, layer).weight
         _, state = _4bit_data_and_state(old)
-        weight = Params4bit(
-            dense.to(state.dtype).contiguous(),
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=cast(Any, layer),
-        )
-        layer.weight = weight._quantize(dense.device)
-        cast(Any, layer).out_features, cast(Any, layer).in_features = dense.shape
+        _set_4bit_weight(layer, dense.to(state.dtype), old.quant_type, old.blocksize, old.compress_statistics)
         # bitsandbytes' optional CPU inference repacking assumes widths in multiples of its tiles (32 rows,
         # whole blocks per row); pruned widths need not be, so pruned layers use the plain 4-bit kernel.
         cast(Any, layer).support_avx512bf16_for_cpu = False
@@ -207,6 +225,63 @@ def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePr
 
 
 QUANTIZE_CHOICES = ("8bit", "4bit")
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    kind: str,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    threshold: float = 6.0,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
+    """Turn the `nn.Linear` layers of an in-memory model into bitsandbytes layers, in place, on their device.
+
+    What `from_pretrained(..., quantization_config=bnb_config(kind))` does at load time (same defaults: LLM.int8
+    outlier threshold 6.0, nf4 without double quantization, the output head left in float), for a model that
+    is already in memory. One layer at a time, so the float model is never held twice.
+    """
+    bnb_config(kind, quant_type=quant_type)  # checks kind, quant_type and that bitsandbytes is installed
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not nn.Linear or name.split(".")[-1] in skip:
+            continue
+        weight = linear.weight.detach()
+        bias = linear.bias is not None
+        if kind == "8bit":
+            layer: nn.Module = bnb.nn.Linear8bitLt(
+                linear.in_features,
+                linear.out_features,
+                bias=bias,
+                has_fp16_weights=False,
+                threshold=threshold,
+                device="meta",
+            )
+            codes, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16))
+            _set_int8_weight(layer, codes, scales)
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=bias,
+                compute_dtype=compute_dtype or weight.dtype,
+                quant_type=quant_type,
+                compress_statistics=double_quant,
+                device="meta",
+            )
+            _set_4bit_weight(layer, weight, quant_type, 64, double_quant)
+        if bias:
+            layer.bias = nn.Parameter(cast(torch.Tensor, linear.bias).detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    flag = "is_loaded_in_8bit" if kind == "8bit" else "is_loaded_in_4bit"
+    setattr(model, flag, True)  # how PEFT picks its bitsandbytes LoRA layers
+    return model
 
 
 def bnb_config(kind: str, compute_dtype: torch.dtype = torch.float32, quant_type: str = "nf4"):

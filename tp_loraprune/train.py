@@ -113,8 +113,8 @@ def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
 
 
 def _check_quantized_device(model: nn.Module, device: str) -> None:
-    where = {p.device for p in model.parameters()}
-    if where != {torch.device(device)}:
+    expected, where = torch.device(device), {p.device for p in model.parameters()}
+    if any(d.type != expected.type or expected.index not in (None, d.index) for d in where):
         raise ValueError(
             f"The quantized model is on {sorted(map(str, where))} but train.device is {device!r}; bitsandbytes "
             f"layers cannot be moved after loading. Load it with device_map={device!r} (e.g. "
@@ -217,6 +217,7 @@ def prune(
     resume: bool = False,
     on_event: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
+    dequantize: bool = True,
 ) -> PruneResult:
     """LoRA fine-tune `model` on `data` for `config.total_steps` steps while pruning.
 
@@ -224,7 +225,8 @@ def prune(
     `tp_loraprune.data.read_text_documents` (a text/jsonl file, "builtin", a dataset name).
     Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
     is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
-    (after that many steps, without merging) to simulate an interruption.
+    (after that many steps, without merging) to simulate an interruption. A quantized (bitsandbytes) base
+    is merged into a dequantized float model unless `dequantize=False` (see `export.merge_lora`).
     """
     from .checkpoint import load_checkpoint
     from .export import merge_lora
@@ -262,7 +264,7 @@ def prune(
         return PruneResult(peft_model, pruner.events, summary, seconds, losses)
     if pruner.progress < 1.0:
         pruner.prune(1.0)
-    merged = merge_lora(peft_model).eval()
+    merged = merge_lora(peft_model, dequantize=dequantize).eval()
     summary = dict(pruner.summary(), parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
 
