@@ -14,6 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .conv1d import weight_dim
+
 
 @dataclass(frozen=True)
 class Replaced:
@@ -29,8 +31,10 @@ class Replaced:
 def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, str, list[int], list[int]]]):
     """A Torch-Pruning group built from known couplings instead of graph propagation.
 
-    `items` are (module, "out" | "in", idxs, root_idxs). Used for attention heads, whose coupling
-    (q/k/v rows, o columns, per head) is declared by the model layout, like Torch-Pruning's own
+    `items` are (module, "out" | "in", idxs, root_idxs); a root index may be None (an index the
+    importance does not sum, e.g. a KV row shared by several query heads). Used for attention heads,
+    whose coupling (q/k/v rows, o columns, per head) is declared by the model layout, and for the FFNs
+    of `tp_loraprune.fused`, like Torch-Pruning's own
     `num_heads`: Torch-Pruning 1.6.1's propagation through RoPE's rotate_half does not terminate
     when a KV group holds two query heads, and it repeats k/v indices when whole KV groups go.
     """
@@ -39,7 +43,8 @@ def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, s
         node = graph.module2node.get(module)
         if node is None:
             raise ValueError(f"{type(module).__name__} is not in the dependency graph; it cannot be pruned.")
-        fn = tp.prune_linear_out_channels if direction == "out" else tp.prune_linear_in_channels
+        pruner = graph.get_pruner_of_module(module)  # nn.Linear's, or a customized one (GPT-2's Conv1D)
+        fn = pruner.prune_out_channels if direction == "out" else pruner.prune_in_channels
         group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(idxs))
         group[len(group) - 1].root_idxs = list(root_idxs)
     group._DG = graph
@@ -81,7 +86,7 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         new = getattr(module, attr)
         if new is old:
             continue
-        dim = 0 if direction == "out" else 1  # (out, in) weights; biases are watched on "out" only
+        dim = weight_dim(module, direction) if attr == "weight" else 0  # biases are watched on "out" only
         removed_set = set(removed)
         keep = torch.tensor([i for i in range(old.shape[dim]) if i not in removed_set], dtype=torch.long)
         on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
