@@ -485,6 +485,44 @@ def test_one_pruned_layer_is_exact_and_round_trips(name, tmp_path):
     torch.testing.assert_close(outputs(load_pruned(path)), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_two_prune_events_are_exact(name):
+    """Half the target, a training step, then the rest: the second event's rows are found from the already
+    pruned fused layout (fewer heads move the k and v blocks) and original ids still mask correctly."""
+    model = build(name)
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.5, layers=list(range(LAYERS))))
+    pruner.importance.accumulate(model)
+    before = copy.deepcopy(model)
+    first = pruner.prune(0.5)
+    _backward(model, seed=1)
+    pruner.importance.accumulate(model)
+    second = pruner.prune(1.0)
+    assert first is not None and second is not None
+    keys = {**first["removed"], **second["removed"]}
+    removed = {k: sorted(first["removed"].get(k, []) + second["removed"].get(k, [])) for k in keys}
+    assert all(len(ids) == HEADS // 2 for k, ids in removed.items() if k in pruner._heads)
+    reference = mask(before, removed, ARCHS[name])
+    torch.testing.assert_close(outputs(copy.deepcopy(model)), outputs(reference), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [*FUSED, "vit"])
+def test_ratio_removes_the_requested_share_of_layer_parameters(name):
+    """`ratio=0.3` counts a fused row once per row: Phi-3 channel c costs both gate_up_proj rows, GPT-2's
+    Conv1D rows and columns count like a linear's."""
+    from tp_loraprune.models import decoder_layers
+
+    model = build(name)
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.3, layers=list(range(LAYERS))))
+    pruner.importance.accumulate(model)
+    layers = decoder_layers(model)
+    total = sum(count_parameters(layer) for layer in layers)
+    pruner.prune(1.0)
+    removed = 1 - sum(count_parameters(layer) for layer in layers) / total
+    assert 0.28 <= removed <= 0.32, removed
+
+
 # rows of head h in the fused projection (in output-feature order), written out per layout
 FUSED_HEAD_ROWS = {
     "phi3": lambda h, n, d: [*range(h * d, (h + 1) * d)],  # q only: its k/v rows are shared by a GQA group
