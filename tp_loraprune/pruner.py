@@ -96,7 +96,9 @@ class LoRAPruner:
         importance: a LoRAGuidedImportance (built from `config` when omitted). Any other
             `tp.importance.Importance` also works for one-shot baselines (magnitude, Taylor, random):
             `step()` then only counts steps, since only LoRA-guided scores accumulate.
-        example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
+        example_inputs: inputs to trace the graph with: a tensor passed positionally, or a dict of keyword
+            inputs (when omitted: a short batch of token ids, or one image of `pixel_values` for a config
+            with `image_size` and `num_channels`, e.g. ViT).
     """
 
     def __init__(
