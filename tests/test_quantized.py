@@ -283,7 +283,8 @@ def test_quantize_model_in_memory_matches_transformers_loading(tmp_path, kind):
     from tp_loraprune.quant import quantize_model
 
     loaded = _quantized_llama(tmp_path, kind, lora=False)
-    in_memory = quantize_model(build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2), kind)
+    float_model = build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2)
+    in_memory = quantize_model(float_model, kind)
     loaded_layers = dict(loaded.named_modules())
     quantized = [(n, m) for n, m in in_memory.named_modules() if quantization(m)]
     assert len(quantized) == 14 and quantization(in_memory.lm_head) is None

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .conv1d import features, is_conv1d, is_linear_like
 from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
 from .quant import dequantize_model, has_quantized_layers, quantization
@@ -79,11 +80,14 @@ def _auto_class_name(model: nn.Module) -> str:
     arch = type(model).__name__
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "AutoModelForCausalLM"
+    if arch.endswith("ForImageClassification"):
+        return "AutoModelForImageClassification"
     return "AutoModel"
 
 
 def _linear_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """[out_features, in_features] of every nn.Linear and Conv1D (GPT-2) of `model`."""
+    return {name: list(features(m)) for name, m in model.named_modules() if is_linear_like(m)}
 
 
 def _reference_model(config, auto_class: str) -> nn.Module:
@@ -141,14 +145,18 @@ def save_pruned(
     return path
 
 
-def _resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> None:
-    like = linear.weight
-    linear.weight = nn.Parameter(
-        torch.empty(out_features, in_features, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad
-    )
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
-    linear.out_features, linear.in_features = out_features, in_features
+def _resize_linear(linear: nn.Module, out_features: int, in_features: int) -> None:
+    """Give an nn.Linear or a Conv1D (weight stored (in, out), widths in `nf`/`nx`) new, uninitialized weights."""
+    m = cast(Any, linear)
+    like = m.weight
+    shape = (in_features, out_features) if is_conv1d(linear) else (out_features, in_features)
+    m.weight = nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
+    if m.bias is not None:
+        m.bias = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
+    if is_conv1d(linear):
+        m.nf, m.nx = out_features, in_features
+    else:
+        m.out_features, m.in_features = out_features, in_features
 
 
 def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -173,7 +181,7 @@ def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, de
     model = auto.from_config(config)
     modules = dict(model.named_modules())
     for name, (out_features, in_features) in manifest["linear_shapes"].items():
-        if not isinstance(modules.get(name), nn.Linear):
+        if not is_linear_like(modules.get(name, nn.Identity())):
             raise ValueError(
                 f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}."
             )

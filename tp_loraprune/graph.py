@@ -16,7 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .quant import customized_pruners
+from .conv1d import customized_pruners as conv1d_pruners
+from .quant import customized_pruners as quantized_pruners
 
 
 def _configs(model: nn.Module) -> list:
@@ -64,9 +65,19 @@ def model_output(out):
 
 
 def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
-    """A short batch of token ids on the model's device, enough to trace the graph."""
-    device = next(model.parameters()).device
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 100) or 100
+    """A short batch of token ids on the model's device, enough to trace the graph.
+
+    Vision models (a config with `image_size` and `num_channels`, e.g. ViT) get one image of
+    `pixel_values` instead, passed positionally like the token ids.
+    """
+    param = next(model.parameters())
+    device = param.device
+    config = getattr(model, "config", None)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(channels, int) and size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return torch.linspace(-1, 1, channels * h * w, device=device, dtype=param.dtype).view(1, channels, h, w)
+    vocab = getattr(config, "vocab_size", 100) or 100
     return torch.arange(length, device=device).remainder(vocab).unsqueeze(0)
 
 
@@ -79,7 +90,7 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
             model,
             example_inputs=example_inputs,
             output_transform=model_output,
-            customized_pruners=customized_pruners(model),
+            customized_pruners={**conv1d_pruners(), **quantized_pruners(model)},
             verbose=False,
         )
 

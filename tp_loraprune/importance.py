@@ -47,8 +47,8 @@ class LoRAGuidedImportance(tp.importance.Importance):
     Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
     layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
     layer's scores on the coupled channels. A group without LoRA layers gives None, which makes
-    Torch-Pruning skip it. Items that Torch-Pruning maps without root indices (the k/v projections of
-    a GQA model seen from a query-head group) are not summed into the group.
+    Torch-Pruning skip it. Indices that are mapped without a root index (the k/v rows of a GQA model
+    seen from a query-head group, also inside a fused q/k/v projection) are not summed into the group.
     """
 
     def __init__(self, ema: float = 0.9, score: ScoreKind = "square", normalize: bool = False):
@@ -126,9 +126,13 @@ class LoRAGuidedImportance(tp.importance.Importance):
                 continue
             v = self.channel_scores(dep.target.module, direction)
             root_idxs = group[i].root_idxs
-            if v is None or root_idxs is None or any(r is None for r in root_idxs):
+            if v is None or root_idxs is None:
                 continue
-            total.scatter_add_(0, torch.as_tensor(root_idxs), v[torch.as_tensor(idxs, device=v.device)].cpu())
+            pairs = [(j, r) for j, r in zip(idxs, root_idxs, strict=True) if r is not None]
+            if not pairs:
+                continue
+            rows, roots = (torch.as_tensor(x) for x in zip(*pairs, strict=True))
+            total.scatter_add_(0, roots, v[rows.to(v.device)].cpu())
             hit = True
         return total if hit else None
 

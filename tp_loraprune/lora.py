@@ -8,6 +8,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .conv1d import features, is_conv1d, is_linear_like
+
 NO_LORA_HELP = (
     "Wrap the model with peft first, e.g. `model = peft.get_peft_model(model, peft.LoraConfig(r=8, "
     "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']))`: "
@@ -53,7 +55,8 @@ def active_adapter(layer: nn.Module) -> str:
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen base weight as a dense (out, in) tensor (dequantized for bitsandbytes layers)."""
+    """The frozen base weight as a dense (out, in) tensor (dequantized for bitsandbytes layers; GPT-2's Conv1D
+    stores it as (in, out))."""
     from .quant import dequantized_weight, quantization
 
     base = base_layer(layer)
@@ -62,7 +65,7 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     weight = cast(torch.Tensor, base.weight)
     if weight.dim() != 2:
         raise TypeError(f"Expected a 2-D linear weight under {type(layer).__name__}, got shape {tuple(weight.shape)}.")
-    return weight.detach()
+    return weight.detach().t() if is_conv1d(base) else weight.detach()
 
 
 @dataclass(frozen=True)
@@ -92,5 +95,5 @@ def sync_lora_features(model: nn.Module) -> None:
     """Copy the base layers' shapes into PEFT's cached `in_features` / `out_features`."""
     for layer in lora_layers(model).values():
         base = base_layer(layer)
-        if hasattr(base, "in_features"):
-            layer.in_features, layer.out_features = base.in_features, base.out_features
+        if is_linear_like(base):
+            cast(Any, layer).out_features, cast(Any, layer).in_features = features(base)

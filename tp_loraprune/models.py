@@ -8,6 +8,8 @@ from typing import cast
 
 from torch import nn
 
+from .conv1d import features, is_linear_like
+from .fused import DECLARED_FFN, FUSED_ATTENTION, FusedQKV, fused_attention_spec, set_layer_heads
 from .lora import base_layer
 from .quant import quantization
 
@@ -22,21 +24,25 @@ ATTENTION_PATHS: tuple[tuple[str, str, str, str], ...] = (
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT / RoBERTa-style encoders (BertAttention)
 )
 
-# Child names of fused q/k/v projections: one linear holds every head's q, k and v rows, so removing a head
-# would need per-slice handling of that layer. Such models are refused instead of being pruned wrongly.
+# Child names of fused projections: one linear holds several heads' q, k and v rows (or an FFN's gate and up
+# rows). Only the classes in `tp_loraprune.fused` have a known row layout; other owners are refused.
 FUSED_QKV_NAMES: tuple[str, ...] = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack")
+FUSED_FFN_NAMES: tuple[str, ...] = ("gate_up_proj",)
 
 # (up, down) projections of an FFN relative to its owner, and the config attributes holding its width.
 FFN_PATHS: tuple[tuple[str, str], ...] = (
     ("up_proj", "down_proj"),  # LLaMA-style gated MLP
     ("fc1", "fc2"),  # OPT decoder layer
     ("intermediate.dense", "output.dense"),  # BERT layer
+    ("gate_up_proj", "down_proj"),  # Phi-3 (gate and up rows fused)
+    ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX
+    ("c_fc", "c_proj"),  # GPT-2 (Conv1D)
 )
-FFN_WIDTH_ATTRIBUTES: tuple[str, ...] = ("intermediate_size", "ffn_dim")
+FFN_WIDTH_ATTRIBUTES: tuple[str, ...] = ("intermediate_size", "ffn_dim", "n_inner")
 
 # Families whose attention derives head_dim from hidden_size / num_attention_heads, ignoring config.head_dim:
 # their config can describe pruned heads only while heads · head_dim still equals hidden_size.
-HEAD_DIM_FROM_HIDDEN = ("bert", "roberta", "xlm-roberta", "opt")
+HEAD_DIM_FROM_HIDDEN = ("bert", "roberta", "xlm-roberta", "opt", "gpt2", "gpt_neox")
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,28 @@ class AttentionLayout:
     o: nn.Module
     head_dim: int
     head_owner: nn.Module | None = None  # the module keeping head counts (BERT: `.self`), default `module`
+    fused: FusedQKV | None = None  # q, k and v are one module (`q is k is v`) with this row layout
 
     @property
     def num_heads(self) -> int:
-        return cast(int, base_layer(self.q).out_features) // self.head_dim
+        if self.fused is not None:  # the output projection's input holds exactly the query heads
+            return features(base_layer(self.o))[1] // self.head_dim
+        return features(base_layer(self.q))[0] // self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        return cast(int, base_layer(self.k).out_features) // self.head_dim
+        if self.fused is not None:  # rows = (heads + 2 · kv heads) · head_dim
+            return (features(base_layer(self.q))[0] // self.head_dim - self.num_heads) // 2
+        return features(base_layer(self.k))[0] // self.head_dim
+
+    def rows(self, heads: list[int], kv_heads: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Output-channel indices, in `q`, `k` and `v` respectively, of some query heads and KV heads."""
+        d = self.head_dim
+        if self.fused is not None:
+            return self.fused.rows(heads, kv_heads, self.num_heads, self.num_kv_heads, d)
+        q = [h * d + j for h in heads for j in range(d)]
+        kv = [g * d + j for g in kv_heads for j in range(d)]
+        return q, kv, list(kv)
 
     @property
     def group_size(self) -> int:
@@ -70,6 +90,7 @@ def _head_dim(module: nn.Module, config) -> int:
     head_dim = (
         getattr(module, "head_dim", None)
         or getattr(module, "attention_head_size", None)
+        or getattr(module, "head_size", None)
         or getattr(config, "head_dim", None)
     )
     if not head_dim:
@@ -93,10 +114,15 @@ def _owner(module: nn.Module, path: str) -> nn.Module:
 
 
 def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
-    """Every attention block of a Hugging Face model whose q/k/v/o projections are separate modules."""
+    """Every attention block of a Hugging Face model: separate q/k/v/o projections, or a known fused layout."""
     config = getattr(model, "config", None)
     layouts = []
     for name, module in model.named_modules():
+        spec = fused_attention_spec(module)
+        if spec is not None:
+            qkv, o = getattr(module, spec.qkv), getattr(module, spec.o)
+            layouts.append(AttentionLayout(name, module, qkv, qkv, qkv, o, _head_dim(module, config), module, spec))
+            continue
         for q, k, v, o in ATTENTION_NAMES + ATTENTION_PATHS:
             qm, km, vm, om = (_submodule(module, n) for n in (q, k, v, o))
             if qm is not None and km is not None and vm is not None and om is not None:
@@ -106,32 +132,37 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
     return layouts
 
 
-def fused_qkv_modules(model: nn.Module) -> list[str]:
-    """Qualified names of fused q/k/v projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`, GPT-NeoX `query_key_value`)."""
+def unsupported_fused_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """(qualified name, owner class) of fused projections whose owner has no declared row layout."""
     found = []
     for name, module in model.named_modules():
-        for child in FUSED_QKV_NAMES:
-            if isinstance(getattr(module, child, None), nn.Module):
-                found.append(f"{name}.{child}" if name else child)
+        known = fused_attention_spec(module) is not None or type(module).__name__ in DECLARED_FFN
+        for child in FUSED_QKV_NAMES + FUSED_FFN_NAMES:
+            if not known and isinstance(getattr(module, child, None), nn.Module):
+                found.append((f"{name}.{child}" if name else child, type(module).__name__))
     return found
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise a ValueError for layouts that would be pruned wrongly (fused q/k/v projections)."""
-    fused = fused_qkv_modules(model)
+    """Raise a ValueError for fused projections whose row layout is unknown (they would be pruned wrongly)."""
+    fused = unsupported_fused_modules(model)
     if fused:
-        more = f" (and {len(fused) - 1} more)" if len(fused) > 1 else ""
+        (where, owner), more = fused[0], f" (and {len(fused) - 1} more)" if len(fused) > 1 else ""
+        known = ", ".join(f"{cls}.{spec.qkv}" for cls, spec in FUSED_ATTENTION.items())
+        known_ffn = ", ".join(f"{cls}.{up}" for cls, (up, _, _) in DECLARED_FFN.items())
         raise ValueError(
-            f"{type(model).__name__} has a fused q/k/v projection at {fused[0]!r}{more}: one linear layer holds the "
-            "query, key and value rows of every head, so removing a head would need per-slice handling of that "
-            "layer, which tp_loraprune does not do yet. Architectures with separate q/k/v projections (LLaMA, "
-            "Mistral, Qwen2/3, Gemma, OPT, BERT) are supported; see docs/architectures.md."
+            f"{type(model).__name__} has a fused q/k/v projection at {where!r}{more} in {owner}, whose row layout "
+            "tp_loraprune does not know: one linear layer holds several heads' rows, and removing a head needs "
+            f"per-slice handling with the exact layout. Known fused layouts: {known} (FFN: {known_ffn}); "
+            "architectures with separate q/k/v projections are supported too. See docs/architectures.md."
         )
 
 
 def sync_attention_attributes(model: nn.Module) -> None:
     """Make every attention module's head bookkeeping match its (possibly pruned) projections."""
     for a in attention_layouts(model):
+        if a.fused is not None and a.fused.config_heads:
+            set_layer_heads(a.module, a.num_heads, a.num_kv_heads)
         for module in {a.module, a.head_owner or a.module}:
             if hasattr(module, "num_key_value_groups"):
                 module.num_key_value_groups = a.group_size  # type: ignore[assignment]
@@ -140,20 +171,20 @@ def sync_attention_attributes(model: nn.Module) -> None:
                 ("num_key_value_heads", a.num_kv_heads),
                 ("num_attention_heads", a.num_heads),  # BERT self-attention
                 ("all_head_size", a.num_heads * a.head_dim),
+                ("split_size", a.num_heads * a.head_dim),  # GPT-2: c_attn's output is split in three of this width
             ):
                 if hasattr(module, attr):
                     setattr(module, attr, value)
 
 
 def mlp_widths(model: nn.Module) -> list[int]:
-    """Intermediate width of each FFN: up/down (LLaMA), fc1/fc2 (OPT) or intermediate/output (BERT) projections."""
+    """Intermediate width of each FFN (`FFN_PATHS`: the input width of its down projection)."""
     widths = []
     for module in model.modules():
         for up, down in FFN_PATHS:
             up_m, down_m = _submodule(module, up), _submodule(module, down)
-            width = getattr(base_layer(down_m), "in_features", None) if down_m is not None else None
-            if up_m is not None and isinstance(width, int):
-                widths.append(width)
+            if up_m is not None and down_m is not None and is_linear_like(base_layer(down_m)):
+                widths.append(features(base_layer(down_m))[1])
                 break
     return widths
 

@@ -27,6 +27,8 @@ import torch_pruning as tp
 from torch import nn
 
 from .config import LoRAPruneConfig
+from .conv1d import features, is_linear_like
+from .fused import declared_ffns, projection_items
 from .graph import build_graph, example_input_ids, pruning_fn
 from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
@@ -95,7 +97,9 @@ class LoRAPruner:
         importance: a LoRAGuidedImportance (built from `config` when omitted). Any other
             `tp.importance.Importance` also works for one-shot baselines (magnitude, Taylor, random):
             `step()` then only counts steps, since only LoRA-guided scores accumulate.
-        example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
+        example_inputs: inputs to trace the graph with: a tensor passed positionally, or a dict of keyword
+            inputs (when omitted: a short batch of token ids, or one image of `pixel_values` for a config
+            with `image_size` and `num_channels`, e.g. ViT).
     """
 
     def __init__(
@@ -154,15 +158,18 @@ class LoRAPruner:
             for m in layer.modules()
             if m is not layer and m is not base_layer(layer)
         }
-        cost = 0
-        for dep, _ in group:
+        cost, width = 0, len(group[0].idxs)
+        for dep, idxs in group:
             m = dep.target.module
-            if not isinstance(m, nn.Linear) or m in lora_parts:
+            if not is_linear_like(m) or m in lora_parts:
                 continue
+            out_features, in_features = features(m)
+            per_index = 0
             if graph.is_out_channel_pruning_fn(dep.handler):
-                cost += m.in_features + (1 if m.bias is not None else 0)
+                per_index = in_features + (1 if getattr(m, "bias", None) is not None else 0)
             elif graph.is_in_channel_pruning_fn(dep.handler):
-                cost += m.out_features
+                per_index = out_features
+            cost += per_index * len(idxs) // width  # a fused gate_up_proj has two rows per channel
         return cost
 
     def _kept_heads(self, h: _Heads, fraction: float) -> tuple[int, int]:
@@ -187,10 +194,10 @@ class LoRAPruner:
 
     def _head_cost(self, h: _Heads) -> tuple[int, int]:
         """Base parameters removed with one query head, and with one KV head (k and v rows)."""
-        q, k, v, o = (cast(Any, base_layer(m)) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
+        q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
         d = h.layout.head_dim
-        bias = lambda m: 1 if m.bias is not None else 0  # noqa: E731
-        return d * (q.in_features + bias(q) + o.out_features), d * (k.in_features + bias(k) + v.in_features + bias(v))
+        row = lambda m: features(m)[1] + (1 if getattr(m, "bias", None) is not None else 0)  # noqa: E731
+        return d * (row(q) + features(o)[0]), d * (row(k) + row(v))
 
     def _resolve_ratios(self) -> tuple[float, float]:
         c = self.config
@@ -290,26 +297,32 @@ class LoRAPruner:
 
         The first call discovers them from every linear of the selected layers outside attention
         (groups reaching an unselected module, e.g. the residual stream, are dropped); later calls
-        ask the graph only for the known roots, which keeps each prune event cheap.
+        ask the graph only for the known roots, which keeps each prune event cheap. FFNs with a fused
+        or Conv1D up projection (`tp_loraprune.fused.DECLARED_FFN`) get declared groups instead.
         """
         if getattr(self, "_channel_roots", None) is None:
+            self._declared_ffns = {f.name: f for f in declared_ffns(self.model) if f.up in self._selected}
             self._channel_roots = self._discover_channel_roots(graph)
-        return {
-            key: graph.get_pruning_group(m, pruning_fn(graph, m, "out"), list(range(cast(int, m.out_features))))
-            for key, m in self._channel_roots.items()
+        groups: dict[str, object] = {
+            key: declared_group(graph, f.items(list(range(f.width)))) for key, f in self._declared_ffns.items()
         }
+        for key, m in self._channel_roots.items():
+            groups[key] = graph.get_pruning_group(m, pruning_fn(graph, m, "out"), list(range(m.out_features)))
+        return groups
 
-    def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
+    def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Linear]:
         attention: set[nn.Module]
         lora_parts: set[nn.Module]
         attention, lora_parts = set(), set()
         for a in attention_layouts(self.model):
             for m in (a.q, a.k, a.v, a.o):
                 attention.update(m.modules())
+        for f in self._declared_ffns.values():  # already grouped; a chunked gate_up_proj must not be traced
+            attention.update(f.up.modules())
         for layer in lora_layers(self.model).values():
             lora_parts.update(m for m in layer.modules() if m is not layer and m is not base_layer(layer))
         allowed = self._selected
-        roots: dict[str, nn.Module]
+        roots: dict[str, nn.Linear]
         visited: set[nn.Module]
         roots, visited = {}, set()
         for m in self.model.modules():
@@ -369,24 +382,29 @@ class LoRAPruner:
         ch.alive = [c for c in ch.alive if c not in set(ids)]
 
     def _head_group(self, graph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):
-        """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows)."""
-        d = a.head_dim
-        q_channels = [h * d + j for h in heads for j in range(d)]
-        kv_channels = [g * d + j for g in kv_heads for j in range(d)]
+        """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows).
+
+        A fused q/k/v projection is one item holding the q, k and v rows (`a.rows`); the output projection
+        then comes first, so the group's first item has one index per root (the head channels)."""
+        q_rows, k_rows, v_rows = a.rows(heads, kv_heads)
+        q_channels = [h * a.head_dim + j for h in heads for j in range(a.head_dim)]
+        kv_channels = [g * a.head_dim + j for g in kv_heads for j in range(a.head_dim)]
         kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
+        if a.fused is not None:
+            return declared_group(
+                graph,
+                projection_items(a.o, "in", q_channels, q_channels)
+                + projection_items(a.q, "out", q_rows + k_rows + v_rows, q_channels + kv_roots + kv_roots),
+            )
         items: list[Any] = []
-        for proj, direction, channels, roots in (
-            (a.q, "out", q_channels, q_channels),
+        for proj, direction, rows, roots in (
+            (a.q, "out", q_rows, q_channels),
             (a.o, "in", q_channels, q_channels),
-            (a.k, "out", kv_channels, kv_roots),
-            (a.v, "out", kv_channels, kv_roots),
+            (a.k, "out", k_rows, kv_roots),
+            (a.v, "out", v_rows, kv_roots),
         ):
-            if not channels:
-                continue
-            parts = [base_layer(proj)]
-            if proj is not parts[0]:  # a LoRA wrapper: its factors follow the base rows / columns
-                parts += list((cast(Any, proj).lora_B if direction == "out" else cast(Any, proj).lora_A).values())
-            items += [(m, direction, channels, roots) for m in parts]
+            if rows:
+                items += projection_items(proj, direction, rows, roots)
         return declared_group(graph, items)
 
     def _choose_heads(self, graph, h: _Heads, fraction: float) -> list[int]:
@@ -410,10 +428,11 @@ class LoRAPruner:
         else:  # whole KV groups: their query heads, k and v
             group_scores = head_scores.view(kv, size).sum(1)
             if size > 1 and self._accumulates:
-                for proj in (a.k, a.v):
+                _, k_rows, v_rows = a.rows([], list(range(kv)))
+                for proj, rows in ((a.k, k_rows), (a.v, v_rows)):
                     s = self.importance.channel_scores(base_layer(proj), "out")
                     if s is not None:
-                        group_scores += s.float().cpu().view(kv, d).sum(1)
+                        group_scores += s.float().cpu()[rows].view(kv, d).sum(1)
             positions = [
                 g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)
             ]

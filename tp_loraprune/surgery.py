@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .conv1d import weight_dim
 from .graph import pruning_fn
 
 
@@ -31,8 +32,10 @@ class Replaced:
 def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, str, list[int], list[int]]]):
     """A Torch-Pruning group built from known couplings instead of graph propagation.
 
-    `items` are (module, "out" | "in", idxs, root_idxs). Used for attention heads, whose coupling
-    (q/k/v rows, o columns, per head) is declared by the model layout, like Torch-Pruning's own
+    `items` are (module, "out" | "in", idxs, root_idxs); a root index may be None (an index the
+    importance does not sum, e.g. a KV row shared by several query heads). Used for attention heads,
+    whose coupling (q/k/v rows, o columns, per head) is declared by the model layout, and for the FFNs
+    of `tp_loraprune.fused`, like Torch-Pruning's own
     `num_heads`: Torch-Pruning 1.6.1's propagation through RoPE's rotate_half does not terminate
     when a KV group holds two query heads, and it repeats k/v indices when whole KV groups go.
     """
@@ -83,13 +86,15 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         new = getattr(module, attr)
         if new is old:
             continue
-        dim = 0 if direction == "out" else 1  # (out, in) weights; biases are watched on "out" only
+        dim = weight_dim(module, direction) if attr == "weight" else 0  # biases are watched on "out" only
         keep = torch.tensor([i for i in range(width) if i not in removed], dtype=torch.long)
         on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
 
 
 def _width(module: nn.Module, attr: str, p: nn.Parameter, out: bool) -> int:
     """Channels along the pruned side; a packed (4-bit) weight's shape is not its logical one."""
-    if attr == "weight" and hasattr(module, "out_features"):
-        return int(module.out_features if out else module.in_features)  # type: ignore[arg-type]
-    return p.shape[0 if out else 1]
+    if attr == "bias":
+        return p.shape[0]
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    return p.shape[weight_dim(module, "out" if out else "in")]
