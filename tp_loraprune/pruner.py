@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -95,6 +96,9 @@ class LoRAPruner:
             `tp.importance.Importance` also works for one-shot baselines (magnitude, Taylor, random):
             `step()` then only counts steps, since only LoRA-guided scores accumulate.
         example_inputs: token ids to trace the graph with (a short dummy batch when omitted).
+        agree: called on every prune event with the chosen removals (structure key → original ids) and
+            returns the removals to apply; `tp_loraprune.distributed.agree_on_removals` makes all ranks of
+            a data-parallel run check that they remove the same structures.
     """
 
     def __init__(
@@ -105,8 +109,10 @@ class LoRAPruner:
         optimizer: torch.optim.Optimizer | None = None,
         importance: LoRAGuidedImportance | None = None,
         example_inputs=None,
+        agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
     ):
         self.model = model
+        self.agree = agree
         self.config = config or LoRAPruneConfig()
         self.optimizer = optimizer
         self.importance = importance or LoRAGuidedImportance(
@@ -247,6 +253,8 @@ class LoRAPruner:
         for key, h in self._heads.items():
             removed[key] = self._choose_heads(graph, h, fraction)
         removed = {k: ids for k, ids in removed.items() if ids}
+        if self.agree is not None:
+            removed = self.agree(removed)
         self._remove(graph, removed)
         self.progress = max(self.progress, fraction)
         if not removed:
