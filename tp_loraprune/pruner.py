@@ -124,6 +124,13 @@ class LoRAPruner:
             raise ValueError(
                 f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. {NO_LORA_HELP}"
             )
+        offloaded = [n for n, p in model.named_parameters() if p.is_meta]
+        if offloaded:
+            raise ValueError(
+                f"LoRAPruner cannot prune weights that are offloaded to the meta device ({len(offloaded)} "
+                f"parameters, e.g. {offloaded[0]!r}): accelerate keeps their values elsewhere. Load the model "
+                "without CPU/disk offload (a device_map over GPUs only)."
+            )
         layers = decoder_layers(model)
         if not layers:
             raise ValueError(
