@@ -118,9 +118,9 @@ def rewrap_ddp(ddp: DistributedDataParallel, **ddp_kwargs) -> DistributedDataPar
     DDP registers gradient hooks and flat buckets for the parameters it saw when it was built, and a
     prune event replaces the pruned parameters. The new wrapper keeps the device, process group and
     bucket options of the old one (`ddp_kwargs` overrides them; communication hooks must be registered
-    again). It skips the initial broadcast of rank 0's weights: the ranks already hold identical weights,
-    since they ran the same steps and removed the same structures. DDP still checks that the parameter
-    shapes agree across ranks.
+    again). It skips DDP's initial collectives (the shape check and the broadcast of rank 0's weights,
+    the whole model at every prune event): the ranks already hold identical weights and shapes, since
+    they ran the same steps and `agree_on_removals` made them remove the same structures.
     """
     if not isinstance(ddp, DistributedDataParallel):
         raise TypeError(
