@@ -19,17 +19,26 @@ import torch.multiprocessing as mp
 from conftest import VOCAB, build_llama, train_step, wrap_peft
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner
-from tp_loraprune.distributed import agree_on_removals, is_distributed, local_rows, rewrap_ddp
+from tp_loraprune.distributed import agree_on_removals, init_from_env, is_distributed, local_rows, rewrap_ddp
 from tp_loraprune.train import TrainConfig, prune
 
 WORLD = 2
 
 
-def _driver_run():
-    """The one-call driver: 4 rows a step globally (2 per rank under DDP), 3 prune events."""
+def _driver_run(grad_accum: int = 1):
+    """The one-call driver: 4 rows a step globally (2 per rank under DDP), 3 prune events; with grad_accum=2,
+    two micro-batches of 2 rows (1 per rank, gradients all-reduced once per step)."""
     blocks = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
     config = LoRAPruneConfig(ratio=0.3, layers=[0, 1, 2], total_steps=8, prune_every=2, warmup=0.0, cooldown=0.25)
-    train = TrainConfig(lr=1e-2, batch_size=4, block_size=12, lora_r=2, lora_dropout=0.0, progress=False)
+    train = TrainConfig(
+        lr=1e-2,
+        batch_size=4 // grad_accum,
+        grad_accum=grad_accum,
+        block_size=12,
+        lora_r=2,
+        lora_dropout=0.0,
+        progress=False,
+    )
     return prune(build_llama(), None, blocks, config, train)
 
 
@@ -54,13 +63,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = _driver_run()
-        record = {
-            "events": [e["removed"] for e in result.events],
-            "losses": result.losses,
-            "summary": result.summary,
-            "state": result.model.state_dict(),
-        }
+        record = {}
+        for grad_accum in (1, 2):
+            result = _driver_run(grad_accum)
+            record[grad_accum] = {
+                "events": [e["removed"] for e in result.events],
+                "losses": result.losses,
+                "summary": result.summary,
+                "state": result.model.state_dict(),
+            }
         pruner, model = _tampered_pruner(rank, "raise")
         before = sum(p.numel() for p in model.parameters())
         try:
@@ -86,21 +97,23 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def test_two_ranks_prune_like_one_process(ranks):
-    single = _driver_run()
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_ranks_prune_like_one_process(ranks, grad_accum):
+    single = _driver_run(grad_accum)
     expected = [e["removed"] for e in single.events]
     assert len(expected) >= 2  # several prune events, so later choices depend on training after a prune
-    for record in ranks:
+    for record in (r[grad_accum] for r in ranks):
         assert record["events"] == expected
         assert record["summary"] == single.summary
         # the same global batch: the mean of the ranks' losses is the one-process loss, up to float rounding
         assert record["losses"] == pytest.approx(single.losses, rel=1e-5)
     shapes = {k: v.shape for k, v in single.model.state_dict().items()}
-    assert {k: v.shape for k, v in ranks[0]["state"].items()} == shapes
+    assert {k: v.shape for k, v in ranks[0][grad_accum]["state"].items()} == shapes
 
 
-def test_ranks_end_with_identical_weights(ranks):
-    first, second = ranks[0]["state"], ranks[1]["state"]
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ranks_end_with_identical_weights(ranks, grad_accum):
+    first, second = ranks[0][grad_accum]["state"], ranks[1][grad_accum]["state"]
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
@@ -124,6 +137,12 @@ def test_helpers_are_identity_outside_a_process_group():
     assert not is_distributed()
     removed = {"layers.1.mlp": [3, 1]}
     assert agree_on_removals(removed) is removed
+
+
+def test_init_from_env_is_a_no_op_without_a_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env("cuda") == "cuda"
+    assert not dist.is_initialized()
 
 
 def test_local_rows_split_the_global_batch_rank_strided():

@@ -173,8 +173,9 @@ def finetune(
         for micro in range(train.grad_accum):
             ids = distributed.local_rows(_batch(blocks, step, micro, train), rank, world).to(train.device)
             last = micro == train.grad_accum - 1
-            with _no_sync(forward, last), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                loss = forward(input_ids=ids, labels=ids).loss / train.grad_accum
+            with _no_sync(forward, last):
+                with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                    loss = forward(input_ids=ids, labels=ids).loss / train.grad_accum
                 scaler.scale(loss).backward()
             total += loss.item()
         total = distributed.mean_over_ranks(total)
