@@ -16,6 +16,7 @@ import dataclasses
 
 from transformers import TrainerCallback
 
+from . import distributed
 from .config import LoRAPruneConfig
 from .pruner import LoRAPruner
 
@@ -31,6 +32,13 @@ class LoRAPruneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.pruner is not None:
             return
+        if distributed.is_distributed():
+            raise ValueError(
+                f"LoRAPruneCallback does not support multi-process training (world size "
+                f"{distributed.world_size()}): Trainer keeps the DistributedDataParallel wrapper it built, which "
+                "breaks once a prune event replaces parameters. Use tp_loraprune.prune, or a loop with "
+                "tp_loraprune.distributed.rewrap_ddp (docs/distributed.md)."
+            )
         config = self.config
         if state.max_steps and state.max_steps != config.total_steps:
             config = dataclasses.replace(config, total_steps=state.max_steps)

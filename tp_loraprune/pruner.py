@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -100,6 +101,9 @@ class LoRAPruner:
         example_inputs: inputs to trace the graph with: a tensor passed positionally, or a dict of keyword
             inputs (when omitted: a short batch of token ids, or one image of `pixel_values` for a config
             with `image_size` and `num_channels`, e.g. ViT).
+        agree: called on every prune event with the chosen removals (structure key → original ids) and
+            returns the removals to apply; `tp_loraprune.distributed.agree_on_removals` makes all ranks of
+            a data-parallel run check that they remove the same structures.
     """
 
     def __init__(
@@ -110,8 +114,10 @@ class LoRAPruner:
         optimizer: torch.optim.Optimizer | None = None,
         importance: LoRAGuidedImportance | None = None,
         example_inputs=None,
+        agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
     ):
         self.model = model
+        self.agree = agree
         self.config = config or LoRAPruneConfig()
         self.optimizer = optimizer
         self.importance = importance or LoRAGuidedImportance(
@@ -122,6 +128,13 @@ class LoRAPruner:
         if not lora_layers(model):
             raise ValueError(
                 f"LoRAPruner needs a model with LoRA layers, got {type(model).__name__} without. {NO_LORA_HELP}"
+            )
+        offloaded = [n for n, p in model.named_parameters() if p.is_meta]
+        if offloaded:
+            raise ValueError(
+                f"LoRAPruner cannot prune weights that are offloaded to the meta device ({len(offloaded)} "
+                f"parameters, e.g. {offloaded[0]!r}): accelerate keeps their values elsewhere. Load the model "
+                "without CPU/disk offload (a device_map over GPUs only)."
             )
         check_quantized(model)
         layers = decoder_layers(model)
@@ -256,6 +269,8 @@ class LoRAPruner:
         for key, h in self._heads.items():
             removed[key] = self._choose_heads(graph, h, fraction)
         removed = {k: ids for k, ids in removed.items() if ids}
+        if self.agree is not None:
+            removed = self.agree(removed)
         self._remove(graph, removed)
         self.progress = max(self.progress, fraction)
         if not removed:

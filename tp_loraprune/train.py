@@ -6,21 +6,29 @@
 Each optimizer step: `grad_accum` micro-batches (forward/backward under autocast) → unscale (fp16) →
 clip → optimizer step → scheduler step → `pruner.step()` (scores, maybe a prune event) → zero_grad.
 Data order and dropout are seeded per step, so a resumed run repeats an uninterrupted one.
+
+Launched with `torchrun` / `accelerate launch` (WORLD_SIZE > 1), the same call trains data-parallel:
+each rank runs its rank-strided rows of every micro-batch (the global batch is `batch_size`, as in one
+process) through DistributedDataParallel, all ranks prune the same structures in lockstep, and only
+rank 0 shows progress and writes checkpoints. See `distributed.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .config import LoRAPruneConfig
 from .lora import lora_layers
 from .models import count_parameters
@@ -136,7 +144,8 @@ def build_training(model: nn.Module, config: LoRAPruneConfig, train: TrainConfig
     """(peft_model, optimizer, scheduler, pruner) for a run; also what a resume rebuilds."""
     model = prepare_lora_model(model, train)
     optimizer, scheduler = make_optimizer(model, train, config.total_steps)
-    return model, optimizer, scheduler, LoRAPruner(model, config, optimizer=optimizer)
+    agree = distributed.agree_on_removals if distributed.is_distributed() else None
+    return model, optimizer, scheduler, LoRAPruner(model, config, optimizer=optimizer, agree=agree)
 
 
 def finetune(
@@ -154,7 +163,12 @@ def finetune(
     losses: list[float] | None = None,
     on_event: Callable[[dict], None] | None = None,
 ) -> list[float]:
-    """The LoRA training loop; with a `pruner`, `pruner.step()` runs after every optimizer step."""
+    """The LoRA training loop; with a `pruner`, `pruner.step()` runs after every optimizer step.
+
+    In a process group of several ranks the forward/backward runs through DistributedDataParallel on
+    this rank's rows of each micro-batch, rebuilt after every prune event; the logged loss is the mean
+    over ranks.
+    """
     from .checkpoint import save_checkpoint
 
     losses = [] if losses is None else losses
@@ -163,18 +177,23 @@ def finetune(
     autocast = dtype != torch.float32
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    bar = _progress_bar(total_steps, start_step, train.progress)
+    rank, world = distributed.rank(), distributed.world_size()
+    forward = distributed.wrap_ddp(peft_model) if world > 1 else peft_model
+    bar = _progress_bar(total_steps, start_step, train.progress and rank == 0)
     for step in range(start_step, total_steps):
         if stop_after is not None and step >= stop_after:
             break
-        torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks repeat on resume
+        torch.manual_seed(train.seed * 1_000_003 + step + 7_919 * rank)  # dropout masks repeat on resume
         total = 0.0
         for micro in range(train.grad_accum):
-            ids = _batch(blocks, step, micro, train).to(train.device)
-            with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                loss = peft_model(input_ids=ids, labels=ids).loss / train.grad_accum
-            scaler.scale(loss).backward()
+            ids = distributed.local_rows(_batch(blocks, step, micro, train), rank, world).to(train.device)
+            last = micro == train.grad_accum - 1
+            with _no_sync(forward, last):
+                with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                    loss = forward(input_ids=ids, labels=ids).loss / train.grad_accum
+                scaler.scale(loss).backward()
             total += loss.item()
+        total = distributed.mean_over_ranks(total)
         if not math.isfinite(total):
             raise FloatingPointError(f"Loss became {total} at step {step}; lower `lr` or use bf16/fp32.")
         scaler.unscale_(optimizer)  # scores and clipping see true gradients, not loss-scaled ones
@@ -187,6 +206,8 @@ def finetune(
         event = pruner.step() if pruner is not None else None
         if event is not None:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            if world > 1:
+                forward = distributed.rewrap_ddp(cast(Any, forward))
             if on_event is not None:
                 on_event(event)
         optimizer.zero_grad(set_to_none=True)
@@ -200,7 +221,9 @@ def finetune(
             and train.checkpoint_every
             and (step + 1) % train.checkpoint_every == 0
         ):
-            save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
+            if rank == 0:
+                save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
     if bar is not None:
         bar.close()
     return losses
@@ -232,6 +255,15 @@ def prune(
     from .export import merge_lora
 
     config, train = config or LoRAPruneConfig(), train or TrainConfig()
+    device = distributed.init_from_env(train.device)
+    if device != train.device:
+        train = replace(train, device=device)
+    world = distributed.world_size()
+    if train.batch_size % world:
+        raise ValueError(
+            f"`batch_size` ({train.batch_size}) is the global batch, split over {world} processes, so it must be a "
+            f"multiple of {world}; use e.g. batch_size={world * max(1, train.batch_size // world)}."
+        )
     blocks = _as_blocks(data, tokenizer, train.block_size)
     if blocks.dim() != 2 or len(blocks) == 0:
         raise ValueError(
@@ -267,6 +299,13 @@ def prune(
     merged = merge_lora(peft_model, dequantize=dequantize).eval()
     summary = dict(pruner.summary(), parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
+
+
+def _no_sync(forward: nn.Module, last_micro_batch: bool):
+    """DDP's no_sync for all but the last micro-batch of a step: one all-reduce per optimizer step."""
+    if last_micro_batch or not isinstance(forward, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return forward.no_sync()
 
 
 def _as_blocks(data, tokenizer, block_size: int) -> torch.Tensor:
