@@ -210,6 +210,69 @@ def step_variants(shape: str, args) -> list[dict]:
     return rows
 
 
+def quantized_step_variants(shape: str, args) -> list[dict]:
+    """LoRA and LoRAPrune steps on bitsandbytes 8-bit / 4-bit (nf4) bases: bf16 adapters, bf16 compute."""
+    from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner
+    from tp_loraprune.quant import quantize_model
+
+    device, rows = args.device, []
+    for kind in args.bases:
+        for ckpt in args.checkpointing:
+            base = quantize_model(build(shape, device), kind, compute_dtype=torch.bfloat16)
+            gc.collect()
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+            if ckpt:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+            ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
+            model = lora_model(base, bf16_adapters=True)
+            if ckpt:
+                model.enable_input_require_grads()
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            imp = LoRAGuidedImportance()
+
+            def step(score: bool):
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                if score:
+                    imp.accumulate(model)
+                opt.zero_grad(set_to_none=True)
+
+            for variant, score in ((f"peft_lora_bf16_{kind}", False), (f"loraprune_{kind}", True)):
+                try:
+                    sec, peak = timed_steps(lambda: step(score), args.warmup, args.steps, device)
+                    extra = {}
+                    if score:
+                        model(input_ids=ids, labels=ids).loss.backward()
+                        acc_sec, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
+                        pruner = LoRAPruner(
+                            model,
+                            LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
+                            optimizer=opt,
+                            importance=imp,
+                        )
+                        sync(device)
+                        t = time.perf_counter()
+                        pruner.prune(0.1)
+                        sync(device)
+                        event = time.perf_counter() - t
+                        extra = {
+                            "accumulate_s": round(acc_sec, 4),
+                            "prune_event_s": round(event, 3),
+                            "step_plus_amortized_event_s": round(sec + event / 10, 4),
+                        }
+                    row = {"step_s": round(sec, 4), "peak_gib": None if peak is None else round(peak, 2), **extra}
+                except torch.OutOfMemoryError:
+                    row = {"error": "OOM"}
+                rows.append({"shape": shape, "variant": variant, "base": kind, "checkpointing": ckpt, **row})
+                print(json.dumps(rows[-1]), flush=True)
+            del model, base, opt, imp
+            gc.collect()
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return rows
+
+
 @torch.no_grad()
 def inference_speed(shape: str, args) -> list[dict]:
     """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models."""
@@ -281,10 +344,15 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--skip", default="", help="comma list: steps,inference")
+    p.add_argument(
+        "--bases", default="", help="also time LoRA/LoRAPrune steps on these bitsandbytes bases, e.g. 8bit,4bit"
+    )
+    p.add_argument("--base-shapes", default="llama7b", help="shapes for the --bases runs")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.checkpointing = [bool(int(c)) for c in args.checkpointing.split(",")]
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.bases = [b for b in args.bases.split(",") if b]
     import peft
     import transformers
 
@@ -306,6 +374,11 @@ def main(argv=None) -> int:
     if "steps" not in skip:
         for shape in args.shapes.split(","):
             result["steps"] += step_variants(shape, args)
+            out.write_text(json.dumps(result, indent=1))
+    if args.bases:
+        result["quantized_steps"] = []
+        for shape in args.base_shapes.split(","):
+            result["quantized_steps"] += quantized_step_variants(shape, args)
             out.write_text(json.dumps(result, indent=1))
     if "inference" not in skip:
         for shape in args.inference_shapes.split(","):
