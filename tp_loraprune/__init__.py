@@ -26,6 +26,8 @@ _EXPORTS = {
     "load_pruned": "export",
     "merge_lora": "export",
     "LoRAPruneCallback": "callback",
+    "load_model_and_tokenizer": "loading",
+    "quantize_model": "quant",
 }
 
 __all__ = ["__version__", *_EXPORTS]
