@@ -23,8 +23,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .kernels import channel_scores
 from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
-from .scores import ScoreKind, channel_scores, l2_normalized
+from .scores import ScoreKind, l2_normalized
 
 Direction = Literal["out", "in"]
 
