@@ -144,9 +144,17 @@ def step_variants(shape: str, args) -> list[dict]:
                     pruner.prune(0.1)
                     sync(device)
                     event = time.perf_counter() - t
+                    # the same kind of event with a fresh trace + Torch-Pruning propagation per event (the
+                    # pruner's fallback, and what every event cost before graphs were kept)
+                    pruner._graph = None
+                    t = time.perf_counter()
+                    pruner.prune(0.2)
+                    sync(device)
+                    retrace = time.perf_counter() - t
                     extra = {
                         "accumulate_s": round(acc_sec, 4),
                         "prune_event_s": round(event, 3),
+                        "prune_event_retrace_s": round(retrace, 3),
                         "step_plus_amortized_event_s": round(sec + event / 10, 4),
                     }
                 rows.append(

@@ -7,6 +7,7 @@ Everything is fp32 on CPU, seeded, and small enough that a test runs in well und
 from __future__ import annotations
 
 import copy
+import os
 import random
 import warnings
 
@@ -15,6 +16,12 @@ import torch
 
 # Tiny matmuls: intra-op threads only add synchronisation cost (seconds per step on a busy 2-core box).
 torch.set_num_threads(1)
+
+# Without CUDA, Triton kernels can only run in Triton's interpreter, and triton.language's own helpers are
+# built in that mode only if TRITON_INTERPRET is set before the first `import triton` (which bitsandbytes
+# may do), so it is set for the whole session here. tests/test_kernels.py runs the scoring kernel that way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 64

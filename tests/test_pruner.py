@@ -707,3 +707,41 @@ def test_removes_the_lowest_scoring_structures(kv_heads):
         i = int(re.search(r"layers\.(\d+)\.", key).group(1))
         kind = "attn" if _is_attention_key(model, key) else "mlp"
         assert ids == expected[(kind, i)], key
+
+
+def test_events_on_the_kept_graph_equal_events_on_a_fresh_trace():
+    """Prune events reuse the graph traced at construction (channel groups replayed from templates). A pruner
+    forced to retrace and propagate through Torch-Pruning at every event must choose and remove the same
+    structures and end with the same model."""
+    runs = []
+    for retrace in (False, True):
+        model = wrap_peft(build_llama())
+        opt = _optimizer(model)
+        pruner = LoRAPruner(model, LoRAPruneConfig(layers=ALL3, total_steps=8, prune_every=2, ratio=0.4), optimizer=opt)
+        assert pruner._graph is not None  # LLaMA's FFN groups map channels one to one
+        if retrace:  # the fallback path: a fresh trace and Torch-Pruning's propagation at every event
+            pruner._graph = None
+        for i in range(8):
+            train_step(model, batch(seed=200 + i))
+            opt.step()
+            pruner.step()
+        runs.append((pruner.events, logits(model)))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) >= 3
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=0, rtol=0)
+
+
+def test_pruned_weights_are_freed_although_the_graph_is_kept():
+    """The kept graph must not hold the trace's autograd nodes, which would keep every replaced weight alive."""
+    import gc
+    import weakref
+
+    model = wrap_peft(build_llama())
+    pruner = LoRAPruner(model, LoRAPruneConfig(layers=ALL3, head_ratio=0.34, channel_ratio=0.25))
+    train_step(model)
+    pruner.importance.accumulate(model)
+    layer = peft_layers(model)[1]
+    old = [weakref.ref(m.base_layer.weight) for m in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    pruner.prune(1.0)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    assert [ref() for ref in old] == [None, None, None]

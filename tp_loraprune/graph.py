@@ -95,6 +95,19 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
         )
 
 
+def release_trace(graph: tp.DependencyGraph) -> None:
+    """Drop what a graph kept from its trace, for a graph reused across prune events: the autograd nodes
+    (they hold the tensors saved in the traced forward, weights included) and the parameter-name table
+    (keyed by parameter objects), which would keep every replaced weight alive. The graph can still build declared
+    groups and prune modules, but no longer propagate (`get_pruning_group`) or prune bare parameters."""
+    for node in graph.module2node.values():
+        node.grad_fn = None
+        for attr in ("grad_fn", "_grad_fn"):  # Torch-Pruning's placeholders for functional ops keep theirs too
+            if hasattr(node.module, attr) and not isinstance(node.module, nn.Parameter):
+                setattr(node.module, attr, None)
+    graph._param_to_name = {}
+
+
 def pruning_fn(graph: tp.DependencyGraph, module: nn.Module, direction: str):
     """The function that removes output ("out") or input ("in") channels of `module` in `graph`
     (a customized pruner's for bitsandbytes layers, Torch-Pruning's own otherwise)."""

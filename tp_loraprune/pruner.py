@@ -30,7 +30,7 @@ from torch import nn
 from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
 from .fused import declared_ffns, projection_items
-from .graph import build_graph, example_input_ids, pruning_fn
+from .graph import build_graph, example_input_ids, pruning_fn, release_trace
 from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
@@ -157,11 +157,20 @@ class LoRAPruner:
             if a.module in self._selected
         }
         graph = build_graph(model, self.example_inputs)
+        self._graph: tp.DependencyGraph | None = None
         self._channels = {}
-        for key, group in self._channel_groups(graph).items():
+        groups = self._channel_groups(graph)
+        for key, group in groups.items():
             width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
         self.head_ratio, self.channel_ratio = self._resolve_ratios()
+        # Removing channels changes widths, not coupling: when every channel group maps its channels one to one
+        # onto its members, later events reuse this graph (no trace, no group propagation per event).
+        templates = {key: self._template(graph, groups[key]) for key in self._channel_roots}
+        self._templates = {key: t for key, t in templates.items() if t is not None}
+        if len(self._templates) == len(templates):
+            self._graph = graph
+            release_trace(graph)
 
     # ------------------------------------------------------------------ targets
     def _channel_cost(self, graph: tp.DependencyGraph, group) -> int:
@@ -259,8 +268,7 @@ class LoRAPruner:
         """Prune now to `fraction` of the final target (1.0 = the whole target; used by `step`)."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"`fraction` must be in [0, 1], got {fraction}.")
-        with torch.enable_grad():
-            graph = build_graph(self.model, self.example_inputs)
+        graph = self._event_graph()
         groups = self._channel_groups(graph)
         if self.config.ranking == "global":
             removed = self._choose_channels_globally(groups, fraction)
@@ -271,7 +279,7 @@ class LoRAPruner:
         removed = {k: ids for k, ids in removed.items() if ids}
         if self.agree is not None:
             removed = self.agree(removed)
-        self._remove(graph, removed)
+        self._remove(graph, removed, groups)
         self.progress = max(self.progress, fraction)
         if not removed:
             return None
@@ -288,15 +296,22 @@ class LoRAPruner:
     def replay(self, events: list[dict]) -> None:
         """Remove exactly what `events` removed (original ids), without scoring: rebuilds an architecture."""
         for event in events:
-            with torch.enable_grad():
-                graph = build_graph(self.model, self.example_inputs)
-            self._remove(graph, event["removed"])
+            graph = self._event_graph()
+            groups = self._channel_groups(graph) if any(k in self._channels for k in event["removed"]) else {}
+            self._remove(graph, event["removed"], groups)
             self.events.append(event)
 
-    def _remove(self, graph: tp.DependencyGraph, removed: dict[str, list[int]]) -> None:
+    def _event_graph(self) -> tp.DependencyGraph:
+        """The graph a prune event works on: the one traced at construction when channel groups replay their
+        templates, else a fresh trace (fresh widths for Torch-Pruning's propagation)."""
+        if self._graph is not None:
+            return self._graph
+        with torch.enable_grad():
+            return build_graph(self.model, self.example_inputs)
+
+    def _remove(self, graph: tp.DependencyGraph, removed: dict[str, list[int]], groups: dict[str, object]) -> None:
         """Physically remove structures given by original ids, then restore every invariant."""
         replaced: list[Replaced] = []
-        groups = self._channel_groups(graph) if any(k in self._channels for k in removed) else {}
         for key, ids in removed.items():
             if key in self._channels:
                 self._remove_channels(graph, self._channels[key], groups[key], ids, replaced.append)
@@ -311,9 +326,10 @@ class LoRAPruner:
         """Channel groups (FFNs) of the selected layers, keyed by the name of their root module.
 
         The first call discovers them from every linear of the selected layers outside attention
-        (groups reaching an unselected module, e.g. the residual stream, are dropped); later calls
-        ask the graph only for the known roots, which keeps each prune event cheap. FFNs with a fused
-        or Conv1D up projection (`tp_loraprune.fused.DECLARED_FFN`) get declared groups instead.
+        (groups reaching an unselected module, e.g. the residual stream, are dropped). Later calls
+        rebuild each group from its template on the kept graph (or, where a group is not one to one,
+        ask a fresh graph for the known roots). FFNs with a fused or Conv1D up projection
+        (`tp_loraprune.fused.DECLARED_FFN`) get declared groups instead.
         """
         if getattr(self, "_channel_roots", None) is None:
             self._declared_ffns = {f.name: f for f in declared_ffns(self.model) if f.up in self._selected}
@@ -322,8 +338,31 @@ class LoRAPruner:
             key: declared_group(graph, f.items(list(range(f.width)))) for key, f in self._declared_ffns.items()
         }
         for key, m in self._channel_roots.items():
-            groups[key] = graph.get_pruning_group(m, pruning_fn(graph, m, "out"), list(range(m.out_features)))
+            channels = list(range(m.out_features))
+            if self._graph is not None:
+                template = self._templates[key]
+                groups[key] = declared_group(graph, [(x, d, channels, channels) for x, d in template])
+            else:
+                groups[key] = graph.get_pruning_group(m, pruning_fn(graph, m, "out"), channels)
         return groups
+
+    def _template(self, graph: tp.DependencyGraph, group) -> list[tuple[nn.Module, str]] | None:
+        """(module, "out" | "in") of each layer in a full channel group whose channel i is the root's channel i
+        (gate/up rows, down columns, their LoRA factors); None when some member maps channels otherwise."""
+        template = []
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if isinstance(module, nn.Parameter):
+                return None  # a bare parameter: pruned through the graph's parameter table
+            if module not in self._names:
+                continue  # Torch-Pruning's placeholders for functional ops: nothing to remove
+            direction = "out" if graph.is_out_channel_pruning_fn(handler) else "in"
+            if not graph.is_out_channel_pruning_fn(handler) and not graph.is_in_channel_pruning_fn(handler):
+                return None
+            if list(item.idxs) != list(item.root_idxs) or list(item.idxs) != list(range(len(group[0].idxs))):
+                return None
+            template.append((module, direction))
+        return template
 
     def _discover_channel_roots(self, graph: tp.DependencyGraph) -> dict[str, nn.Linear]:
         attention: set[nn.Module]
