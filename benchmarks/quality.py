@@ -206,7 +206,7 @@ def plan(args) -> list[tuple]:
         for ratio in args.quantized_ratios:
             runs.append((f"loraprune-{base}@{ratio}", "loraprune", ratio, args.seeds[0], {"base": base}))
         first = args.quantized_ratios[0] if args.quantized_ratios else None
-        if first is not None:
+        if first is not None and base == "4bit":  # a pruned 8-bit base is always merged dequantized
             overrides = {"base": base, "keep_quantized": True}
             runs.append((f"loraprune-{base}-merged-quantized@{first}", "loraprune", first, args.seeds[0], overrides))
     return runs

@@ -264,6 +264,15 @@ def test_merging_into_the_quantized_base_keeps_it_quantized(tmp_path):
         assert (dequantized_weight(layer) - weight).abs().max() <= half_step("nf4") * weight.abs().max() + 1e-6, name
 
 
+def test_keeping_a_pruned_8bit_base_quantized_is_refused(tmp_path):
+    from tp_loraprune.export import merge_lora
+
+    model = _quantized_llama(tmp_path, "8bit")
+    with pytest.raises(ValueError, match="dequantize=True"):
+        merge_lora(model, dequantize=False)
+    assert lora_layers(model)  # nothing was merged
+
+
 def test_one_call_driver_on_a_quantized_base_returns_a_plain_model(tmp_path):
     from tp_loraprune.train import TrainConfig, prune
 

@@ -36,9 +36,16 @@ def merge_lora(model: nn.Module, *, dequantize: bool = True, dtype: torch.dtype 
 
     Quantized (bitsandbytes) bases are dequantized first and each adapter is added in float,
     W' = W + s·B·A, giving plain `nn.Linear` layers of `dtype` (default: the embedding dtype).
-    `dequantize=False` keeps them quantized: PEFT then re-quantizes W' (one more rounding of every
-    weight; see docs/quantized.md for what it costs).
+    `dequantize=False` keeps 4-bit bases quantized: PEFT then re-quantizes W' (one more rounding of every
+    weight; see docs/quantized.md for what it costs). 8-bit bases are always dequantized: the model PEFT
+    re-quantizes after pruning failed in cuBLASLt's int8 matmul on an H200 at a pruned width of 1254.
     """
+    if not dequantize and any(quantization(base_layer(m)) == "8bit" for m in lora_layers(model).values()):
+        raise ValueError(
+            "merge_lora(dequantize=False) cannot keep a pruned 8-bit base quantized: the re-quantized model failed "
+            "in bitsandbytes' CUDA int8 matmul (cuBLASLt) at pruned widths in our benchmark. Merge with "
+            "dequantize=True (the default) and quantize the result again when loading it, if needed."
+        )
     if dequantize and has_quantized_layers(model):
         dtype = dtype or _float_dtype(model)
         for name, layer in lora_layers(model).items():
