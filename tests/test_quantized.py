@@ -123,7 +123,7 @@ def test_4bit_rows_are_kept_and_columns_within_one_step(quant_type, double_quant
 
 
 # ------------------------------------------------------------------------------------------ whole models
-def _quantized_llama(tmp_path, kind: str, *, quant_type="nf4", lora=True):
+def _quantized_llama(tmp_path, kind: str, *, quant_type="nf4", lora=True, device="cpu"):
     """A tiny LLaMA (hidden 64: whole 4-bit blocks per row) loaded through transformers' bitsandbytes path,
     with LoRA (B non-zero) on every projection unless `lora=False`."""
     import peft
@@ -133,7 +133,7 @@ def _quantized_llama(tmp_path, kind: str, *, quant_type="nf4", lora=True):
     hf_logging.set_verbosity_error()
     build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2).save_pretrained(tmp_path)
     config = bnb_config(kind, torch.float32, quant_type)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map=device)
     for m in model.modules():
         if quantization(m) == "4bit":
             m.support_avx512bf16_for_cpu = False
@@ -144,11 +144,11 @@ def _quantized_llama(tmp_path, kind: str, *, quant_type="nf4", lora=True):
     return peft.get_peft_model(model, config).train()
 
 
-def _float_copy(quantized, tmp_path):
+def _float_copy(quantized, tmp_path, device="cpu"):
     """The same PEFT model with float base layers holding the dequantized weights (the reference)."""
     import peft
 
-    model = build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2)
+    model = build_llama(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2).to(device)
     reference = peft.get_peft_model(
         model, peft.LoraConfig(r=2, lora_alpha=5, target_modules=ALL_PROJECTIONS, init_lora_weights=False)
     )
@@ -183,16 +183,22 @@ def test_scores_on_a_quantized_base_follow_eq10_on_the_dequantized_weight(tmp_pa
     torch.testing.assert_close(imp.channel_scores(layer.base_layer, "in").double(), cols, rtol=1e-4, atol=1e-12)
 
 
+# bitsandbytes' CPU kernels in CI; its CUDA kernels on a GPU machine (opt-in: pytest -m gpu)
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
-def test_pruning_a_quantized_model_equals_the_same_removals_in_float(tmp_path, kind):
-    model = _quantized_llama(tmp_path, kind)
-    reference = _float_copy(model, tmp_path)
+def test_pruning_a_quantized_model_equals_the_same_removals_in_float(tmp_path, kind, device):
+    model = _quantized_llama(tmp_path, kind, device=device)
+    reference = _float_copy(model, tmp_path, device)
     config = LoRAPruneConfig(ratio=0.4, total_steps=4, prune_every=2, skip_first=0, skip_last=0, warmup=0, cooldown=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     pruner = LoRAPruner(model, config, optimizer=optimizer)
     initial = pruner.parameters
     for step in range(4):
-        train_step(model, batch(seed=step), optimizer)
+        train_step(model, batch(seed=step).to(device), optimizer)
         pruner.step()
     assert len(pruner.events) == 2
     assert pruner.parameters < 0.75 * initial
@@ -214,10 +220,11 @@ def test_pruning_a_quantized_model_equals_the_same_removals_in_float(tmp_path, k
             else:  # input channels removed from a 4-bit layer: re-quantized in new blocks at each of 2 events
                 assert (W - W_ref).abs().max() <= 2 * half_step("nf4") * W_ref.abs().max() + 1e-6, name
                 ref.weight.copy_(W)  # the forward below then checks the layer computes with these weights
-    expected = logits(reference)
+    ids = batch(seed=123, size=2, length=10).to(device)
+    expected = logits(reference, ids)
     # 8-bit: LLM.int8 also quantizes activations, so agreement is to its matmul's precision
     tolerance = 0.05 if kind == "8bit" else 1e-4
-    torch.testing.assert_close(logits(model), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(logits(model, ids), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
