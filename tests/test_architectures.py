@@ -185,6 +185,14 @@ def _vit():  # encoder on pixel_values: attention.{q,k,v,o}_proj, mlp.fc1/fc2, c
     )
 
 
+def _vit_has_bert_layout() -> bool:
+    """transformers 4.x ViT: attention.attention.{query,key,value} + attention.output.dense and
+    intermediate/output.dense like BERT; transformers 5 renamed them to {q,k,v,o}_proj and mlp.fc1/fc2."""
+    from transformers.models.vit import modeling_vit
+
+    return hasattr(modeling_vit, "ViTSelfAttention")
+
+
 @dataclass
 class Arch:
     build: Callable
@@ -218,6 +226,15 @@ ARCHS = {
         ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
         "fc2",
         "mlp.fc1.base_layer",
+        causal=False,
+        kv_heads=HEADS,
+    )
+    if not _vit_has_bert_layout()
+    else Arch(
+        _vit,
+        ["query", "key", "value", "dense"],
+        "output.dense",
+        "intermediate.dense.base_layer",
         causal=False,
         kv_heads=HEADS,
     ),

@@ -22,6 +22,7 @@ ATTENTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
 # Dotted paths relative to the attention module, for layouts that split q/k/v and o into sub-modules.
 ATTENTION_PATHS: tuple[tuple[str, str, str, str], ...] = (
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT / RoBERTa-style encoders (BertAttention)
+    ("attention.query", "attention.key", "attention.value", "output.dense"),  # ViT on transformers 4.x
 )
 
 # Child names of fused projections: one linear holds several heads' q, k and v rows (or an FFN's gate and up
@@ -215,7 +216,9 @@ def sync_config(model: nn.Module) -> bool:
         if len(heads) == 1:
             ((h, kv),) = heads
             d = layouts[0].head_dim
-            if getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN:
+            # BERT-style self-attention modules (attention_head_size) also size heads as hidden_size / heads
+            derived = any(hasattr(a.head_owner or a.module, "attention_head_size") for a in layouts)
+            if getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN or derived:
                 # head_dim is hidden_size / heads there: the config holds pruned heads only if that still holds
                 if h * d != config.hidden_size:
                     uniform = False
