@@ -22,11 +22,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficiency import SHAPES as MODEL_SHAPES  # noqa: E402 - the shapes every benchmark uses
+from efficiency import TARGETS, sync  # noqa: E402
 
 SHAPES = {
     "tiny": dict(
@@ -37,29 +42,9 @@ SHAPES = {
         num_key_value_heads=2,
         vocab_size=256,
     ),
-    "smollm2": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-    ),
-    "llama7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
+    "smollm2": MODEL_SHAPES["smollm2"],
+    "llama7b": MODEL_SHAPES["llama7b"],
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def build(args, device: str):
