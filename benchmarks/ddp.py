@@ -30,42 +30,17 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import SHAPES as MODEL_SHAPES  # noqa: E402 - the shapes every benchmark uses
-from efficiency import TARGETS, sync  # noqa: E402
-
-SHAPES = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=256,
-    ),
-    "smollm2": MODEL_SHAPES["smollm2"],
-    "llama7b": MODEL_SHAPES["llama7b"],
-}
+from efficiency import SHAPES, TARGETS, sync  # noqa: E402 - the shapes every benchmark uses
+from efficiency import build as build_base  # noqa: E402
 
 
 def build(args, device: str):
     """Seeded random LLaMA of the shape with LoRA: identical on every rank."""
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(SHAPES[args.shape])
-    if args.layers:
-        shape["num_hidden_layers"] = args.layers
-    config = LlamaConfig(**shape, max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False)
-    config.use_cache = False
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = build_base(args.shape, device, dtype, layers=args.layers)
+    model.config.use_cache = False
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -28,6 +28,14 @@ from pathlib import Path
 import torch
 
 SHAPES = {
+    "tiny": dict(  # smoke tests on a CPU
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
     "llama7b": dict(
         hidden_size=4096,
         intermediate_size=11008,
@@ -61,10 +69,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build(shape: str, device: str, dtype=torch.bfloat16):
+def build(shape: str, device: str, dtype=torch.bfloat16, *, layers: int = 0):
+    """A randomly initialized LLaMA of a named shape (`layers` > 0 overrides its depth), built on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    config = LlamaConfig(**{**SHAPES[shape], **overrides}, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
