@@ -16,8 +16,11 @@ before/after, whether every weight is still on its block's GPU, and a forward pa
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -69,6 +72,13 @@ def build_spread(shape: str, device_map: dict[str, str], base: str):
     return model
 
 
+def top(profile: cProfile.Profile, n: int = 25) -> list[str]:
+    """The `n` functions with the most cumulative time, one line each."""
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("cumulative").print_stats(n)
+    return [line.strip() for line in stream.getvalue().splitlines() if line.strip()[:1].isdigit()][:n]
+
+
 def sync_all(devices: list[str]) -> None:
     for d in dict.fromkeys(devices):
         if d.startswith("cuda"):
@@ -115,16 +125,21 @@ def run(args) -> dict:
         sync_all(devices)
         step_s = time.perf_counter() - t
         t = time.perf_counter()
-        event = pruner.step()
-        sync_all(devices)
+        profile = cProfile.Profile()
+        with profile:
+            event = pruner.step()
+            sync_all(devices)
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         if event is None:
             step_times.append(step_s)
         else:
             seconds = round(time.perf_counter() - t, 2)
-            events.append({"step": event["step"], "s": seconds, "parameters": event["parameters"]})
-        print(json.dumps({"step": pruner.step_count, "step_s": round(step_s, 3), "event": event and events[-1]}))
+            events.append(
+                {"step": event["step"], "s": seconds, "parameters": event["parameters"], "profile": top(profile)}
+            )
+        report = {"step": pruner.step_count, "step_s": round(step_s, 3), "event": event and events[-1]}
+        print(json.dumps(report), flush=True)
     misplaced = [
         n
         for n, p in model.named_parameters()

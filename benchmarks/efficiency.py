@@ -158,7 +158,7 @@ def step_variants(shape: str, args) -> list[dict]:
                 model.enable_input_require_grads()
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            after, extra = None, {}
+            after, extra, imp, pruner = None, {}, None, None
             if variant == "loraprune":
                 imp = LoRAGuidedImportance()
                 after = lambda: imp.accumulate(model)  # noqa: E731
@@ -207,7 +207,7 @@ def step_variants(shape: str, args) -> list[dict]:
             del opt
             base = model.unload() if hasattr(model, "unload") else base
             if variant == "loraprune":  # the pruned base is no longer the shape we measure: rebuild
-                del base, model
+                del base, model, pruner, imp, after  # the pruner holds the pruned model: drop it before Taylor
                 gc.collect()
                 torch.cuda.empty_cache() if device.startswith("cuda") else None
                 base = build(shape, device)
@@ -272,7 +272,7 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
                 model.enable_input_require_grads()
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            imp = LoRAGuidedImportance()
+            imp, pruner = LoRAGuidedImportance(), None
 
             def step(score: bool):
                 model(input_ids=ids, labels=ids).loss.backward()
@@ -309,7 +309,7 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
                     row = {"error": "OOM"}
                 rows.append({"shape": shape, "variant": variant, "base": kind, "checkpointing": ckpt, **row})
                 print(json.dumps(rows[-1]), flush=True)
-            del model, base, opt, imp
+            del model, base, opt, imp, pruner  # the pruner holds the model: the next base would be measured with it
             gc.collect()
             torch.cuda.empty_cache() if device.startswith("cuda") else None
     return rows

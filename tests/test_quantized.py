@@ -335,3 +335,22 @@ def test_bad_quantization_settings_and_devices_are_refused(tmp_path):
     model = _quantized_llama(tmp_path, "8bit")
     with pytest.raises(ValueError, match="device_map='cuda'"):
         prepare_lora_model(model, TrainConfig(device="cuda"))
+
+
+@pytest.mark.parametrize("ranking", ["local", "global"])
+def test_pruned_8bit_bases_keep_ffn_widths_at_multiples_of_4(tmp_path, ranking):
+    """cuBLASLt's int8 matmul fails on inner dimensions that are not multiples of 4 (seen on an H200 at width
+    17755), so 8-bit bases round FFN widths to multiples of 4 even with round_to=1; a float base does not."""
+    config = LoRAPruneConfig(ratio=0.33, ranking=ranking, skip_first=0, skip_last=0)  # 128 -> 85.75 channels
+    widths = {}
+    for kind in ("8bit", "float"):
+        model = _quantized_llama(tmp_path, "8bit")
+        model = model if kind == "8bit" else _float_copy(model, tmp_path)
+        pruner = LoRAPruner(model, config)
+        assert pruner.channel_multiple == (4 if kind == "8bit" else 1)
+        train_step(model)
+        pruner.importance.accumulate(model)
+        pruner.prune(1.0)
+        widths[kind] = [base_layer(m).in_features for n, m in lora_layers(model).items() if n.endswith("down_proj")]
+    assert all(w % 4 == 0 and w < 128 for w in widths["8bit"]), widths
+    assert any(w % 4 for w in widths["float"]), widths  # the same target would give the int8 matmul a bad width

@@ -35,7 +35,7 @@ from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_layers, sync_lora_features
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
 from .optim_state import replace_parameter
-from .quant import check_quantized
+from .quant import check_quantized, width_multiple
 from .schedule import progress
 from .surgery import Replaced, declared_group, prune_items, subgroup
 
@@ -137,6 +137,8 @@ class LoRAPruner:
                 "without CPU/disk offload (a device_map over GPUs only)."
             )
         check_quantized(model)
+        # FFN widths stay at multiples of this: `round_to`, and 4 on 8-bit bases (cuBLASLt's int8 matmul needs it)
+        self.channel_multiple = math.lcm(self.config.round_to, width_multiple(model))
         layers = decoder_layers(model)
         if not layers:
             raise ValueError(
@@ -396,7 +398,7 @@ class LoRAPruner:
 
     def _choose_channels(self, ch: _Channels, group, fraction: float) -> list[int]:
         """Original ids of the lowest-scoring channels to remove to reach the scheduled width."""
-        keep = _keep_count(ch.initial, self.channel_ratio * fraction, self.config.round_to)
+        keep = _keep_count(ch.initial, self.channel_ratio * fraction, self.channel_multiple)
         n_remove = len(ch.alive) - keep
         if n_remove <= 0:
             return []
@@ -412,12 +414,14 @@ class LoRAPruner:
         """Remove the same total number of channels as local ranking, picked by score across all groups.
 
         Raw scores are compared across layers (use `normalize=True` to compare relative importance
-        instead); every group keeps at least `round_to` channels.
+        instead); every group keeps a multiple of `channel_multiple` channels, at least one multiple (a group's
+        highest-scoring picks are kept back to round its width up).
         """
+        m = self.channel_multiple
         candidates, total = [], 0
         for key, group in groups.items():
             ch = self._channels[key]
-            total += len(ch.alive) - _keep_count(ch.initial, self.channel_ratio * fraction, self.config.round_to)
+            total += len(ch.alive) - _keep_count(ch.initial, self.channel_ratio * fraction, m)
             scores = self.importance(group)
             if scores is not None:
                 candidates += [(float(v), key, p) for p, v in enumerate(scores.float().cpu().tolist())]
@@ -426,9 +430,12 @@ class LoRAPruner:
             if total <= 0:
                 break
             ch = self._channels[key]
-            if len(ch.alive) - len(removed[key]) > self.config.round_to:
+            if len(ch.alive) - len(removed[key]) > m:
                 removed[key].append(ch.alive[p])
                 total -= 1
+        for key, ids in removed.items():  # picked in ascending score: un-pick the last ones
+            kept = len(self._channels[key].alive) - len(ids)
+            del ids[len(ids) - min(-kept % m, len(ids)) :]
         return {key: sorted(ids) for key, ids in removed.items()}
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
@@ -555,6 +562,7 @@ class LoRAPruner:
             "pruned_layers": self.layer_indices,
             "head_ratio": self.head_ratio,
             "channel_ratio": self.channel_ratio,
+            "channel_multiple": self.channel_multiple,
             "heads": {k: len(h.alive) for k, h in self._heads.items()},
             "channels": {k: len(c.alive) for k, c in self._channels.items()},
         }

@@ -214,6 +214,16 @@ def check_quantized(model: nn.Module) -> None:
             _4bit_data_and_state(cast(Any, m).weight)
 
 
+# cuBLASLt's int8 matmul (LLM.int8's forward and backward) needs the inner dimension to be a multiple of 4: an
+# 8-bit down_proj with 17755 input channels fails there ("cublasLt ran into an error").
+INT8_WIDTH_MULTIPLE = 4
+
+
+def width_multiple(model: nn.Module) -> int:
+    """The multiple every pruned width must stay at for the model's quantized layers to run (1: any width)."""
+    return INT8_WIDTH_MULTIPLE if any(quantization(m) == "8bit" for m in model.modules()) else 1
+
+
 def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
     """Torch-Pruning pruners for the bitsandbytes layer types present in `model` (empty when there are none)."""
     pruners: dict[type, tp.pruner.function.BasePruningFunc] = {}
