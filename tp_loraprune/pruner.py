@@ -440,7 +440,8 @@ class LoRAPruner:
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
         prune_items(graph, subgroup(group, _positions(ch.alive, ids, ch.key)), on_replaced)
-        ch.alive = [c for c in ch.alive if c not in set(ids)]
+        gone = set(ids)
+        ch.alive = [c for c in ch.alive if c not in gone]
 
     def _head_group(self, graph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):
         """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows).
@@ -513,7 +514,8 @@ class LoRAPruner:
             if any(n not in (0, size) for n in by_group):
                 raise ValueError(f"{a.name}: query heads {ids} are not whole KV groups, which kv_groups mode removes.")
         prune_items(graph, self._head_group(graph, a, positions, kv_heads), on_replaced)
-        h.alive = [x for x in h.alive if x not in set(ids)]
+        gone = set(ids)
+        h.alive = [x for x in h.alive if x not in gone]
 
     # ------------------------------------------------------------------ invariants
     def _restore_invariants(self, replaced: list[Replaced]) -> None:
