@@ -7,6 +7,7 @@ python benchmarks/report.py   # reads benchmarks/results/*.json; rewrites the ge
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +28,10 @@ QUALITY_FILES = (
     ("quality_gpu_ablation.json", "H100"),
     ("quality_gpu_30.json", "H200"),
     ("quality_gpu_quant_ablation.json", "H200"),
+    ("quality_gpu_variants_a.json", "H200"),
+    ("quality_gpu_variants_b.json", "H200"),
+    ("quality_gpu_1600_a.json", "H200"),
+    ("quality_gpu_1600_b.json", "H200"),
 )
 
 
@@ -38,8 +43,9 @@ def quality_rows() -> list[dict]:
         if not path.exists():
             continue
         for r in json.loads(path.read_text())["runs"]:
-            if r["name"] not in seen:
-                seen.add(r["name"])
+            key = (r["name"], r.get("steps", 100))  # the same run name with a longer budget is another run
+            if key not in seen:
+                seen.add(key)
                 rows.append(dict(r, source=name, card=card))
     macs = macs_by_parameters()
     for r in rows:  # every method prunes to the same architecture at a ratio: MACs follow the parameter count
@@ -119,7 +125,8 @@ def ablation_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["method"] == "loraprune" and r["ratio"] == 0.5 and "base" not in (r.get("config") or {}):
+        other_run = {"base", "steps"} & set(r.get("config") or {}) or _long(r)  # in the quantized/budget tables
+        if r["method"] == "loraprune" and r["ratio"] == 0.5 and not other_run:
             label = ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items()) or "default (λ=0.9, square, no norm)"
             if r["seed"] != 0:
                 label += f", seed {r['seed']}"
@@ -127,6 +134,43 @@ def ablation_table(rows: list[dict]) -> str:
                 f"| {r['name']} | {label} | {fmt(r.get('wikitext2_ppl'))} | {fmt(r.get('ptb_ppl'))} | "
                 f"{_zs_mean(r)} | {r.get('card', '–')} |"
             )
+    seeds = [r for r in rows if r["name"].startswith("loraprune@0.5/s") and not _long(r)]
+    if len(seeds) > 1:
+        ppl = sorted(r["wikitext2_ppl"] for r in seeds)
+        lines.append(
+            f"\nSeed spread of the default at 50% ({len(seeds)} seeds: "
+            f"{', '.join(str(r['seed']) for r in sorted(seeds, key=lambda r: r['seed']))}): WikiText-2 "
+            f"{ppl[0]:.1f}–{ppl[-1]:.1f}, median {statistics.median(ppl):.1f}."
+        )
+    return "\n".join(lines)
+
+
+def _long(r: dict) -> set:
+    """{"steps"} when the run had another budget than the table's 100 steps (else empty)."""
+    return {"steps"} if r.get("steps", 100) != 100 else set()
+
+
+def budget_table(rows: list[dict]) -> str:
+    """LoRAPrune vs Taylor at 50% as the LoRA budget grows (the same run settings otherwise)."""
+    picked = [
+        r
+        for r in rows
+        if r["ratio"] == 0.5
+        and r["method"] in ("loraprune", "taylor")
+        and r["seed"] == 0
+        and set(r.get("config") or {}) <= {"steps"}
+    ]
+    if not any(_long(r) for r in picked):
+        return ""
+    lines = [
+        "| method | LoRA steps | prune events | WikiText-2 ppl | PTB ppl | zero-shot mean | prune+FT s | card |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(picked, key=lambda r: (r["method"], r.get("steps", 100))):
+        lines.append(
+            f"| {r['method']} | {r.get('steps', 100)} | {r.get('prune_events', '–')} | {fmt(r.get('wikitext2_ppl'))} | "
+            f"{fmt(r.get('ptb_ppl'))} | {_zs_mean(r)} | {fmt(r.get('prune_and_finetune_s'), 0)} | {r['card']} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,7 +202,10 @@ def quantized_efficiency_table() -> str:
         "| base | variant | step s | peak GiB | accumulate s | prune event s |",
         "|---|---|---|---|---|---|",
     ]
-    for r in data["steps"] + data.get("quantized_steps", []):
+    bf16_path = RESULTS / "efficiency_gpu_steps.json"  # the bf16 rows ran at the same time on the other GPU
+    bf16 = json.loads(bf16_path.read_text())["steps"] if bf16_path.exists() else []
+    bf16 = [r for r in bf16 if r["shape"] == "llama7b" and r["checkpointing"]]
+    for r in bf16 + data["steps"] + data.get("quantized_steps", []):
         base = r.get("base", "bf16")
         variant = r["variant"].removesuffix(f"_{r['base']}") if "base" in r else r["variant"]
         lines.append(
@@ -167,8 +214,8 @@ def quantized_efficiency_table() -> str:
         )
     env = data["environment"]
     return "\n".join(lines) + (
-        f"\n\nLLaMA-7B shape (random weights), bs 8 × 512, gradient checkpointing; {env['device']}, torch "
-        f"{env['torch']}, peft {env['peft']}."
+        f"\n\nLLaMA-7B shape (random weights), bs 8 × 512, gradient checkpointing; {env['device']} (bf16 rows: "
+        f"the other GPU of the same host, same time), torch {env['torch']}, peft {env['peft']}."
     )
 
 
@@ -198,6 +245,13 @@ def ddp_table() -> str:
                 f"{max(d['prune_event_s_per_rank']):.1f} | "
                 f"{'yes' if d['ranks_same_architecture'] and d['ranks_same_weights'] else 'NO'} | {same} |"
             )
+    before = RESULTS / "device_map_llama65b_8bit_before_fix.json"
+    if found and before.exists():
+        old = ", ".join(f"{e['s']:.1f}" for e in json.loads(before.read_text())["prune_events"])
+        lines.append(
+            f"\nThe bf16 run's prune events were timed before a fix of the pruner's bookkeeping of alive channel ids "
+            f"(quadratic in the FFN width); the 8-bit run's events took {old} s before it."
+        )
     return "\n".join(lines) if found else ""
 
 
@@ -221,36 +275,112 @@ def kernel_table() -> str:
     return "\n".join(lines) if found else ""
 
 
+STEP_HEAD = (
+    "| shape | grad. checkpointing | variant | step s | peak GiB | accumulate s | prune event s | step + event/10 s "
+    "| card |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _step_row(r: dict, card: str, peak: str) -> str:
+    return (
+        f"| {r['shape']} | {'yes' if r['checkpointing'] else 'no'} | {r['variant']} | {fmt(r.get('step_s'), 3)} | "
+        f"{peak} | {fmt(r.get('accumulate_s'), 3)} | {fmt(r.get('prune_event_s'), 2)} | "
+        f"{fmt(r.get('step_plus_amortized_event_s'), 3)} | {card} |"
+    )
+
+
+def _card(data: dict) -> str:
+    return data["environment"]["device"].replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+
+
 def efficiency_tables() -> str:
-    path = RESULTS / "efficiency_gpu.json"
-    if not path.exists():
+    """Step time/memory: LLaMA-7B from the re-measured run; the other shapes from the first (H100) run, whose
+    Taylor and no-checkpointing peaks also counted the previous pruned model (kept alive by the benchmark, since
+    fixed), so they are shown as upper bounds. Inference speed from the first run."""
+    new_path, old_path = RESULTS / "efficiency_gpu_steps.json", RESULTS / "efficiency_gpu.json"
+    if not old_path.exists():
         return ""
-    data = json.loads(path.read_text())
-    lines = [
-        "| shape | grad. checkpointing | variant | step s | peak GiB | accumulate s | prune event s "
-        "| step + event/10 s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["steps"]:
-        lines.append(
-            f"| {r['shape']} | {'yes' if r['checkpointing'] else 'no'} | {r['variant']} | {fmt(r.get('step_s'), 3)} | "
-            f"{fmt(r.get('peak_gib'), 1)} | {fmt(r.get('accumulate_s'), 3)} | {fmt(r.get('prune_event_s'), 2)} | "
-            f"{fmt(r.get('step_plus_amortized_event_s'), 3)} |"
-        )
+    old = json.loads(old_path.read_text())
+    new = json.loads(new_path.read_text()) if new_path.exists() else {"steps": []}
+    remeasured = {r["shape"] for r in new["steps"]}
+    lines = [STEP_HEAD] + [_step_row(r, _card(new), fmt(r.get("peak_gib"), 1)) for r in new["steps"]]
+    for r in old["steps"]:
+        if r["shape"] in remeasured:
+            continue
+        inflated = r["variant"] == "taylor" or not r["checkpointing"]
+        peak = ("≤ " if inflated else "") + fmt(r.get("peak_gib"), 1)
+        lines.append(_step_row(r, _card(old), peak))
     inf = [
         "| shape | ratio | round_to | params (B) | FFN width | q heads | prefill 2048 tok (s) | decode tok/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in data["inference"]:
+    for r in old["inference"]:
         inf.append(
             f"| {r['shape']} | {r['ratio']:.0%} | {r['round_to']} | {r['parameters'] / 1e9:.2f} | "
             f"{r['intermediate_size']} | {r['q_heads']} | {r['prefill_s']:.4f} | {r['decode_tokens_per_s']} |"
         )
-    env = data["environment"]
+    env = old["environment"]
     return (
-        "\n".join(lines) + "\n\n" + "\n".join(inf) + f"\n\nDevice: {env['device']}; torch {env['torch']}, "
-        f"transformers {env['transformers']}, peft {env['peft']}."
+        "\n".join(lines)
+        + "\n\n≤: an upper bound. The first run kept the previous pruned model alive into these measurements (a "
+        "benchmark bug, fixed); LLaMA-7B was measured again without it, the other shapes not yet.\n\n"
+        + "\n".join(inf)
+        + f"\n\nInference: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}."
     )
+
+
+def memory_table() -> str:
+    """Where a LoRA step's peak goes on bf16 / 8-bit / 4-bit bases (benchmarks/memory_breakdown.py)."""
+    path = RESULTS / "memory_breakdown_gpu.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    lines = [
+        "| base | weights GiB | held before the step | forward peak | step peak | largest groups alive at the peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in data["bases"]:
+        groups = "; ".join(f"{_where(g['where'])} {g['gib']:.2f} GiB ({g['tensors']})" for g in b["alive_at_peak"][:4])
+        lines.append(
+            f"| {b['base']} | {b['weights_gib']:.2f} | {b['held_before_step_gib']:.2f} | {b['forward_peak_gib']:.2f} | "
+            f"{b['step_peak_gib']:.2f} | {groups} |"
+        )
+    s, env = data["settings"], data["environment"]
+    return "\n".join(lines) + (
+        f"\n\n{s['shape']} shape (random weights), bs {s['batch']} × {s['seq']}, gradient checkpointing, bf16 LoRA "
+        f"r=8 on all 7 projections; {env['device']}, bitsandbytes {env['bitsandbytes']}. Groups: the line of library "
+        "code that allocated the tensors alive at the step's peak (tensor count in brackets)."
+    )
+
+
+def _where(frame: str) -> str:
+    return "backward (no Python frame)" if frame == "?" else frame.split("/")[-1]
+
+
+def device_map_table() -> str:
+    """LoRAPrune with the base spread over GPUs by an accelerate device map (benchmarks/device_map.py)."""
+    lines = [
+        "| shape | base | GPUs (layers each) | params before → after (B) | step s | prune events (s) "
+        "| peak GiB per GPU | weights off their GPU | card |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for path in sorted(RESULTS.glob("device_map_*.json")):
+        if path.stem.endswith("before_fix"):
+            continue
+        d = json.loads(path.read_text())
+        found = True
+        layers = ", ".join(str(n) for n in d["layers_per_device"].values())
+        events = ", ".join(f"{e['s']:.1f}" for e in d["prune_events"])
+        peaks = ", ".join(f"{v:.1f}" for v in d["peak_gib_per_device"].values())
+        lines.append(
+            f"| {d['shape']} | {d['base']} | {len(d['devices'])} ({layers}) | {d['parameters_before'] / 1e9:.2f} → "
+            f"{d['parameters_after'] / 1e9:.2f} | {d['step_s_median']:.2f} | "
+            f"{events} | {peaks} | "
+            f"{len(d['weights_off_their_device'])} | {d['device_names'][0].replace('NVIDIA ', '')} |"
+        )
+    return "\n".join(lines) if found else ""
 
 
 def plots(rows: list[dict]) -> list[str]:
@@ -264,7 +394,7 @@ def plots(rows: list[dict]) -> list[str]:
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
     made = []
-    main = [r for r in rows if not r.get("config") and r["seed"] == 0 and r["method"] != "dense"]
+    main = [r for r in rows if not r.get("config") and r["seed"] == 0 and r["method"] != "dense" and not _long(r)]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "wikitext2_ppl", "WikiText-2 perplexity"), (axes[1], "ptb_ppl", "PTB perplexity")):
@@ -281,12 +411,12 @@ def plots(rows: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(img / "quality_ppl.png", dpi=110)
     made.append("img/quality_ppl.png")
-    path = RESULTS / "efficiency_gpu.json"
+    path = RESULTS / "efficiency_gpu_steps.json"
     if path.exists():
         steps = json.loads(path.read_text())["steps"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         variants = ["peft_lora", "peft_lora_bf16", "loraprune", "taylor"]
-        groups = [(s, c) for s in ("llama7b", "llama3_8b") for c in (True, False)]
+        groups = [("llama7b", c) for c in (True, False)]
         for ax, key, title in ((axes[0], "peak_gib", "peak GiB"), (axes[1], "step_s", "step s")):
             width = 0.2
             for i, v in enumerate(variants):
@@ -304,7 +434,7 @@ def plots(rows: list[dict]) -> list[str]:
                 ax.bar([g + i * width for g in range(len(groups))], vals, width, label=v)
             ax.set_xticks([g + 1.5 * width for g in range(len(groups))])
             ax.set_xticklabels([f"{s}\n{'ckpt' if c else 'no ckpt'}" for s, c in groups], fontsize=8)
-            ax.set_title(title + " (bs 8x512, H100)")
+            ax.set_title(title + " (LLaMA-7B shape, bs 8x512, H200)")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(img / "efficiency.png", dpi=110)
@@ -326,6 +456,10 @@ def main() -> int:
         "",
         ablation_table(rows),
         "",
+        "### LoRA budget at 50%: LoRAPrune vs Taylor",
+        "",
+        budget_table(rows),
+        "",
         "### Quantized bases (SmolLM2-135M-Instruct)",
         "",
         quantized_table(rows),
@@ -341,6 +475,14 @@ def main() -> int:
         "### Step time and memory on quantized bases",
         "",
         quantized_efficiency_table(),
+        "",
+        "### Where the peak memory goes (bf16, 8-bit, 4-bit bases)",
+        "",
+        memory_table(),
+        "",
+        "### Base spread over GPUs (accelerate device map)",
+        "",
+        device_map_table(),
         "",
         "### Scoring kernel (accumulate) at the LLaMA-7B shape",
         "",
