@@ -322,3 +322,16 @@ def test_stock_metapruner_with_default_importance(peft_mha, step, make_batch):
     step(model)
     with pytest.raises(ValueError, match="on_pruned"):
         imp.accumulate(model)
+
+
+def test_group_item_indices_skip_members_without_a_root_channel():
+    from tp_loraprune.importance import _index_pairs
+
+    rows, roots = _index_pairs([3, 4, 5], [0, 1, 2])
+    assert rows.tolist() == [3, 4, 5] and roots.tolist() == [0, 1, 2]
+    rows, roots = _index_pairs([3, 4, 5], [0, None, 2])
+    assert rows.tolist() == [3, 5] and roots.tolist() == [0, 2]
+    assert _index_pairs([3, 4], [None, None]) is None
+    assert _index_pairs([], []) is None
+    with pytest.raises(ValueError, match="3 indices but 2 root indices"):
+        _index_pairs([3, 4, 5], [0, 1])

@@ -36,6 +36,20 @@ def _direction(handler) -> Direction | None:
     return "out" if name == "prune_out_channels" else "in" if name == "prune_in_channels" else None
 
 
+def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(member channels, root channels) of a group item as index tensors, leaving out members without a root
+    channel; None when no member has one. Lists of 10⁴ ints convert directly (the common case, no None)."""
+    if len(idxs) != len(root_idxs):
+        raise ValueError(f"a group item has {len(idxs)} indices but {len(root_idxs)} root indices.")
+    if None not in root_idxs:
+        return (torch.tensor(idxs), torch.tensor(root_idxs)) if idxs else None
+    pairs = [(j, r) for j, r in zip(idxs, root_idxs, strict=True) if r is not None]
+    if not pairs:
+        return None
+    rows, roots = zip(*pairs, strict=True)
+    return torch.tensor(rows), torch.tensor(roots)
+
+
 class LoRAGuidedImportance(tp.importance.Importance):
     """LoRAPrune's criterion (arXiv 2305.18403, Eq. 10) as a `tp.importance.Importance`.
 
@@ -129,10 +143,10 @@ class LoRAGuidedImportance(tp.importance.Importance):
             root_idxs = group[i].root_idxs
             if v is None or root_idxs is None:
                 continue
-            pairs = [(j, r) for j, r in zip(idxs, root_idxs, strict=True) if r is not None]
-            if not pairs:
+            indices = _index_pairs(idxs, root_idxs)
+            if indices is None:
                 continue
-            rows, roots = (torch.as_tensor(x) for x in zip(*pairs, strict=True))
+            rows, roots = indices
             total.scatter_add_(0, roots, v[rows.to(v.device)].cpu())
             hit = True
         return total if hit else None
