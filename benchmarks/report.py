@@ -411,6 +411,27 @@ def plots(rows: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(img / "quality_ppl.png", dpi=110)
     made.append("img/quality_ppl.png")
+    budget = [
+        r
+        for r in rows
+        if r["ratio"] == 0.5
+        and r["method"] in ("loraprune", "taylor")
+        and r["seed"] == 0
+        and set(r.get("config") or {}) <= {"steps"}
+    ]
+    if any(_long(r) for r in budget):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for method in ("loraprune", "taylor"):
+            pts = sorted((r.get("steps", 100), r["wikitext2_ppl"]) for r in budget if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("LoRA steps (8 × 256 tokens each)")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.set_title("50% pruned SmolLM2-135M: LoRA budget", fontsize=10)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(img / "budget.png", dpi=110)
+        made.append("img/budget.png")
     path = RESULTS / "efficiency_gpu_steps.json"
     if path.exists():
         steps = json.loads(path.read_text())["steps"]
