@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import SHAPES, lora_model  # noqa: E402
+from efficiency import SHAPES, build, lora_model  # noqa: E402
 
 
 def split_layers(num_layers: int, devices: list[str]) -> dict[str, str]:
@@ -43,18 +43,10 @@ def split_layers(num_layers: int, devices: list[str]) -> dict[str, str]:
 
 def build_spread(shape: str, device_map: dict[str, str], base: str):
     """A random LLaMA of `shape` whose blocks are created on their own device (never whole on one)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tp_loraprune.quant import quantize_model
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = build(shape, "meta")  # the modules, no memory
+    config = model.config
     torch.manual_seed(0)
     for name, device in device_map.items():
         if name == "model.rotary_emb":  # its buffers are computed, not initialized
