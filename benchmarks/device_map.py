@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import io
 import json
-import platform
 import pstats
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import SHAPES, build, lora_model  # noqa: E402
+from efficiency import SHAPES, build, environment, lora_model  # noqa: E402
 
 
 def split_layers(num_layers: int, devices: list[str]) -> dict[str, str]:
@@ -174,18 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    import accelerate
-    import peft
-    import transformers
-
     result = {
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "accelerate": accelerate.__version__,
-            "python": platform.python_version(),
-        },
+        "environment": environment(args.devices or "cuda", extra=("accelerate",)),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
     result.update(run(args))

@@ -88,6 +88,16 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def environment(device: str, extra: tuple[str, ...] = ()) -> dict:
+    """Package versions, Python and the device, recorded with every result."""
+    from importlib.metadata import version
+
+    env = {name: version(name) for name in ("torch", "transformers", "peft", *extra)}
+    env["python"] = platform.python_version()
+    env["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    return env
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -395,17 +405,8 @@ def main(argv=None) -> int:
     args.checkpointing = [bool(int(c)) for c in args.checkpointing.split(",")]
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.bases = [b for b in args.bases.split(",") if b]
-    import peft
-    import transformers
-
     result = {
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        },
+        "environment": environment(args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "steps": [],
         "inference": [],

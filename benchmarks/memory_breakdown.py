@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import build, lora_model  # noqa: E402
+from efficiency import build, environment, lora_model  # noqa: E402
 
 OWN_CODE = ("transformers", "peft", "bitsandbytes", "tp_loraprune", "accelerate", "torch/utils/checkpoint")
 
@@ -127,19 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    import bitsandbytes
-    import peft
-    import transformers
-
     result = {
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(),
-        },
+        "environment": environment("cuda", extra=("bitsandbytes",)),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "bases": [],
     }
