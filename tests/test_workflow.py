@@ -166,3 +166,19 @@ def test_global_ranking_removes_the_same_total_but_unevenly():
     assert len(removed) == 3 * 24  # the same total as local ranking (half of 3 x 48)
     kept = set(scores) - removed
     assert max(scores[r] for r in removed) <= min(scores[k] for k in kept)  # the globally lowest went
+
+
+@pytest.mark.parametrize("ranking", ["local", "global"])
+def test_round_to_keeps_every_ffn_width_at_a_multiple(ranking):
+    """round_to=8 on FFN width 48 at a 40% channel ratio (28.8 kept): every pruned width is a multiple of 8 in
+    both ranking modes; global ranking keeps back each group's highest-scoring picks to round its width up."""
+    model = wrap_peft(build_llama())
+    train_step(model)
+    config = LoRAPruneConfig(head_ratio=0.0, channel_ratio=0.4, layers=[0, 1, 2], ranking=ranking, round_to=8)
+    pruner = LoRAPruner(model, config)
+    pruner.importance.accumulate(model)
+    pruner.prune(1.0)
+    widths = list(pruner.summary()["channels"].values())
+    assert all(w % 8 == 0 and 0 < w <= 48 for w in widths), widths
+    assert abs(sum(widths) - 3 * 28.8) <= 3 * 8, widths  # within one multiple per group of the target
+    assert pruner.summary()["channel_multiple"] == 8
