@@ -100,12 +100,15 @@ def _head_dim(module: nn.Module, config) -> int:
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module | None:
-    current: object = module
+    """The registered sub-module at a dotted path, or None (a dict lookup per part: this runs for every module
+    of the model and every known path at each prune event, where `getattr` with a miss costs an exception)."""
+    current = module
     for part in path.split("."):
-        current = getattr(current, part, None)
-        if not isinstance(current, nn.Module):
+        child = current._modules.get(part)
+        if child is None:
             return None
-    return current if isinstance(current, nn.Module) else None
+        current = child
+    return current
 
 
 def _owner(module: nn.Module, path: str) -> nn.Module:
@@ -159,9 +162,10 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def sync_attention_attributes(model: nn.Module) -> None:
-    """Make every attention module's head bookkeeping match its (possibly pruned) projections."""
-    for a in attention_layouts(model):
+def sync_attention_attributes(model: nn.Module, layouts: list[AttentionLayout] | None = None) -> None:
+    """Make every attention module's head bookkeeping match its (possibly pruned) projections (`layouts`: the
+    model's attention layouts when the caller has them already)."""
+    for a in attention_layouts(model) if layouts is None else layouts:
         if a.fused is not None and a.fused.config_heads:
             set_layer_heads(a.module, a.num_heads, a.num_kv_heads)
         for module in {a.module, a.head_owner or a.module}:
@@ -208,8 +212,8 @@ def sync_config(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None:
         return True
-    sync_attention_attributes(model)
     layouts = attention_layouts(model)
+    sync_attention_attributes(model, layouts)
     uniform = True
     if layouts:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
