@@ -44,7 +44,8 @@ class LoRAPruneConfig:
         ema, score, normalize.
 
     Hardware:
-        round_to: keep FFN widths at multiples of this (8 or 64 make the pruned matmuls fast).
+        round_to: keep FFN widths at multiples of this (8 or 64 make the pruned matmuls fast). On 8-bit
+            bitsandbytes bases the pruner uses lcm(round_to, 4): their int8 matmul needs multiples of 4.
     """
 
     ratio: float = 0.5
