@@ -125,7 +125,7 @@ def ablation_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        other_run = {"base", "steps"} & set(r.get("config") or {}) or _long(r)  # in the quantized/budget tables
+        other_run = bool({"base", "steps"} & set(r.get("config") or {})) or _long(r)  # quantized/budget tables
         if r["method"] == "loraprune" and r["ratio"] == 0.5 and not other_run:
             label = ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items()) or "default (λ=0.9, square, no norm)"
             if r["seed"] != 0:
@@ -145,14 +145,14 @@ def ablation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _long(r: dict) -> set:
-    """{"steps"} when the run had another budget than the table's 100 steps (else empty)."""
-    return {"steps"} if r.get("steps", 100) != 100 else set()
+def _long(r: dict) -> bool:
+    """Whether the run had another LoRA budget than the tables' 100 steps."""
+    return r.get("steps", 100) != 100
 
 
-def budget_table(rows: list[dict]) -> str:
-    """LoRAPrune vs Taylor at 50% as the LoRA budget grows (the same run settings otherwise)."""
-    picked = [
+def budget_rows(rows: list[dict]) -> list[dict]:
+    """LoRAPrune and Taylor at 50%, seed 0, default settings but for the number of LoRA steps."""
+    return [
         r
         for r in rows
         if r["ratio"] == 0.5
@@ -160,6 +160,11 @@ def budget_table(rows: list[dict]) -> str:
         and r["seed"] == 0
         and set(r.get("config") or {}) <= {"steps"}
     ]
+
+
+def budget_table(rows: list[dict]) -> str:
+    """LoRAPrune vs Taylor at 50% as the LoRA budget grows (the same run settings otherwise)."""
+    picked = budget_rows(rows)
     if not any(_long(r) for r in picked):
         return ""
     lines = [
@@ -411,14 +416,7 @@ def plots(rows: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(img / "quality_ppl.png", dpi=110)
     made.append("img/quality_ppl.png")
-    budget = [
-        r
-        for r in rows
-        if r["ratio"] == 0.5
-        and r["method"] in ("loraprune", "taylor")
-        and r["seed"] == 0
-        and set(r.get("config") or {}) <= {"steps"}
-    ]
+    budget = budget_rows(rows)
     if any(_long(r) for r in budget):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for method in ("loraprune", "taylor"):
