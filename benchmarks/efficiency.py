@@ -120,6 +120,32 @@ def build(shape: str, device: str, dtype=torch.bfloat16, *, layers: int = 0):
     return model
 
 
+def score_and_prune(model, ids, opt, imp, step_s: float, args, *, retrace: bool) -> dict:
+    """Time `accumulate` and one prune event (10% of a 20% target) on `model`, in place; with `retrace`, also a
+    second event with a fresh trace + Torch-Pruning propagation (the pruner's fallback, and what every event
+    cost before graphs were kept). The pruner is dropped on return, so it keeps no model alive."""
+    from tp_loraprune import LoRAPruneConfig, LoRAPruner
+
+    device = args.device
+    model(input_ids=ids, labels=ids).loss.backward()  # gradients to score
+    accumulate_s, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
+    config = LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10)
+    pruner = LoRAPruner(model, config, optimizer=opt, importance=imp)
+    sync(device)
+    t = time.perf_counter()
+    pruner.prune(0.1)
+    sync(device)
+    event = time.perf_counter() - t
+    extra = {"accumulate_s": round(accumulate_s, 4), "prune_event_s": round(event, 3)}
+    if retrace:
+        pruner._graph = None
+        t = time.perf_counter()
+        pruner.prune(0.2)
+        sync(device)
+        extra["prune_event_retrace_s"] = round(time.perf_counter() - t, 3)
+    return {**extra, "step_plus_amortized_event_s": round(step_s + event / 10, 4)}
+
+
 def timed_steps(step_fn, n_warmup: int, n_timed: int, device: str) -> tuple[float, float | None]:
     for _ in range(n_warmup):
         step_fn()
@@ -144,7 +170,7 @@ def lora_model(base, bf16_adapters: bool):
 
 
 def step_variants(shape: str, args) -> list[dict]:
-    from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner
+    from tp_loraprune import LoRAGuidedImportance
 
     device, rows = args.device, []
     for ckpt in args.checkpointing:
@@ -168,39 +194,14 @@ def step_variants(shape: str, args) -> list[dict]:
                 model.enable_input_require_grads()
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            after, extra, imp, pruner = None, {}, None, None
+            after, extra, imp = None, {}, None
             if variant == "loraprune":
                 imp = LoRAGuidedImportance()
                 after = lambda: imp.accumulate(model)  # noqa: E731
             try:
                 sec, peak = timed_steps(lambda: train_step(model, opt, after), args.warmup, args.steps, device)
                 if variant == "loraprune":
-                    model(input_ids=ids, labels=ids).loss.backward()  # gradients to score
-                    acc_sec, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
-                    pruner = LoRAPruner(
-                        model,
-                        LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
-                        optimizer=opt,
-                        importance=imp,
-                    )
-                    sync(device)
-                    t = time.perf_counter()
-                    pruner.prune(0.1)
-                    sync(device)
-                    event = time.perf_counter() - t
-                    # the same kind of event with a fresh trace + Torch-Pruning propagation per event (the
-                    # pruner's fallback, and what every event cost before graphs were kept)
-                    pruner._graph = None
-                    t = time.perf_counter()
-                    pruner.prune(0.2)
-                    sync(device)
-                    retrace = time.perf_counter() - t
-                    extra = {
-                        "accumulate_s": round(acc_sec, 4),
-                        "prune_event_s": round(event, 3),
-                        "prune_event_retrace_s": round(retrace, 3),
-                        "step_plus_amortized_event_s": round(sec + event / 10, 4),
-                    }
+                    extra = score_and_prune(model, ids, opt, imp, sec, args, retrace=True)
                 rows.append(
                     {
                         "shape": shape,
@@ -217,7 +218,7 @@ def step_variants(shape: str, args) -> list[dict]:
             del opt
             base = model.unload() if hasattr(model, "unload") else base
             if variant == "loraprune":  # the pruned base is no longer the shape we measure: rebuild
-                del base, model, pruner, imp, after  # the pruner holds the pruned model: drop it before Taylor
+                del base, model, imp, after
                 gc.collect()
                 torch.cuda.empty_cache() if device.startswith("cuda") else None
                 base = build(shape, device)
@@ -264,7 +265,7 @@ def step_variants(shape: str, args) -> list[dict]:
 
 def quantized_step_variants(shape: str, args) -> list[dict]:
     """LoRA and LoRAPrune steps on bitsandbytes 8-bit / 4-bit (nf4) bases: bf16 adapters, bf16 compute."""
-    from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner
+    from tp_loraprune import LoRAGuidedImportance
     from tp_loraprune.quant import quantize_model
 
     device, rows = args.device, []
@@ -282,7 +283,7 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
                 model.enable_input_require_grads()
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            imp, pruner = LoRAGuidedImportance(), None
+            imp = LoRAGuidedImportance()
 
             def step(score: bool):
                 model(input_ids=ids, labels=ids).loss.backward()
@@ -296,30 +297,13 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
                     sec, peak = timed_steps(lambda: step(score), args.warmup, args.steps, device)
                     extra = {}
                     if score:
-                        model(input_ids=ids, labels=ids).loss.backward()
-                        acc_sec, _ = timed_steps(lambda: imp.accumulate(model), 1, args.steps, device)
-                        pruner = LoRAPruner(
-                            model,
-                            LoRAPruneConfig(ratio=0.2, total_steps=100, prune_every=10),
-                            optimizer=opt,
-                            importance=imp,
-                        )
-                        sync(device)
-                        t = time.perf_counter()
-                        pruner.prune(0.1)
-                        sync(device)
-                        event = time.perf_counter() - t
-                        extra = {
-                            "accumulate_s": round(acc_sec, 4),
-                            "prune_event_s": round(event, 3),
-                            "step_plus_amortized_event_s": round(sec + event / 10, 4),
-                        }
+                        extra = score_and_prune(model, ids, opt, imp, sec, args, retrace=False)
                     row = {"step_s": round(sec, 4), "peak_gib": None if peak is None else round(peak, 2), **extra}
                 except torch.OutOfMemoryError:
                     row = {"error": "OOM"}
                 rows.append({"shape": shape, "variant": variant, "base": kind, "checkpointing": ckpt, **row})
                 print(json.dumps(rows[-1]), flush=True)
-            del model, base, opt, imp, pruner  # the pruner holds the model: the next base would be measured with it
+            del model, base, opt, imp
             gc.collect()
             torch.cuda.empty_cache() if device.startswith("cuda") else None
     return rows
