@@ -1,7 +1,8 @@
 """Efficiency benchmark: step time and peak memory of LoRA / LoRAPrune / Taylor steps, and inference speed
 of pruned, merged models. Random bf16 weights at real shapes (LLaMA-7B, LLaMA-3-8B GQA, SmolLM2-135M).
 
-    python benchmarks/efficiency.py --out benchmarks/results/efficiency_gpu.json          # GPU
+    python benchmarks/efficiency.py --skip inference --warmup 1 --steps 3 --out steps.json    # GPU: step table
+    python benchmarks/efficiency.py --skip steps --out inference.json                         # GPU: inference
     python benchmarks/efficiency.py --shapes smollm2 --batch 2 --seq 128 --out /tmp/e.json  # CPU smoke
 
 Step variants, measured side by side in one process on the same model:

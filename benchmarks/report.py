@@ -286,10 +286,10 @@ STEP_HEAD = (
 )
 
 
-def _step_row(r: dict, card: str, peak: str) -> str:
+def _step_row(r: dict, card: str) -> str:
     return (
         f"| {r['shape']} | {'yes' if r['checkpointing'] else 'no'} | {r['variant']} | {fmt(r.get('step_s'), 3)} | "
-        f"{peak} | {fmt(r.get('accumulate_s'), 3)} | {fmt(r.get('prune_event_s'), 2)} | "
+        f"{fmt(r.get('peak_gib'), 1)} | {fmt(r.get('accumulate_s'), 3)} | {fmt(r.get('prune_event_s'), 2)} | "
         f"{fmt(r.get('step_plus_amortized_event_s'), 3)} | {card} |"
     )
 
@@ -299,39 +299,33 @@ def _card(data: dict) -> str:
 
 
 def efficiency_tables() -> str:
-    """Step time/memory: LLaMA-7B from the re-measured run; the other shapes from the first (H100) run, whose
-    Taylor and no-checkpointing peaks also counted the previous pruned model (kept alive by the benchmark, since
-    fixed), so they are shown as upper bounds. Inference speed from the first run."""
-    new_path, old_path = RESULTS / "efficiency_gpu_steps.json", RESULTS / "efficiency_gpu.json"
-    if not old_path.exists():
+    """Step time/memory of LoRA, LoRAPrune and Taylor steps at three shapes, and inference speed of the
+    pruned LLaMA-7B shape; both runs on one card (benchmarks/efficiency.py)."""
+    steps_path, inference_path = RESULTS / "efficiency_gpu_steps2.json", RESULTS / "efficiency_gpu_inference2.json"
+    if not (steps_path.exists() and inference_path.exists()):
         return ""
-    old = json.loads(old_path.read_text())
-    new = json.loads(new_path.read_text()) if new_path.exists() else {"steps": []}
-    remeasured = {r["shape"] for r in new["steps"]}
-    lines = [STEP_HEAD] + [_step_row(r, _card(new), fmt(r.get("peak_gib"), 1)) for r in new["steps"]]
-    for r in old["steps"]:
-        if r["shape"] in remeasured:
-            continue
-        inflated = r["variant"] == "taylor" or not r["checkpointing"]
-        peak = ("≤ " if inflated else "") + fmt(r.get("peak_gib"), 1)
-        lines.append(_step_row(r, _card(old), peak))
+    steps, inference = json.loads(steps_path.read_text()), json.loads(inference_path.read_text())
+    shape_order = {"llama7b": 0, "llama3_8b": 1, "smollm2": 2}
+    rows = sorted(steps["steps"], key=lambda r: shape_order.get(r["shape"], len(shape_order)))  # stable sort
+    lines = [STEP_HEAD] + [_step_row(r, _card(steps)) for r in rows]
     inf = [
         "| shape | ratio | round_to | params (B) | FFN width | q heads | prefill 2048 tok (s) | decode tok/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in old["inference"]:
+    for r in inference["inference"]:
         inf.append(
             f"| {r['shape']} | {r['ratio']:.0%} | {r['round_to']} | {r['parameters'] / 1e9:.2f} | "
             f"{r['intermediate_size']} | {r['q_heads']} | {r['prefill_s']:.4f} | {r['decode_tokens_per_s']} |"
         )
-    env = old["environment"]
+    s, env = steps["settings"], steps["environment"]
     return (
         "\n".join(lines)
-        + "\n\n≤: an upper bound. The first run kept the previous pruned model alive into these measurements (a "
-        "benchmark bug, fixed); LLaMA-7B was measured again without it, the other shapes not yet.\n\n"
+        + f"\n\nRandom bf16 weights at each shape, bs {s['batch']} × {s['seq']}, LoRA r=8 on all 7 projections, "
+        f"medians of {s['steps']} steps after {s['warmup']} warm-up; {env['device']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, peft {env['peft']}.\n\n"
         + "\n".join(inf)
-        + f"\n\nInference: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-        f"peft {env['peft']}."
+        + f"\n\nInference: {_card(inference)} (the same machine, the next run), batch 1, prefill "
+        f"{inference['settings']['prefill']} tokens, {inference['settings']['decode']} greedy decode tokens."
     )
 
 
@@ -430,7 +424,7 @@ def plots(rows: list[dict]) -> list[str]:
         fig.tight_layout()
         fig.savefig(img / "budget.png", dpi=110)
         made.append("img/budget.png")
-    path = RESULTS / "efficiency_gpu_steps.json"
+    path = RESULTS / "efficiency_gpu_steps2.json"
     if path.exists():
         steps = json.loads(path.read_text())["steps"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
