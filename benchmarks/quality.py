@@ -94,6 +94,7 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     base = overrides.pop("base", "float")  # "8bit" / "4bit": LoRAPrune on a bitsandbytes base
     keep_quantized = overrides.pop("keep_quantized", False)  # merge into the quantized base instead
     steps = overrides.pop("steps", args.steps)  # a longer (or shorter) budget for this run only
+    lora_init = overrides.pop("lora_init", "default")  # PEFT init_lora_weights, e.g. PiSSA
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=args.prune_every, **overrides)
     train = TrainConfig(
         lr=args.lr,
@@ -101,6 +102,7 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         block_size=args.block_size,
         lora_r=8,
         lora_alpha=16,
+        lora_init=lora_init,
         precision=args.precision,
         seed=seed,
         device=device,
@@ -202,6 +204,11 @@ def plan(args) -> list[tuple]:
             runs.append(
                 (f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0], {"score": score, "normalize": norm})
             )
+    # LoRA initialized from each weight's top singular vectors (B != 0 from the first step); random with the
+    # same init tells the criterion's share from the fine-tune's
+    for ratio in args.ratios:
+        for method in ("loraprune", "random"):
+            runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], {"lora_init": "pissa_niter_4"}))
     for base in args.quantized_bases:
         for ratio in args.quantized_ratios:
             runs.append((f"loraprune-{base}@{ratio}", "loraprune", ratio, args.seeds[0], {"base": base}))

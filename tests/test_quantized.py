@@ -335,6 +335,9 @@ def test_bad_quantization_settings_and_devices_are_refused(tmp_path):
     model = _quantized_llama(tmp_path, "8bit")
     with pytest.raises(ValueError, match="device_map='cuda'"):
         prepare_lora_model(model, TrainConfig(device="cuda"))
+    plain = _quantized_llama(tmp_path / "plain", "8bit", lora=False)
+    with pytest.raises(ValueError, match="lora_init='pissa'.*residual"):
+        prepare_lora_model(plain, TrainConfig(lora_init="pissa"))
 
 
 @pytest.mark.parametrize("ranking", ["local", "global"])

@@ -11,9 +11,10 @@ import torch
 from conftest import batch, build_llama, logits, train_step, wrap_peft
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner, load_pruned, save_pruned
-from tp_loraprune.export import MANIFEST
+from tp_loraprune.export import MANIFEST, merge_lora
+from tp_loraprune.lora import lora_factors, lora_layers
 from tp_loraprune.optim_state import trainable_parameters_match
-from tp_loraprune.train import TrainConfig, prune
+from tp_loraprune.train import TrainConfig, prepare_lora_model, prune
 
 
 def _pruned(layers):
@@ -55,23 +56,49 @@ def test_load_pruned_rejects_foreign_directory(tmp_path):
         load_pruned(tmp_path)
 
 
-def _run(tmp_path=None, **kwargs):
+def _run(tmp_path=None, lora_init="default", **kwargs):
     blocks = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
     config = LoRAPruneConfig(ratio=0.3, layers=[0, 1, 2], total_steps=20, prune_every=2)
-    train = TrainConfig(lr=1e-2, batch_size=2, block_size=12, lora_r=2, progress=False, checkpoint_every=3)
+    train = TrainConfig(
+        lr=1e-2, batch_size=2, block_size=12, lora_r=2, lora_init=lora_init, progress=False, checkpoint_every=3
+    )
     return prune(build_llama(), None, blocks, config, train, **kwargs)
 
 
-def test_resume_ends_with_the_same_architecture(tmp_path):
-    full = _run()
+@pytest.mark.parametrize("lora_init", ["default", "pissa_niter_2"])
+def test_resume_ends_with_the_same_architecture(tmp_path, lora_init):
+    full = _run(lora_init=lora_init)
     ckpt = tmp_path / "ckpt"
-    partial = _run(checkpoint_dir=ckpt, stop_after=9)
+    partial = _run(lora_init=lora_init, checkpoint_dir=ckpt, stop_after=9)
     assert partial.summary["parameters"] > full.summary["parameters"]  # stopped mid-way
-    resumed = _run(checkpoint_dir=ckpt, resume=True)
+    resumed = _run(lora_init=lora_init, checkpoint_dir=ckpt, resume=True)
     assert [e["removed"] for e in resumed.events] == [e["removed"] for e in full.events]
     assert resumed.summary["parameters"] == full.summary["parameters"]
     assert resumed.losses == pytest.approx(full.losses)
     torch.testing.assert_close(logits(resumed.model), logits(full.model), atol=1e-6, rtol=0)
+
+
+def test_lora_init_must_be_one_the_pruner_supports():
+    with pytest.raises(ValueError, match="lora_init.*'svd'"):
+        TrainConfig(lora_init="svd")
+    with pytest.raises(ValueError, match="lora_init"):
+        TrainConfig(lora_init="pissa_niter_0")
+
+
+def test_pissa_init_starts_from_the_same_model_and_merges_exactly_after_pruning():
+    model = build_llama()
+    dense = logits(model)
+    peft_model = prepare_lora_model(model, TrainConfig(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_init="pissa"))
+    torch.testing.assert_close(logits(peft_model), dense, atol=1e-5, rtol=0)  # residual + s·B·A is the weight
+    layers = lora_layers(peft_model).values()
+    assert all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in layers)  # B starts non-zero
+    train_step(peft_model)
+    assert all(lora_factors(layer).dA.abs().sum() > 0 for layer in layers)  # so ∂L/∂A carries signal at once
+    pruner = LoRAPruner(peft_model, LoRAPruneConfig(head_ratio=0.34, channel_ratio=0.25))
+    pruner.importance.accumulate(peft_model)
+    pruner.prune(1.0)
+    pruned = logits(peft_model)
+    torch.testing.assert_close(logits(merge_lora(peft_model)), pruned, atol=1e-5, rtol=0)
 
 
 def test_driver_keeps_loss_finite_and_reaches_target():

@@ -39,6 +39,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=1e-3, help="LoRA learning rate (1e-3 recovered best in the 40-step demo)"
     )
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument(
+        "--lora-init",
+        default="default",
+        help="PEFT init_lora_weights: default (B = 0), pissa, pissa_niter_<n>, olora, gaussian",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cpu")
@@ -91,6 +96,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r,
+            lora_init=args.lora_init,
             precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,
             seed=args.seed,

@@ -49,6 +49,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    lora_init: str = "default"
     target_modules: str | list[str] = "all-linear"
     max_grad_norm: float = 1.0
     precision: str = "fp32"
@@ -65,6 +66,11 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if not _is_lora_init(self.lora_init):
+            raise ValueError(
+                f"`lora_init` must be 'default' (PEFT's B = 0), 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
+                f"got {self.lora_init!r}."
+            )
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}.")
         if self.checkpoint_every < 0:
@@ -80,17 +86,36 @@ class PruneResult:
     losses: list[float]
 
 
+def _is_lora_init(value: object) -> bool:
+    if value in ("default", "gaussian", "pissa", "olora"):
+        return True
+    niter = value.removeprefix("pissa_niter_") if isinstance(value, str) else ""
+    return niter.isdigit() and int(niter) > 0
+
+
 def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """Wrap a plain model with a fresh PEFT LoRA adapter (a PEFT model is returned unchanged)."""
+    """Wrap a plain model with a fresh PEFT LoRA adapter (a PEFT model is returned unchanged).
+
+    `train.lora_init` is PEFT's `init_lora_weights`. With "pissa" / "pissa_niter_<n>" (or "olora") A and B
+    start from the top-r singular vectors of each weight (QR for OLoRA), the base keeps the residual
+    W − s·BA, and the model's output is unchanged. B is then not zero at the start, so both terms of the
+    LoRA-guided gradient carry information from the first step (see docs/benchmarks.md).
+    """
     if lora_layers(model):
         return model
     import peft
 
+    if train.lora_init != "default" and has_quantized_layers(model):
+        raise ValueError(
+            f"`lora_init={train.lora_init!r}` rewrites the base weights to a residual, which a bitsandbytes base "
+            "cannot hold; use lora_init='default' with quantized bases."
+        )
     config = peft.LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=train.target_modules,
+        init_lora_weights=True if train.lora_init == "default" else train.lora_init,
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
