@@ -176,7 +176,9 @@ def main(argv=None) -> int:
             config = LoRAPruneConfig(**TARGETS[target])  # prune(1.0): the whole target at once
             pruner = LoRAPruner(pruned, config, importance=imps[name])
             pruner.prune(1.0)
-            rows.append({"criterion": name, "target": target, "parameters": pruner.parameters, "wikitext2": ppl(pruned)})
+            rows.append(
+                {"criterion": name, "target": target, "parameters": pruner.parameters, "wikitext2": ppl(pruned)}
+            )
             print(json.dumps(rows[-1]), flush=True)
             del pruned, imps, pruner
     summary: dict[str, dict[str, float]] = {}
