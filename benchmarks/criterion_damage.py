@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows of 512 tokens")
     p.add_argument("--targets", default="heads,ffn,both")
     p.add_argument("--criteria", default="all", help="comma list of criteria, or all")
-    p.add_argument("--lora-init", default="default", help="PEFT init_lora_weights, e.g. pissa_niter_4")
+    p.add_argument("--lora-init", default="default", help="TrainConfig.lora_init: default (B = 0), pissa_niter_4, ...")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     data_dir = find_data_dir()
@@ -124,19 +124,7 @@ def main(argv=None) -> int:
         read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl")), tok, block_size=args.block_size
     )
     wikitext = perplexity_text("wikitext2", data_dir)
-    train = TrainConfig(lr=args.lr, lora_dropout=0.0, progress=False)
-    if args.lora_init != "default":
-        import peft
-
-        lora_config = peft.LoraConfig(
-            r=train.lora_r,
-            lora_alpha=train.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=train.target_modules,
-            init_lora_weights=args.lora_init,
-            task_type="CAUSAL_LM",
-        )
-        model = peft.get_peft_model(model, lora_config)
+    train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init=args.lora_init, progress=False)
     peft_model = prepare_lora_model(model, train)
     lora = {"square": LoRAGuidedImportance(), "abs": LoRAGuidedImportance(score="abs")}
     bases = [

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lora-init", default="default", help="TrainConfig.lora_init (the published run: default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     blocks = token_blocks(
         docs if isinstance(docs, list) else read_text_documents(docs), tok, block_size=args.block_size
     )
-    train = TrainConfig(lr=args.lr, lora_dropout=0.0, progress=False)
+    train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init=args.lora_init, progress=False)
     peft_model = prepare_lora_model(model, train)
     imps = {name: LoRAGuidedImportance(score=s, normalize=n) for name, (s, n) in VARIANTS.items()}
     pruner = LoRAPruner(peft_model, LoRAPruneConfig(ratio=0.2), importance=imps["square"])

@@ -209,6 +209,19 @@ def plan(args) -> list[tuple]:
     for ratio in args.ratios:
         for method in ("loraprune", "random"):
             runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], {"lora_init": "pissa_niter_4"}))
+    if args.ablation_ratio is not None:
+        r, pissa = args.ablation_ratio, {"lora_init": "pissa_niter_4"}
+        for seed in args.extra_seeds:
+            runs.append((f"loraprune-pissa@{r}/s{seed}", "loraprune", r, seed, pissa))
+        runs.append(
+            (
+                f"loraprune-pissa-{4 * args.steps}steps@{r}",
+                "loraprune",
+                r,
+                args.seeds[0],
+                pissa | {"steps": 4 * args.steps},
+            )
+        )
     for base in args.quantized_bases:
         for ratio in args.quantized_ratios:
             runs.append((f"loraprune-{base}@{ratio}", "loraprune", ratio, args.seeds[0], {"base": base}))

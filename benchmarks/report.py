@@ -32,6 +32,8 @@ QUALITY_FILES = (
     ("quality_gpu_variants_b.json", "H200"),
     ("quality_gpu_1600_a.json", "H200"),
     ("quality_gpu_1600_b.json", "H200"),
+    ("quality_gpu_pissa.json", "H200"),
+    ("quality_gpu_pissa_2.json", "H200"),
 )
 
 
@@ -64,6 +66,71 @@ def macs_by_parameters() -> dict[int, int]:
 
 def fmt(x, digits=1):
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pissa(r: dict) -> bool:
+    return str((r.get("config") or {}).get("lora_init", "")).startswith("pissa")
+
+
+def _label(r: dict) -> str:
+    """The method, marked when the LoRA factors started from PiSSA instead of PEFT's default (B = 0)."""
+    return r["method"] + (" (PiSSA init)" if _pissa(r) else "")
+
+
+def lora_init_table(rows: list[dict]) -> str:
+    """LoRAPrune and random with PEFT's default LoRA init vs PiSSA, beside Taylor, at every ratio."""
+    picked = [
+        r
+        for r in rows
+        if r["method"] in ("loraprune", "random", "taylor")
+        and r["seed"] == 0
+        and not _long(r)
+        and set(r.get("config") or {}) <= {"lora_init"}
+    ]
+    if not any(_pissa(r) for r in picked):
+        return ""
+    order = ["loraprune (PiSSA init)", "loraprune", "taylor", "random (PiSSA init)", "random"]
+    lines = [
+        "| ratio | method | WikiText-2 ppl | PTB ppl | zero-shot mean | prune+FT s | peak GiB | card |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(picked, key=lambda r: (r["ratio"], order.index(_label(r)))):
+        lines.append(
+            f"| {r['ratio']:.0%} | {_label(r)} | {fmt(r.get('wikitext2_ppl'))} | {fmt(r.get('ptb_ppl'))} | "
+            f"{_zs_mean(r)} | {fmt(r.get('prune_and_finetune_s'), 0)} | {fmt(r.get('peak_gib'), 2)} | {r['card']} |"
+        )
+    seeds = [r for r in rows if r["name"].startswith("loraprune-pissa@0.5") and _pissa(r) and not _long(r)]
+    if len(seeds) > 1:
+        ppl = sorted(r["wikitext2_ppl"] for r in seeds)
+        lines.append(
+            f"\nSeed spread of LoRAPrune with PiSSA init at 50% ({len(seeds)} seeds): WikiText-2 "
+            f"{', '.join(f'{p:.1f}' for p in ppl)}, median {statistics.median(ppl):.1f}."
+        )
+    return "\n".join(lines)
+
+
+def criterion_damage_table() -> str:
+    """Perplexity right after one-shot pruning, per criterion and structure (benchmarks/criterion_damage.py)."""
+    runs = sorted(RESULTS.glob("criterion_damage_*.json"))
+    if not runs:
+        return ""
+    lines = [
+        "| LoRA init | LoRA steps | criterion | heads only | FFN channels only | both (20%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in runs:
+        d = json.loads(path.read_text())
+        s = d["settings"]
+        for criterion, by_target in d["summary"].items():
+            lines.append(
+                f"| {s['lora_init']} | {s['steps']} | {criterion} | {fmt(by_target.get('heads'))} | "
+                f"{fmt(by_target.get('ffn'))} | {fmt(by_target.get('both'))} |"
+            )
+    return "\n".join(lines) + (
+        "\n\nWikiText-2 perplexity (first 8 windows of 512 tokens) of the real SmolLM2-135M right after one-shot "
+        "pruning, no fine-tune, 2-core CPU. Heads only: one query head of every KV group (3 of 9); FFN only: 20% of "
+        "the channels; both: `ratio=0.2`. Unpruned: about 30."
+    )
 
 
 def quality_table(rows: list[dict]) -> str:
@@ -125,7 +192,7 @@ def ablation_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        other_run = bool({"base", "steps"} & set(r.get("config") or {})) or _long(r)  # quantized/budget tables
+        other_run = bool({"base", "steps", "lora_init"} & set(r.get("config") or {})) or _long(r)  # own tables
         if r["method"] == "loraprune" and r["ratio"] == 0.5 and not other_run:
             label = ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items()) or "default (λ=0.9, square, no norm)"
             if r["seed"] != 0:
@@ -151,14 +218,15 @@ def _long(r: dict) -> bool:
 
 
 def budget_rows(rows: list[dict]) -> list[dict]:
-    """LoRAPrune and Taylor at 50%, seed 0, default settings but for the number of LoRA steps."""
+    """LoRAPrune (both LoRA inits) and Taylor at 50%, seed 0, default settings but for the number of LoRA
+    steps."""
     return [
         r
         for r in rows
         if r["ratio"] == 0.5
         and r["method"] in ("loraprune", "taylor")
         and r["seed"] == 0
-        and set(r.get("config") or {}) <= {"steps"}
+        and set(r.get("config") or {}) <= {"steps", "lora_init"}
     ]
 
 
@@ -171,9 +239,9 @@ def budget_table(rows: list[dict]) -> str:
         "| method | LoRA steps | prune events | WikiText-2 ppl | PTB ppl | zero-shot mean | prune+FT s | card |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(picked, key=lambda r: (r["method"], r.get("steps", 100))):
+    for r in sorted(picked, key=lambda r: (_label(r), r.get("steps", 100))):
         lines.append(
-            f"| {r['method']} | {r.get('steps', 100)} | {r.get('prune_events', '–')} | {fmt(r.get('wikitext2_ppl'))} | "
+            f"| {_label(r)} | {r.get('steps', 100)} | {r.get('prune_events', '–')} | {fmt(r.get('wikitext2_ppl'))} | "
             f"{fmt(r.get('ptb_ppl'))} | {_zs_mean(r)} | {fmt(r.get('prune_and_finetune_s'), 0)} | {r['card']} |"
         )
     return "\n".join(lines)
@@ -394,6 +462,7 @@ def plots(rows: list[dict]) -> list[str]:
     img.mkdir(parents=True, exist_ok=True)
     made = []
     main = [r for r in rows if not r.get("config") and r["seed"] == 0 and r["method"] != "dense" and not _long(r)]
+    lora_init_rows = [r for r in rows if _pissa(r) and set(r["config"]) == {"lora_init"} and r["seed"] == 0]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "wikitext2_ppl", "WikiText-2 perplexity"), (axes[1], "ptb_ppl", "PTB perplexity")):
@@ -401,6 +470,11 @@ def plots(rows: list[dict]) -> list[str]:
             pts = sorted((r["ratio"], r[key]) for r in main if r["method"] == method and key in r)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        pts = sorted((r["ratio"], r[key]) for r in lora_init_rows if r["method"] == "loraprune" and key in r)
+        if pts:
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--", label="loraprune (PiSSA init)"
+            )
         if dense:
             ax.axhline(dense[key], color="gray", linestyle="--", label="dense")
         ax.set_yscale("log")
@@ -413,9 +487,9 @@ def plots(rows: list[dict]) -> list[str]:
     budget = budget_rows(rows)
     if any(_long(r) for r in budget):
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        for method in ("loraprune", "taylor"):
-            pts = sorted((r.get("steps", 100), r["wikitext2_ppl"]) for r in budget if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for label in sorted({_label(r) for r in budget}):
+            pts = sorted((r.get("steps", 100), r["wikitext2_ppl"]) for r in budget if _label(r) == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_xlabel("LoRA steps (8 × 256 tokens each)")
         ax.set_ylabel("WikiText-2 perplexity")
@@ -464,6 +538,14 @@ def main() -> int:
         "### Quality table (SmolLM2-135M-Instruct)",
         "",
         quality_table(rows),
+        "",
+        "### LoRA initialization: PEFT's default (B = 0) vs PiSSA",
+        "",
+        lora_init_table(rows),
+        "",
+        "### What a criterion's choice costs before recovery (one-shot, no fine-tune)",
+        "",
+        criterion_damage_table(),
         "",
         "### Ablations at 50%",
         "",

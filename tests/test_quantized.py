@@ -338,6 +338,8 @@ def test_bad_quantization_settings_and_devices_are_refused(tmp_path):
     plain = _quantized_llama(tmp_path / "plain", "8bit", lora=False)
     with pytest.raises(ValueError, match="lora_init='pissa'.*residual"):
         prepare_lora_model(plain, TrainConfig(lora_init="pissa"))
+    auto = prepare_lora_model(plain, TrainConfig(lora_init="auto"))  # PEFT's default init: B = 0
+    assert all(not layer.lora_B["default"].weight.any() for layer in lora_layers(auto).values())
 
 
 @pytest.mark.parametrize("ranking", ["local", "global"])

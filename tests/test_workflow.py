@@ -85,10 +85,11 @@ def test_lora_init_must_be_one_the_pruner_supports():
         TrainConfig(lora_init="pissa_niter_0")
 
 
-def test_pissa_init_starts_from_the_same_model_and_merges_exactly_after_pruning():
+@pytest.mark.parametrize("lora_init", ["pissa", "auto"])  # auto: PiSSA on a float base
+def test_pissa_init_starts_from_the_same_model_and_merges_exactly_after_pruning(lora_init):
     model = build_llama()
     dense = logits(model)
-    peft_model = prepare_lora_model(model, TrainConfig(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_init="pissa"))
+    peft_model = prepare_lora_model(model, TrainConfig(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_init=lora_init))
     torch.testing.assert_close(logits(peft_model), dense, atol=1e-5, rtol=0)  # residual + s·B·A is the weight
     layers = lora_layers(peft_model).values()
     assert all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in layers)  # B starts non-zero
@@ -99,6 +100,18 @@ def test_pissa_init_starts_from_the_same_model_and_merges_exactly_after_pruning(
     pruner.prune(1.0)
     pruned = logits(peft_model)
     torch.testing.assert_close(logits(merge_lora(peft_model)), pruned, atol=1e-5, rtol=0)
+
+
+def test_pruner_warns_when_lora_starts_at_b_zero_and_points_to_pissa():
+    import warnings
+
+    default_init = prepare_lora_model(build_llama(), TrainConfig(lora_r=2, lora_init="default"))
+    with pytest.warns(UserWarning, match="init_lora_weights='pissa_niter_4'"):
+        LoRAPruner(default_init, LoRAPruneConfig(ratio=0.2))
+    pissa = prepare_lora_model(build_llama(), TrainConfig(lora_r=2, lora_init="auto"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoRAPruner(pissa, LoRAPruneConfig(ratio=0.2))
 
 
 def test_driver_keeps_loss_finite_and_reaches_target():

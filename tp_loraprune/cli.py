@@ -41,8 +41,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument(
         "--lora-init",
-        default="default",
-        help="PEFT init_lora_weights: default (B = 0), pissa, pissa_niter_<n>, olora, gaussian",
+        default="auto",
+        help="LoRA init: auto (PiSSA on float bases, PEFT's default on quantized ones), default (B = 0), pissa, "
+        "pissa_niter_<n>, olora, gaussian",
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -91,6 +91,11 @@ def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     )
 
 
+def lora_b_is_zero(model: nn.Module) -> bool:
+    """Whether every LoRA layer's B factor is still all zeros (PEFT's default init, before any update)."""
+    return all(not cast(Any, layer).lora_B[active_adapter(layer)].weight.any() for layer in lora_layers(model).values())
+
+
 def sync_lora_features(model: nn.Module) -> None:
     """Copy the base layers' shapes into PEFT's cached `in_features` / `out_features`."""
     for layer in lora_layers(model).values():

@@ -40,7 +40,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    """The LoRA fine-tune that pruning runs inside (the paper: r=8, α=16, lr 1e-4, AdamW)."""
+    """The LoRA fine-tune that pruning runs inside (the paper: r=8, α=16, lr 1e-4, AdamW).
+
+    `lora_init` says how A and B start: "auto" (PiSSA on float bases, PEFT's default on bitsandbytes
+    bases), "default" (PEFT's: B = 0), "gaussian", "pissa", "pissa_niter_<n>" or "olora"; see `add_lora`.
+    """
 
     lr: float = 1e-4
     batch_size: int = 4
@@ -49,7 +53,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_init: str = "default"
+    lora_init: str = "auto"
     target_modules: str | list[str] = "all-linear"
     max_grad_norm: float = 1.0
     precision: str = "fp32"
@@ -68,8 +72,8 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if not _is_lora_init(self.lora_init):
             raise ValueError(
-                f"`lora_init` must be 'default' (PEFT's B = 0), 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
-                f"got {self.lora_init!r}."
+                f"`lora_init` must be 'auto' (PiSSA on float bases, else PEFT's default), 'default' (PEFT's B = 0), "
+                f"'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', got {self.lora_init!r}."
             )
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}.")
@@ -86,11 +90,19 @@ class PruneResult:
     losses: list[float]
 
 
+AUTO_LORA_INIT = "pissa_niter_4"  # what lora_init="auto" means on a float base (docs/benchmarks.md: PiSSA)
+
+
 def _is_lora_init(value: object) -> bool:
-    if value in ("default", "gaussian", "pissa", "olora"):
+    if value in ("auto", "default", "gaussian", "pissa", "olora"):
         return True
     niter = value.removeprefix("pissa_niter_") if isinstance(value, str) else ""
     return niter.isdigit() and int(niter) > 0
+
+
+def _rewrites_base(lora_init: str) -> bool:
+    """PiSSA and OLoRA start A and B from the weight and leave the residual W − s·B·A in the base layer."""
+    return lora_init.startswith("pissa") or lora_init == "olora"
 
 
 def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
@@ -99,23 +111,30 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
     `train.lora_init` is PEFT's `init_lora_weights`. With "pissa" / "pissa_niter_<n>" (or "olora") A and B
     start from the top-r singular vectors of each weight (QR for OLoRA), the base keeps the residual
     W − s·BA, and the model's output is unchanged. B is then not zero at the start, so both terms of the
-    LoRA-guided gradient carry information from the first step (see docs/benchmarks.md).
+    LoRA-guided gradient carry information from the first step; with PEFT's default (B = 0) the scores of
+    input channels (o_proj, down_proj columns) follow the random A and the weights' magnitude until B has
+    grown (docs/benchmarks.md). "auto" is PiSSA on float bases and PEFT's default on bitsandbytes bases,
+    whose weights cannot hold a residual.
     """
     if lora_layers(model):
         return model
     import peft
 
-    if train.lora_init != "default" and has_quantized_layers(model):
+    quantized = has_quantized_layers(model)
+    lora_init = train.lora_init
+    if lora_init == "auto":
+        lora_init = "default" if quantized else AUTO_LORA_INIT
+    if quantized and _rewrites_base(lora_init):
         raise ValueError(
-            f"`lora_init={train.lora_init!r}` rewrites the base weights to a residual, which a bitsandbytes base "
-            "cannot hold; use lora_init='default' with quantized bases."
+            f"`lora_init={lora_init!r}` rewrites the base weights to a residual, which a bitsandbytes base cannot "
+            "hold; use lora_init='auto' or 'default' with quantized bases."
         )
     config = peft.LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=train.target_modules,
-        init_lora_weights=True if train.lora_init == "default" else train.lora_init,
+        init_lora_weights=True if lora_init == "default" else cast(Any, lora_init),  # checked in TrainConfig
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
