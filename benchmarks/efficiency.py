@@ -170,6 +170,39 @@ def lora_model(base, bf16_adapters: bool):
     return peft.get_peft_model(base, cfg, autocast_adapter_dtype=not bf16_adapters)
 
 
+def lora_init_cost(shape: str, args) -> list[dict]:
+    """Seconds and peak memory of wrapping the base with LoRA (tp_loraprune.train.add_lora): PEFT's default
+    init vs PiSSA, which runs a randomized SVD of every projection (what lora_init="auto" costs)."""
+    from tp_loraprune.train import TrainConfig, add_lora
+
+    rows = []
+    for lora_init in ("default", "pissa_niter_4"):
+        base = build(shape, args.device)
+        train = TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, lora_init=lora_init)
+        sync(args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+        t = time.perf_counter()
+        model = add_lora(base, train)
+        sync(args.device)
+        seconds = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+        rows.append(
+            {
+                "shape": shape,
+                "lora_init": lora_init,
+                "seconds": round(seconds, 3),
+                "extra_peak_gib": None if peak is None else round(peak - held, 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        del model, base
+        gc.collect()
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    return rows
+
+
 def step_variants(shape: str, args) -> list[dict]:
     from tp_loraprune import LoRAGuidedImportance
 
@@ -380,7 +413,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma list: steps,inference")
+    p.add_argument("--skip", default="", help="comma list: steps,inference,init")
     p.add_argument(
         "--bases", default="", help="also time LoRA/LoRAPrune steps on these bitsandbytes bases, e.g. 8bit,4bit"
     )
@@ -407,6 +440,11 @@ def main(argv=None) -> int:
         result["quantized_steps"] = []
         for shape in args.base_shapes.split(","):
             result["quantized_steps"] += quantized_step_variants(shape, args)
+            out.write_text(json.dumps(result, indent=1))
+    if "init" not in skip:
+        result["lora_init"] = []
+        for shape in args.shapes.split(","):
+            result["lora_init"] += lora_init_cost(shape, args)
             out.write_text(json.dumps(result, indent=1))
     if "inference" not in skip:
         for shape in args.inference_shapes.split(","):

@@ -397,6 +397,21 @@ def efficiency_tables() -> str:
     )
 
 
+def lora_init_cost_table() -> str:
+    """What wrapping the base with LoRA costs: PEFT's default init vs PiSSA (benchmarks/efficiency.py)."""
+    path = RESULTS / "efficiency_gpu_lora_init.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    lines = ["| shape | LoRA init | seconds | extra peak GiB |", "|---|---|---|---|"]
+    for r in data["lora_init"]:
+        lines.append(f"| {r['shape']} | {r['lora_init']} | {r['seconds']:.2f} | {fmt(r['extra_peak_gib'], 2)} |")
+    return "\n".join(lines) + (
+        f"\n\n`tp_loraprune.train.add_lora` on random bf16 weights at each shape, LoRA r=8 on all 7 projections; "
+        f"{data['environment']['device']}."
+    )
+
+
 def memory_table() -> str:
     """Where a LoRA step's peak goes on bf16 / 8-bit / 4-bit bases (benchmarks/memory_breakdown.py)."""
     path = RESULTS / "memory_breakdown_gpu.json"
@@ -566,6 +581,10 @@ def main() -> int:
         "### Efficiency tables",
         "",
         efficiency_tables(),
+        "",
+        "### Cost of the PiSSA initialization",
+        "",
+        lora_init_cost_table(),
         "",
         "### Step time and memory on quantized bases",
         "",
