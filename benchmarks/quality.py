@@ -209,10 +209,12 @@ def plan(args) -> list[tuple]:
     for ratio in args.ratios:
         for method in ("loraprune", "random"):
             runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], {"lora_init": "pissa_niter_4"}))
-    if args.ablation_ratio is not None:
-        r, pissa = args.ablation_ratio, {"lora_init": "pissa_niter_4"}
+    pissa = {"lora_init": "pissa_niter_4"}
+    for ratio in args.ratios:
         for seed in args.extra_seeds:
-            runs.append((f"loraprune-pissa@{r}/s{seed}", "loraprune", r, seed, pissa))
+            runs.append((f"loraprune-pissa@{ratio}/s{seed}", "loraprune", ratio, seed, pissa))
+    if args.ablation_ratio is not None:
+        r = args.ablation_ratio
         runs.append(
             (
                 f"loraprune-pissa-{4 * args.steps}steps@{r}",

@@ -34,6 +34,7 @@ QUALITY_FILES = (
     ("quality_gpu_1600_b.json", "H200"),
     ("quality_gpu_pissa.json", "H200"),
     ("quality_gpu_pissa_2.json", "H200"),
+    ("quality_gpu_pissa_3.json", "H200"),
 )
 
 
@@ -99,14 +100,16 @@ def lora_init_table(rows: list[dict]) -> str:
             f"| {r['ratio']:.0%} | {_label(r)} | {fmt(r.get('wikitext2_ppl'))} | {fmt(r.get('ptb_ppl'))} | "
             f"{_zs_mean(r)} | {fmt(r.get('prune_and_finetune_s'), 0)} | {fmt(r.get('peak_gib'), 2)} | {r['card']} |"
         )
-    seeds = [r for r in rows if r["name"].startswith("loraprune-pissa@0.5") and _pissa(r) and not _long(r)]
-    if len(seeds) > 1:
-        ppl = sorted(r["wikitext2_ppl"] for r in seeds)
-        lines.append(
-            f"\nSeed spread of LoRAPrune with PiSSA init at 50% ({len(seeds)} seeds): WikiText-2 "
-            f"{', '.join(f'{p:.1f}' for p in ppl)}, median {statistics.median(ppl):.1f}."
-        )
-    return "\n".join(lines)
+    lines.append("")
+    for ratio in sorted({r["ratio"] for r in picked}):
+        seeds = [r for r in rows if r["name"].startswith(f"loraprune-pissa@{ratio}") and not _long(r)]
+        if len(seeds) > 1:
+            ppl = sorted(r["wikitext2_ppl"] for r in seeds)
+            lines.append(
+                f"Seeds of LoRAPrune with PiSSA init at {ratio:.0%} ({len(seeds)}): WikiText-2 "
+                f"{', '.join(f'{p:.1f}' for p in ppl)}, median {statistics.median(ppl):.1f}.  "
+            )
+    return "\n".join(lines).rstrip()
 
 
 def criterion_damage_table() -> str:
