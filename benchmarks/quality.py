@@ -205,9 +205,10 @@ def plan(args) -> list[tuple]:
                 (f"{score}-norm={norm}@{r}", "loraprune", r, args.seeds[0], {"score": score, "normalize": norm})
             )
     # LoRA initialized from each weight's top singular vectors (B != 0 from the first step); random with the
-    # same init tells the criterion's share from the fine-tune's
+    # same init tells the criterion's share from the fine-tune's, "separate" the schedule's. (Taylor and
+    # magnitude would score the PiSSA residual instead of the weight: not run.)
     for ratio in args.ratios:
-        for method in ("loraprune", "random"):
+        for method in ("loraprune", "random", "separate"):
             runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], {"lora_init": "pissa_niter_4"}))
     pissa = {"lora_init": "pissa_niter_4"}
     for ratio in args.ratios:

@@ -35,6 +35,7 @@ QUALITY_FILES = (
     ("quality_gpu_pissa.json", "H200"),
     ("quality_gpu_pissa_2.json", "H200"),
     ("quality_gpu_pissa_3.json", "H200"),
+    ("quality_gpu_pissa_4.json", "H200"),
 )
 
 
@@ -83,14 +84,22 @@ def lora_init_table(rows: list[dict]) -> str:
     picked = [
         r
         for r in rows
-        if r["method"] in ("loraprune", "random", "taylor")
+        if r["method"] in ("loraprune", "random", "taylor", "separate")
         and r["seed"] == 0
         and not _long(r)
         and set(r.get("config") or {}) <= {"lora_init"}
     ]
     if not any(_pissa(r) for r in picked):
         return ""
-    order = ["loraprune (PiSSA init)", "loraprune", "taylor", "random (PiSSA init)", "random"]
+    order = [
+        "loraprune (PiSSA init)",
+        "loraprune",
+        "taylor",
+        "separate (PiSSA init)",
+        "separate",
+        "random (PiSSA init)",
+        "random",
+    ]
     lines = [
         "| ratio | method | WikiText-2 ppl | PTB ppl | zero-shot mean | prune+FT s | peak GiB | card |",
         "|---|---|---|---|---|---|---|---|",
@@ -132,7 +141,9 @@ def criterion_damage_table() -> str:
     return "\n".join(lines) + (
         "\n\nWikiText-2 perplexity (first 8 windows of 512 tokens) of the real SmolLM2-135M right after one-shot "
         "pruning, no fine-tune, 2-core CPU. Heads only: one query head of every KV group (3 of 9); FFN only: 20% of "
-        "the channels; both: `ratio=0.2`. Unpruned: about 30."
+        "the channels; both: `ratio=0.2`. Unpruned: about 30. `-out`: scored by output channels only (q rows for "
+        "heads, gate/up rows for FFN channels; no o_proj / down_proj columns); `-abs`: |·| instead of the square; "
+        "taylor-square: Σ(W ∘ ∂L/∂W)², the square on the true gradient."
     )
 
 
