@@ -78,3 +78,31 @@ def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tens
             peft_model.zero_grad(set_to_none=True)
         return imp
     raise ValueError(f"Unknown baseline {method!r}; choose magnitude, taylor, random or separate.")
+
+
+def lora_steps_with_weight_gradients(
+    peft_model: nn.Module, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, importances, vocab_size: int
+) -> None:
+    """`steps` LoRA steps (AdamW on the LoRA factors, consecutive blocks) that feed every LoRA-guided importance
+    in `importances` while each frozen projection's weight gradient sums over the same batches (what Taylor
+    reads). The projections are frozen again afterwards; their .grad sums stay. The output embedding (rows =
+    `vocab_size`) is left out."""
+    bases = [
+        m.weight
+        for m in peft_model.modules()
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.shape[0] != vocab_size
+    ]
+    for w in bases:
+        w.requires_grad_(True)
+    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(lora_params, lr=lr)
+    for step in range(steps):
+        ids = blocks[step * batch_size : (step + 1) * batch_size]
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        for imp in importances:
+            imp.accumulate(peft_model)
+        optimizer.step()
+        for p in lora_params:
+            p.grad = None
+    for w in bases:
+        w.requires_grad_(False)

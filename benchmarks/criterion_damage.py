@@ -30,7 +30,7 @@ import torch_pruning as tp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import _BaseWeightsOnly  # noqa: E402
+from baselines import _BaseWeightsOnly, lora_steps_with_weight_gradients  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -127,25 +127,7 @@ def main(argv=None) -> int:
     train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init=args.lora_init, progress=False)
     peft_model = prepare_lora_model(model, train)
     lora = {"square": LoRAGuidedImportance(), "abs": LoRAGuidedImportance(score="abs")}
-    bases = [
-        m.weight
-        for m in peft_model.modules()
-        if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.shape[0] != len(tok)
-    ]  # every frozen projection; not the (tied) output embedding
-    for w in bases:
-        w.requires_grad_(True)
-    optimizer = torch.optim.AdamW([q for n, q in peft_model.named_parameters() if "lora_" in n], lr=args.lr)
-    for step in range(args.steps):
-        ids = blocks[step * args.batch_size : (step + 1) * args.batch_size]
-        peft_model(input_ids=ids, labels=ids).loss.backward()  # weight grads sum over the steps
-        for imp in lora.values():
-            imp.accumulate(peft_model)
-        optimizer.step()
-        for n, q in peft_model.named_parameters():
-            if "lora_" in n:
-                q.grad = None
-    for w in bases:
-        w.requires_grad_(False)  # the .grad sums stay for Taylor
+    lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, args.lr, lora.values(), len(tok))
 
     def ppl(m: nn.Module) -> float:
         return round(perplexity(m, tok, wikitext, seq_len=512, max_windows=args.ppl_windows), 3)

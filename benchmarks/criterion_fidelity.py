@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import _BaseWeightsOnly  # noqa: E402
+from baselines import _BaseWeightsOnly, lora_steps_with_weight_gradients  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -70,26 +70,9 @@ def main(argv=None) -> int:
     peft_model = prepare_lora_model(model, train)
     imps = {name: LoRAGuidedImportance(score=s, normalize=n) for name, (s, n) in VARIANTS.items()}
     pruner = LoRAPruner(peft_model, LoRAPruneConfig(ratio=0.2), importance=imps["square"])
-    bases = [
-        m.weight
-        for m in peft_model.modules()
-        if isinstance(m, torch.nn.Linear)
-        and m.weight.dim() == 2
-        and not m.weight.requires_grad
-        and m.weight.shape[0] != tok.vocab_size
-    ]
-    for w in bases:
-        w.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for n, p in peft_model.named_parameters() if "lora_" in n], lr=args.lr)
-    for step in range(args.steps):
-        ids = blocks[step * args.batch_size : (step + 1) * args.batch_size]
-        peft_model(input_ids=ids, labels=ids).loss.backward()  # weight grads accumulate over the steps
-        for imp in imps.values():
-            imp.accumulate(peft_model)
-        optimizer.step()
-        for n, prm in peft_model.named_parameters():
-            if "lora_" in n:
-                prm.grad = None
+    lora_steps_with_weight_gradients(
+        peft_model, blocks, args.steps, args.batch_size, args.lr, imps.values(), tok.vocab_size
+    )
     taylor = _BaseWeightsOnly(__import__("torch_pruning").importance.GroupTaylorImportance(), peft_model)
     graph = build_graph(peft_model)
     rows = {name: {"spearman": [], "bottom20_overlap": []} for name in imps}
