@@ -268,9 +268,9 @@ def cpu_table() -> str:
     data = json.loads(path.read_text())
     s = data["settings"]
     lines = ["| ratio | method | WikiText-2 ppl | PTB ppl | prune+FT s |", "|---|---|---|---|---|"]
-    for r in sorted(data["runs"], key=lambda r: (r["ratio"], METHOD_ORDER.index(r["method"]))):
+    for r in sorted(data["runs"], key=lambda r: (r["ratio"], METHOD_ORDER.index(r["method"]), not _pissa(r))):
         lines.append(
-            f"| {r['ratio']:.0%} | {r['method']} | {fmt(r.get('wikitext2_ppl'))} | {fmt(r.get('ptb_ppl'))} | "
+            f"| {r['ratio']:.0%} | {_label(r)} | {fmt(r.get('wikitext2_ppl'))} | {fmt(r.get('ptb_ppl'))} | "
             f"{fmt(r.get('prune_and_finetune_s'), 0)} |"
         )
     return (

@@ -85,7 +85,7 @@ def test_lora_init_must_be_one_the_pruner_supports():
         TrainConfig(lora_init="pissa_niter_0")
 
 
-@pytest.mark.parametrize("lora_init", ["pissa", "auto"])  # auto: PiSSA on a float base
+@pytest.mark.parametrize("lora_init", ["pissa", "auto", "olora"])  # auto: PiSSA on a float base
 def test_pissa_init_starts_from_the_same_model_and_merges_exactly_after_pruning(lora_init):
     model = build_llama()
     dense = logits(model)
