@@ -13,6 +13,11 @@ Taylor and random see exactly the weights a user would prune without LoRA:
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+from pathlib import Path
+
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -106,3 +111,21 @@ def lora_steps_with_weight_gradients(
             p.grad = None
     for w in bases:
         w.requires_grad_(False)
+
+
+def cpu_environment() -> dict:
+    """Versions and machine recorded with the CPU studies' results."""
+    return {
+        "torch": torch.__version__,
+        "torch_pruning": getattr(tp, "__version__", "?"),
+        "python": platform.python_version(),
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_result(out: str, result: dict, summary: dict) -> None:
+    """Write `result` as JSON to `out` (folders created) and print its summary."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))

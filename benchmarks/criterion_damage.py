@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import _BaseWeightsOnly, lora_steps_with_weight_gradients  # noqa: E402
+from baselines import _BaseWeightsOnly, cpu_environment, lora_steps_with_weight_gradients, write_result  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -162,18 +161,10 @@ def main(argv=None) -> int:
         "unpruned": rows[0]["wikitext2"],
         "summary": summary,
         "rows": rows,
-        "environment": {
-            "torch": torch.__version__,
-            "torch_pruning": getattr(tp, "__version__", "?"),
-            "python": platform.python_version(),
-            "device": "cpu",
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": cpu_environment(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary, indent=1))
+    write_result(args.out, result, summary)
     return 0
 
 
