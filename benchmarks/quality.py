@@ -94,7 +94,7 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     base = overrides.pop("base", "float")  # "8bit" / "4bit": LoRAPrune on a bitsandbytes base
     keep_quantized = overrides.pop("keep_quantized", False)  # merge into the quantized base instead
     steps = overrides.pop("steps", args.steps)  # a longer (or shorter) budget for this run only
-    lora_init = overrides.pop("lora_init", "default")  # PEFT init_lora_weights, e.g. PiSSA
+    lora_init = overrides.pop("lora_init", "default")  # TrainConfig.lora_init; the table's cells: PEFT's default
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=args.prune_every, **overrides)
     train = TrainConfig(
         lr=args.lr,
@@ -207,10 +207,10 @@ def plan(args) -> list[tuple]:
     # LoRA initialized from each weight's top singular vectors (B != 0 from the first step); random with the
     # same init tells the criterion's share from the fine-tune's, "separate" the schedule's. (Taylor and
     # magnitude would score the PiSSA residual instead of the weight: not run.)
+    pissa = {"lora_init": "pissa_niter_4"}
     for ratio in args.ratios:
         for method in ("loraprune", "random", "separate"):
-            runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], {"lora_init": "pissa_niter_4"}))
-    pissa = {"lora_init": "pissa_niter_4"}
+            runs.append((f"{method}-pissa@{ratio}", method, ratio, args.seeds[0], pissa))
     for ratio in args.ratios:
         for seed in args.extra_seeds:
             runs.append((f"loraprune-pissa@{ratio}/s{seed}", "loraprune", ratio, seed, pissa))
