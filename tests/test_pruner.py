@@ -397,7 +397,8 @@ def test_kv_groups_head_bookkeeping(peft_gqa):
         (dict(kv_heads=2), dict(head_ratio=0.9), "0.667"),  # 3 query heads per KV group
         (dict(kv_heads=6), dict(head_ratio=0.95), "0.833"),  # 6 MHA heads
         (dict(kv_heads=2), dict(head_ratio=0.8, head_mode="kv_groups"), "0.500"),  # 2 KV groups
-        (dict(kv_heads=2), dict(ratio=0.9), "0.667"),  # parameter target: heads go at `ratio`
+        (dict(kv_heads=2), dict(ratio=0.9, allocation="fixed"), "0.667"),  # fixed rule: heads go at `ratio`
+        (dict(kv_heads=2), dict(ratio=0.9), "0.8238"),  # auto: the largest ratio the guards leave reachable
     ],
 )
 def test_ratio_leaving_zero_heads_raises(model_kw, cfg_kw, limit):

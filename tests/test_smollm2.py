@@ -32,7 +32,7 @@ def test_real_model_prune_step_is_exact_and_usable(smollm2, tmp_path):
     )
     ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
     model(input_ids=ids, labels=ids).loss.backward()
-    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2))
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, allocation="fixed"))  # the fixed rule's head counts
     pruner.importance.accumulate(model)
     before = copy.deepcopy(model)
     event = pruner.prune(1.0)

@@ -17,9 +17,21 @@ class LoRAPruneConfig:
 
     Size target (pick one):
         ratio: fraction of the parameters of the pruned layers to remove (heads and FFN channels).
-            Heads are removed at `ratio` (rounded to what whole heads allow) and FFN channels take the rest.
-        head_ratio / channel_ratio: explicit fractions of attention heads and FFN channels to remove.
-            When either is set, `ratio` is ignored.
+        head_ratio / channel_ratio: explicit fractions of attention heads and FFN channels to remove in every
+            pruned layer. When either is set, `ratio` and `allocation` are ignored.
+
+    Allocation (how `ratio` is split between heads and FFN channels, and across layers):
+        allocation: "auto" (default) lets the scores decide: at every prune event the units of removal of every
+            pruned layer (a query head per KV group, a KV group, `round_to` FFN channels) are taken by score per
+            removed parameter, lowest first, across kinds and layers (`tp_loraprune.allocation`). "fixed" removes
+            heads at `ratio` in every layer and FFN channels take the rest; "ffn_only" removes FFN channels only.
+            For "fixed" and "ffn_only", `ranking` says how channels are spread over layers.
+        uniform: every pruned layer keeps the same head counts and FFN width (a layout a plain
+            `from_pretrained` or a serving engine can load); "auto" then decides heads versus channels only.
+        min_heads_per_group: query heads each KV group keeps (per_group mode) under "auto".
+        min_kv_heads: KV groups (heads, for multi-head attention) each layer keeps under "auto".
+        min_ffn_width: FFN channels each layer keeps under "auto" (rounded up to `round_to`).
+        max_layer_ratio: at most this fraction of any pruned layer's parameters is removed under "auto".
 
     Heads:
         head_mode: "per_group" removes the same number of query heads from every KV group (KV heads stay);
@@ -56,6 +68,12 @@ class LoRAPruneConfig:
     skip_last: int = 1
     layers: list[int] | None = None
     ranking: Literal["local", "global"] = "local"
+    allocation: Literal["auto", "fixed", "ffn_only"] = "auto"
+    uniform: bool = False
+    min_heads_per_group: int = 1
+    min_kv_heads: int = 1
+    min_ffn_width: int = 1
+    max_layer_ratio: float = 1.0
     total_steps: int = 200
     prune_every: int = 10
     schedule: Literal["cubic", "linear"] = "cubic"
@@ -74,6 +92,7 @@ class LoRAPruneConfig:
         choices = {
             "head_mode": ("per_group", "kv_groups"),
             "ranking": ("local", "global"),
+            "allocation": ("auto", "fixed", "ffn_only"),
             "schedule": ("cubic", "linear"),
             "score": ("square", "abs"),
         }
@@ -101,6 +120,25 @@ class LoRAPruneConfig:
                 f"`prune_every` ({self.prune_every}) is larger than the pruning ramp ({ramp_steps:.0f} of "
                 f"{self.total_steps} steps), so the target would be reached in one jump or never. Lower "
                 "`prune_every` or raise `total_steps`."
+            )
+        for name in ("min_heads_per_group", "min_kv_heads", "min_ffn_width"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"`{name}` must be an integer >= 1 (a pruned model keeps some), got {getattr(self, name)!r}."
+                )
+        if not 0.0 < self.max_layer_ratio <= 1.0:
+            raise ValueError(
+                f"`max_layer_ratio` is a fraction of a layer's parameters in (0, 1], got {self.max_layer_ratio}."
+            )
+        if self.allocation == "auto" and self.normalize and not self.explicit_ratios:
+            raise ValueError(
+                "allocation='auto' compares head and channel scores across layers, which normalize=True puts on "
+                "per-layer scales. Use normalize=False with 'auto', or allocation='fixed'."
+            )
+        if self.uniform and self.allocation != "auto" and self.ranking == "global":
+            raise ValueError(
+                f"uniform=True keeps every layer's widths equal, but ranking='global' with allocation="
+                f"{self.allocation!r} spreads channels unevenly. Use ranking='local' (or allocation='auto')."
             )
         if self.round_to < 1:
             raise ValueError(f"`round_to` must be >= 1, got {self.round_to}.")

@@ -27,6 +27,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from . import allocation
 from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
 from .fused import declared_ffns, projection_items
@@ -174,7 +175,14 @@ class LoRAPruner:
         for key, group in groups.items():
             width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
-        self.head_ratio, self.channel_ratio = self._resolve_ratios()
+        self._layer_of_key = self._layer_of_blocks()
+        self._layer_parameters = {
+            i: count_parameters(layer) for i, layer in zip(self.layer_indices, self._selected_layers, strict=True)
+        }
+        self.auto = self.config.allocation == "auto" and not self.config.explicit_ratios
+        self.head_ratio, self.channel_ratio = (None, None) if self.auto else self._resolve_ratios()
+        if self.auto:
+            self._check_allocation()
         # Removing channels changes widths, not coupling: when every channel group maps its channels one to one
         # onto its members, later events reuse this graph (no trace, no group propagation per event).
         templates = {key: self._template(graph, groups[key]) for key in self._channel_roots}
@@ -238,9 +246,10 @@ class LoRAPruner:
             head_ratio, channel_ratio = c.head_ratio or 0.0, c.channel_ratio or 0.0
             self._check_head_ratio(head_ratio)
             return head_ratio, channel_ratio
-        self._check_head_ratio(c.ratio)
-        self.head_ratio = c.ratio
-        total = sum(count_parameters(layer) for layer in self._selected_layers)
+        head_ratio = 0.0 if c.allocation == "ffn_only" else c.ratio
+        self._check_head_ratio(head_ratio)
+        self.head_ratio = head_ratio
+        total = sum(self._layer_parameters.values())
         removed_by_heads = 0
         for h in self._heads.values():
             q_heads, kv_heads = self._kept_heads(h, 1.0)
@@ -249,13 +258,124 @@ class LoRAPruner:
         channel_total = sum(ch.initial * ch.cost for ch in self._channels.values())
         needed = c.ratio * total - removed_by_heads
         if channel_total == 0 or needed <= 0:
-            return c.ratio, 0.0
+            return head_ratio, 0.0
         channel_ratio = needed / channel_total
         if channel_ratio >= 1.0:
+            rule = "FFN channels alone" if c.allocation == "ffn_only" else "heads at the ratio and FFN channels"
+            largest = (removed_by_heads + channel_total) / total
             raise ValueError(
-                f"ratio {c.ratio} cannot be reached: it would remove every FFN channel. Use a lower ratio."
+                f"ratio {c.ratio} cannot be reached by {rule} (allocation={c.allocation!r}): it would remove every "
+                f"FFN channel of the {len(self._channels)} pruned FFNs; it can reach less than {largest:.3f}. Use a "
+                "lower ratio or allocation='auto'."
             )
-        return c.ratio, channel_ratio
+        return head_ratio, channel_ratio
+
+    # ------------------------------------------------------------------ allocation="auto"
+    def _layer_of_blocks(self) -> dict[str, int]:
+        """Decoder layer index of every attention block and FFN that is pruned."""
+        layer_of = {
+            m: i for i, layer in zip(self.layer_indices, self._selected_layers, strict=True) for m in layer.modules()
+        }
+        roots = {**{k: f.up for k, f in self._declared_ffns.items()}, **self._channel_roots}
+        return {
+            **{key: layer_of[h.layout.module] for key, h in self._heads.items()},
+            **{key: layer_of[m] for key, m in roots.items()},
+        }
+
+    @property
+    def budget(self) -> float:
+        """Parameters the whole target removes from the pruned layers (`ratio` of them)."""
+        return self.config.ratio * sum(self._layer_parameters.values())
+
+    def _removed_by_layer(self) -> dict[int, int]:
+        """Base parameters removed so far from each pruned layer, from the structures no longer alive."""
+        removed = dict.fromkeys(self._layer_parameters, 0)
+        for key, h in self._heads.items():
+            per_q, per_kv = self._head_cost(h)
+            q_gone = h.initial_heads - len(h.alive)
+            kv_gone = h.initial_kv - h.layout.num_kv_heads
+            removed[self._layer_of_key[key]] += q_gone * per_q + kv_gone * per_kv
+        for key, ch in self._channels.items():
+            removed[self._layer_of_key[key]] += (ch.initial - len(ch.alive)) * ch.cost
+        return removed
+
+    def _layer_room(self) -> dict[int, int] | None:
+        """Parameters each pruned layer may still lose under `max_layer_ratio` (None: no cap)."""
+        if self.config.max_layer_ratio >= 1.0:
+            return None
+        removed = self._removed_by_layer()
+        return {i: int(self.config.max_layer_ratio * n) - removed[i] for i, n in self._layer_parameters.items()}
+
+    def _blocks(self, graph, groups: dict[str, object] | None, scored: bool = True) -> list[allocation.Block]:
+        """Every pruned block's removal units, from the current scores (zeros when not `scored`)."""
+        c = self.config
+        blocks = []
+        for key, h in self._heads.items():
+            a, layer = h.layout, self._layer_of_key[key]
+            head_scores = self._head_scores(graph, h) if scored else torch.zeros(a.num_heads)
+            if head_scores is None:
+                continue
+            per_q, per_kv = self._head_cost(h)
+            size = a.group_size
+            if c.head_mode == "per_group" and size > 1:
+                blocks.append(
+                    allocation.per_group_head_units(
+                        key, layer, head_scores.view(a.num_kv_heads, size), per_q, c.min_heads_per_group
+                    )
+                )
+            else:
+                group_scores = self._kv_group_scores(h, head_scores) if scored else torch.zeros(a.num_kv_heads)
+                blocks.append(
+                    allocation.kv_group_units(key, layer, group_scores, size, size * per_q + per_kv, c.min_kv_heads)
+                )
+        for key, ch in self._channels.items():
+            scores = self._channel_scores(ch, groups[key]) if scored and groups is not None else None
+            if scored and scores is None:
+                continue
+            scores = scores if scores is not None else torch.zeros(len(ch.alive))
+            min_width = max(c.min_ffn_width, 1)
+            blocks.append(
+                allocation.channel_units(
+                    key, self._layer_of_key[key], scores, ch.cost, self.channel_multiple, min_width
+                )
+            )
+        if c.uniform:
+            blocks = allocation.merge_uniform(blocks)
+        return blocks
+
+    def _check_allocation(self) -> None:
+        """Refuse, before any weight changes, a uniform layout the model cannot take or a target the guards forbid."""
+        c = self.config
+        if c.uniform:
+            shapes = {(h.initial_heads, h.initial_kv, h.layout.head_dim) for h in self._heads.values()}
+            widths = {ch.initial for ch in self._channels.values()}
+            if len(shapes) > 1 or len(widths) > 1:
+                raise ValueError(
+                    f"uniform=True needs every pruned layer to start with the same attention shape and FFN width; "
+                    f"these layers have (heads, kv heads, head_dim) {sorted(shapes)} and FFN widths {sorted(widths)}. "
+                    "Use uniform=False or select layers of one shape with `layers=[...]`."
+                )
+        reachable = allocation.removable(self._blocks(None, None, scored=False), self._layer_room())
+        if reachable < self.budget:
+            total = sum(self._layer_parameters.values())
+            raise ValueError(
+                f"ratio {c.ratio} cannot be reached under the allocation guards (min_heads_per_group="
+                f"{c.min_heads_per_group}, min_kv_heads={c.min_kv_heads}, min_ffn_width={c.min_ffn_width}, "
+                f"max_layer_ratio={c.max_layer_ratio}, uniform={c.uniform}, widths in multiples of "
+                f"{self.channel_multiple}): the largest reachable ratio is {reachable / total:.4f}. Lower the ratio "
+                "or loosen the guards."
+            )
+
+    def _allocate(self, graph, groups: dict[str, object], fraction: float) -> dict[str, list[int]]:
+        """Original ids to remove at this event: the scheduled share of the budget, chosen by score per parameter
+        across heads and channels of every pruned layer (`tp_loraprune.allocation`)."""
+        removed_so_far = sum(self._removed_by_layer().values())
+        budget = fraction * self.budget - removed_so_far
+        if budget <= 0:
+            return {}
+        chosen = allocation.allocate(self._blocks(graph, groups), budget, self._layer_room())
+        alive = {**{k: h.alive for k, h in self._heads.items()}, **{k: ch.alive for k, ch in self._channels.items()}}
+        return {key: sorted(alive[key][p] for p in positions) for key, positions in chosen.removals.items()}
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> dict | None:
@@ -281,12 +401,15 @@ class LoRAPruner:
             raise ValueError(f"`fraction` must be in [0, 1], got {fraction}.")
         graph = self._event_graph()
         groups = self._channel_groups(graph)
-        if self.config.ranking == "global":
+        if self.auto:
+            removed = self._allocate(graph, groups, fraction)
+        elif self.config.ranking == "global":
             removed = self._choose_channels_globally(groups, fraction)
         else:
             removed = {key: self._choose_channels(self._channels[key], g, fraction) for key, g in groups.items()}
-        for key, h in self._heads.items():
-            removed[key] = self._choose_heads(graph, h, fraction)
+        if not self.auto:
+            for key, h in self._heads.items():
+                removed[key] = self._choose_heads(graph, h, fraction)
         removed = {k: ids for k, ids in removed.items() if ids}
         if self.agree is not None:
             removed = self.agree(removed)
@@ -411,13 +534,19 @@ class LoRAPruner:
         n_remove = len(ch.alive) - keep
         if n_remove <= 0:
             return []
+        scores = self._channel_scores(ch, group)
+        if scores is None:
+            return []
+        return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
+
+    def _channel_scores(self, ch: _Channels, group) -> torch.Tensor | None:
+        """One score per alive channel of an FFN, or None (with a warning) when no LoRA layer scores it."""
         scores = self.importance(group)
         if scores is None:
             warnings.warn(
-                f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.", stacklevel=3
+                f"{ch.key}: no LoRA layer in this group, so it cannot be scored; left unpruned.", stacklevel=4
             )
-            return []
-        return sorted(ch.alive[p] for p in torch.argsort(scores.float().cpu())[:n_remove].tolist())
+        return scores
 
     def _choose_channels_globally(self, groups: dict, fraction: float) -> dict[str, list[int]]:
         """Remove the same total number of channels as local ranking, picked by score across all groups.
@@ -482,32 +611,49 @@ class LoRAPruner:
         """Original ids of the query heads to remove (whole KV groups in kv_groups mode)."""
         a = h.layout
         keep_q, keep_kv = self._kept_heads(h, fraction)
-        heads, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
+        heads, kv = a.num_heads, a.num_kv_heads
         if keep_q >= heads:
             return []
-        size = heads // kv
-        scores = self.importance(self._head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
-        if scores is None:
-            warnings.warn(
-                f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.", stacklevel=3
-            )
+        head_scores = self._head_scores(graph, h)
+        if head_scores is None:
             return []
-        head_scores = scores.float().cpu().view(heads, d).sum(1)
+        size = heads // kv
         if keep_kv == kv:  # the same number of query heads from every KV group
             drop = torch.argsort(head_scores.view(kv, size), dim=1)[:, : size - keep_q // kv]
             positions = (drop + torch.arange(kv).unsqueeze(1) * size).flatten().tolist()
         else:  # whole KV groups: their query heads, k and v
-            group_scores = head_scores.view(kv, size).sum(1)
-            if size > 1 and self._accumulates:
-                _, k_rows, v_rows = a.rows([], list(range(kv)))
-                for proj, rows in ((a.k, k_rows), (a.v, v_rows)):
-                    s = self.importance.channel_scores(base_layer(proj), "out")
-                    if s is not None:
-                        group_scores += s.float().cpu()[rows].view(kv, d).sum(1)
+            group_scores = self._kv_group_scores(h, head_scores)
             positions = [
                 g * size + j for g in torch.argsort(group_scores)[: kv - keep_kv].tolist() for j in range(size)
             ]
         return sorted(h.alive[p] for p in positions)
+
+    def _head_scores(self, graph, h: _Heads) -> torch.Tensor | None:
+        """One score per alive query head (q rows and o columns; k/v too under MHA), None when unscored."""
+        a = h.layout
+        heads, kv = a.num_heads, a.num_kv_heads
+        size = heads // kv
+        scores = self.importance(self._head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
+        if scores is None:
+            warnings.warn(
+                f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.", stacklevel=4
+            )
+            return None
+        return scores.float().cpu().view(heads, a.head_dim).sum(1)
+
+    def _kv_group_scores(self, h: _Heads, head_scores: torch.Tensor) -> torch.Tensor:
+        """One score per KV group: its query heads' scores plus its k and v rows' (LoRA-guided scores only)."""
+        a = h.layout
+        kv, d = a.num_kv_heads, a.head_dim
+        size = a.num_heads // kv
+        group_scores = head_scores.view(kv, size).sum(1)
+        if size > 1 and self._accumulates:
+            _, k_rows, v_rows = a.rows([], list(range(kv)))
+            for proj, rows in ((a.k, k_rows), (a.v, v_rows)):
+                s = self.importance.channel_scores(base_layer(proj), "out")
+                if s is not None:
+                    group_scores += s.float().cpu()[rows].view(kv, d).sum(1)
+        return group_scores
 
     def _remove_heads(self, graph, h: _Heads, ids: list[int], on_replaced) -> None:
         a = h.layout
@@ -571,6 +717,8 @@ class LoRAPruner:
             "initial_parameters": self.initial_parameters,
             "parameters": self.parameters,
             "pruned_layers": self.layer_indices,
+            "allocation": "explicit" if self.config.explicit_ratios else self.config.allocation,
+            "uniform": self.config.uniform,
             "head_ratio": self.head_ratio,
             "channel_ratio": self.channel_ratio,
             "channel_multiple": self.channel_multiple,

@@ -1,0 +1,257 @@
+"""allocation="auto": the pure allocator against explicit references, and the pruner that uses it (exact, on
+target, guards refused before any weight changes, uniform layouts, the scores deciding heads versus channels)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+
+import pytest
+import torch
+from conftest import batch, build_llama, logits, peft_layers, train_step, wrap_peft
+
+from tp_loraprune import LoRAPruneConfig, LoRAPruner
+from tp_loraprune.allocation import (
+    allocate,
+    channel_units,
+    kv_group_units,
+    merge_uniform,
+    per_group_head_units,
+    removable,
+)
+from tp_loraprune.models import count_parameters
+
+ALL3 = [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- pure allocator
+def test_equal_costs_take_the_globally_lowest_scores():
+    """Channels of one cost in several blocks: the allocation is the budget's worth of the lowest scores overall."""
+    g = torch.Generator().manual_seed(0)
+    scores = {f"ffn{i}": torch.rand(10, generator=g) for i in range(3)}
+    blocks = [channel_units(k, i, s, cost=7, multiple=1, min_width=1) for i, (k, s) in enumerate(scores.items())]
+    chosen = allocate(blocks, budget=7 * 12)
+    ranked = sorted((float(v), k, p) for k, s in scores.items() for p, v in enumerate(s.tolist()))
+    expected: dict[str, list[int]] = {}
+    for _, k, p in ranked[:12]:
+        expected.setdefault(k, []).append(p)
+    assert chosen.removals == {k: sorted(v) for k, v in expected.items()}
+    assert chosen.cost == 84
+    assert chosen.score == pytest.approx(sum(v for v, *_ in ranked[:12]))
+
+
+def test_units_are_ranked_by_score_per_parameter_across_kinds():
+    """A head (score 10, 100 parameters: 0.1 per parameter) goes before a channel (score 1, 5 parameters: 0.2)."""
+    heads = kv_group_units("attn", 0, torch.tensor([10.0, 50.0]), size=1, group_cost=100, min_kv=1)
+    ffn = channel_units("ffn", 0, torch.tensor([1.0, 3.0, 4.0]), cost=5, multiple=1, min_width=1)
+    assert allocate([ffn, heads], budget=100).removals == {"attn": [0]}
+    assert allocate([ffn, heads], budget=105).removals == {"attn": [0], "ffn": [0]}
+    cheap_head = kv_group_units("attn", 0, torch.tensor([30.0, 50.0]), size=1, group_cost=100, min_kv=1)
+    assert allocate([ffn, cheap_head], budget=10).removals == {"ffn": [0, 1]}
+
+
+def test_greedy_matches_brute_force_on_small_instances():
+    """Against every combination of unit prefixes: at the cost the greedy reaches, nothing scores lower (exact
+    here because every unit of a block costs the same and the costs divide each other)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        blocks = [
+            per_group_head_units("a", 0, torch.rand(2, 3, generator=g) * 8, q_cost=4, min_per_group=1),
+            channel_units("f", 0, torch.rand(5, generator=g), cost=2, multiple=1, min_width=1),
+            channel_units("h", 1, torch.rand(4, generator=g) * 2, cost=2, multiple=1, min_width=1),
+        ]
+        budget = int(torch.randint(2, 20, (1,), generator=g))
+        chosen = allocate(blocks, budget)
+        best = min(
+            sum(u.score for b, n in zip(blocks, counts, strict=True) for u in b.units[:n])
+            for counts in itertools.product(*(range(len(b.units) + 1) for b in blocks))
+            if sum(u.cost for b, n in zip(blocks, counts, strict=True) for u in b.units[:n]) == chosen.cost
+        )
+        assert 0 <= budget - chosen.cost < 8  # short by less than the largest unit (a head unit: 2 groups x 4)
+        assert chosen.score == pytest.approx(best)
+
+
+def test_per_group_units_take_one_head_from_every_kv_group():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.5, 9.0, 0.1]])  # 2 KV groups x 3 query heads
+    block = per_group_head_units("attn", 4, scores, q_cost=10, min_per_group=1)
+    assert [u.removals["attn"] for u in block.units] == [(1, 5), (2, 3)]
+    assert [u.score for u in block.units] == [pytest.approx(1.1), pytest.approx(2.5)]
+    assert all(u.cost == 20 and u.layer_costs == {4: 20} for u in block.units)
+    assert per_group_head_units("attn", 4, scores, q_cost=10, min_per_group=2).units == block.units[:1]
+
+
+def test_channel_units_keep_multiples_and_the_minimum_width():
+    scores = torch.arange(10, 0, -1).float()  # channel 9 scores lowest
+    block = channel_units("ffn", 0, scores, cost=3, multiple=4, min_width=1)
+    assert [len(u.removals["ffn"]) for u in block.units] == [2, 4]  # 10 -> 8 -> 4, never below one multiple
+    assert block.units[0].removals["ffn"] == (8, 9)
+    assert channel_units("ffn", 0, scores, cost=3, multiple=4, min_width=5).units == block.units[:1]  # keeps 8
+
+
+def test_budget_and_layer_room_are_never_exceeded():
+    g = torch.Generator().manual_seed(1)
+    blocks = [channel_units(f"f{i}", i, torch.rand(16, generator=g), cost=3, multiple=2, min_width=2) for i in range(3)]
+    chosen = allocate(blocks, budget=50, layer_room={0: 6})
+    assert chosen.cost <= 50 and 50 - chosen.cost < 6
+    assert len(chosen.removals.get("f0", [])) <= 2
+    assert removable(blocks) == 3 * 14 * 3
+    assert removable(blocks, layer_room={0: 0, 1: 0}) == 14 * 3
+
+
+def test_uniform_merge_removes_the_same_count_from_every_block():
+    g = torch.Generator().manual_seed(2)
+    blocks = [channel_units(f"f{i}", i, torch.rand(8, generator=g), cost=1, multiple=1, min_width=1) for i in range(3)]
+    blocks += [per_group_head_units(f"a{i}", i, torch.rand(2, 2, generator=g), 5, 1) for i in range(3)]
+    merged = merge_uniform(blocks)
+    assert sorted(b.kind for b in merged) == ["channels", "heads"]
+    for budget in (3, 9, 30, 33):
+        chosen = allocate(merged, budget)
+        counts = {len(chosen.removals.get(f"f{i}", [])) for i in range(3)}
+        heads = {len(chosen.removals.get(f"a{i}", [])) for i in range(3)}
+        assert len(counts) == 1 and len(heads) == 1, chosen.removals
+
+
+# ---------------------------------------------------------------------------------------------- the pruner
+def _trained(model_kw=None, steps=2, **cfg):
+    model = wrap_peft(build_llama(**(model_kw or {})))
+    pruner = LoRAPruner(model, LoRAPruneConfig(layers=ALL3, **cfg))
+    for i in range(steps):
+        train_step(model, batch(seed=10 + i))
+        pruner.importance.accumulate(model)
+    return model, pruner
+
+
+def _layer_params(model):
+    return sum(count_parameters(layer) for layer in peft_layers(model))
+
+
+def _mask(model, removed):
+    """Zero the removed heads' o_proj columns and the removed channels' down_proj columns (given as positions)."""
+    with torch.no_grad():
+        for key, positions in removed.items():
+            layer = peft_layers(model)[int(re.search(r"layers\.(\d+)\.", key).group(1))]
+            if key.endswith("self_attn"):
+                proj, cols = layer.self_attn.o_proj, [h * 4 + j for h in positions for j in range(4)]
+            else:
+                proj, cols = layer.mlp.down_proj, positions
+            proj.base_layer.weight[:, cols] = 0
+            proj.lora_A["default"].weight[:, cols] = 0
+    return model
+
+
+@pytest.mark.parametrize(
+    "model_kw, cfg",
+    [
+        (dict(kv_heads=2), dict()),
+        (dict(kv_heads=2), dict(head_mode="kv_groups")),
+        (dict(kv_heads=6), dict()),
+        (dict(kv_heads=2), dict(uniform=True)),
+    ],
+    ids=["gqa-per_group", "gqa-kv_groups", "mha", "uniform"],
+)
+def test_auto_is_the_default_exact_and_on_target(model_kw, cfg):
+    model, pruner = _trained(model_kw, ratio=0.4, **cfg)
+    assert pruner.config.allocation == "auto" and pruner.auto
+    before, params = copy.deepcopy(model), _layer_params(model)
+    event = pruner.prune(1.0)
+    removed = params - _layer_params(model)
+    assert 0 <= 0.4 * params - removed < 4 * (24 + 24) * 2  # short of the budget by less than one head unit
+    kept_heads = {k: v for k, v in pruner.summary()["heads"].items()}
+    masked = _mask(copy.deepcopy(before), event["removed"])
+    if cfg.get("head_mode") == "kv_groups":  # removed KV groups also lose k/v rows: compare through the mask
+        assert all(n % 3 == 0 for n in kept_heads.values())
+    torch.testing.assert_close(logits(model), logits(masked), atol=1e-5, rtol=1e-5)
+    if cfg.get("uniform"):
+        assert len(set(kept_heads.values())) == 1
+        assert len(set(pruner.summary()["channels"].values())) == 1
+
+
+def test_iterative_auto_events_reach_the_target_exactly():
+    model = wrap_peft(build_llama(hidden=48, heads=12, kv_heads=2))
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-3)
+    cfg = LoRAPruneConfig(layers=ALL3, ratio=0.5, total_steps=20, prune_every=2)
+    pruner = LoRAPruner(model, cfg, optimizer=opt)
+    params = _layer_params(model)
+    for i in range(cfg.total_steps):
+        train_step(model, batch(seed=100 + i))
+        opt.step()
+        snapshot = copy.deepcopy(model)
+        event = pruner.step()
+        opt.zero_grad()
+        if event is not None:
+            removed = {}
+            for key, ids in event["removed"].items():  # original ids -> positions in the snapshot
+                alive = _alive_before(pruner, key, ids)
+                removed[key] = [alive.index(x) for x in ids]
+            torch.testing.assert_close(logits(model), logits(_mask(snapshot, removed)), atol=1e-5, rtol=1e-5)
+    assert len(pruner.events) >= 3
+    assert 0 <= 0.5 * params - (params - _layer_params(model)) < 2 * 4 * 96
+
+
+def _alive_before(pruner, key, ids):
+    alive = pruner._heads[key].alive if key in pruner._heads else pruner._channels[key].alive
+    return sorted(set(alive) | set(ids))
+
+
+def test_the_scores_decide_heads_versus_channels():
+    """Make one layer's heads nearly free (scores ~0) and every channel costly: auto takes heads there first."""
+    model, pruner = _trained()
+    imp = pruner.importance
+    for name, s in imp._scores.items():
+        for d in s:
+            s[d] = s[d] * 1e-6 if ".layers.1.self_attn." in name else s[d] + 1.0
+    event = pruner.prune(0.1)
+    heads = [k for k in event["removed"] if k.endswith("self_attn")]
+    assert heads == ["base_model.model.model.layers.1.self_attn"]
+    assert len(event["removed"][heads[0]]) == 2  # one query head of each KV group, the cheapest unit of all
+
+
+def test_ffn_only_removes_no_head_and_meets_the_target():
+    model, pruner = _trained(ratio=0.3, allocation="ffn_only")
+    params = _layer_params(model)
+    pruner.prune(1.0)
+    assert set(pruner.summary()["heads"].values()) == {6}
+    assert abs(0.3 * params - (params - _layer_params(model))) <= 3 * 72 / 2
+
+
+def test_guards_hold_and_an_impossible_target_is_refused_before_any_change():
+    model, pruner = _trained(ratio=0.3, min_heads_per_group=3, max_layer_ratio=0.35)
+    params = {i: count_parameters(layer) for i, layer in enumerate(peft_layers(model))}
+    pruner.prune(1.0)
+    assert set(pruner.summary()["heads"].values()) == {6}  # 3 query heads per KV group kept
+    for i, layer in enumerate(peft_layers(model)):
+        assert params[i] - count_parameters(layer) <= 0.35 * params[i]
+
+    model = wrap_peft(build_llama())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"largest reachable ratio is 0\.19") as e:
+        LoRAPruner(model, LoRAPruneConfig(layers=ALL3, ratio=0.5, max_layer_ratio=0.2))
+    assert "max_layer_ratio=0.2" in str(e.value)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_uniform_refuses_layers_of_different_shapes():
+    model = wrap_peft(build_llama())
+    pruner = LoRAPruner(model, LoRAPruneConfig(layers=[2], head_ratio=0.0, channel_ratio=0.5))  # layer 2 narrower
+    train_step(model)
+    pruner.importance.accumulate(model)
+    pruner.prune(1.0)
+    with pytest.raises(ValueError, match=re.escape("FFN widths [24, 48]")):
+        LoRAPruner(model, LoRAPruneConfig(layers=ALL3, uniform=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        (dict(allocation="greedy"), "greedy"),
+        (dict(min_heads_per_group=0), "min_heads_per_group"),
+        (dict(min_ffn_width=0), "min_ffn_width"),
+        (dict(max_layer_ratio=0.0), "max_layer_ratio"),
+        (dict(normalize=True), "normalize=True"),
+        (dict(uniform=True, allocation="fixed", ranking="global"), "ranking='global'"),
+    ],
+)
+def test_allocation_config_validation(kwargs, shown):
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        LoRAPruneConfig(**kwargs)
