@@ -5,7 +5,8 @@ Taylor and random see exactly the weights a user would prune without LoRA:
 
 * magnitude: Torch-Pruning's GroupMagnitudeImportance (L2, mean over the group).
 * taylor:    Torch-Pruning's GroupTaylorImportance, |W ∘ ∂L/∂W| with full weight gradients accumulated
-             over calibration batches (LLM-Pruner's "vanilla" element-wise first-order criterion).
+             over calibration batches (LLM-Pruner's "vanilla" element-wise first-order criterion), summed over
+             each structure's weights (one scale for heads and channels, so it can feed allocation="auto").
 * random:    Torch-Pruning's RandomImportance.
 * separate:  LoRAGuidedImportance accumulated over the calibration batches at the start, then one-shot
              pruning and fine-tuning (the paper's "separate" ablation).
@@ -72,7 +73,9 @@ def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tens
             m.weight.requires_grad_(True)
         for ids in batches:
             (peft_model(input_ids=ids, labels=ids).loss / len(batches)).backward()
-        imp = _BaseWeightsOnly(tp.importance.GroupTaylorImportance(), peft_model)
+        # summed, not normalized per group: a head's and a channel's scores stay on one scale (allocation="auto")
+        taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+        imp = _BaseWeightsOnly(taylor, peft_model)
         imp.release = lambda: [(m.weight.requires_grad_(False), setattr(m.weight, "grad", None)) for m in bases]
         return imp
     if method == "separate":

@@ -345,13 +345,16 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
 
 @torch.no_grad()
 def inference_speed(shape: str, args) -> list[dict]:
-    """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models."""
+    """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
+    every allocation in args.allocations and FFN width multiple in args.multiples. Decode runs eagerly, or with
+    a static cache, which transformers compiles (CUDA graphs) on a GPU (`--decode-mode static`)."""
     import peft
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
     device, rows = args.device, []
-    for ratio, round_to in [(0.0, 1)] + [(r, m) for r in args.ratios for m in (1, 64)]:
+    cells = [(0.0, "dense", 1)] + [(r, a, m) for r in args.ratios for a in args.allocations for m in args.multiples]
+    for ratio, allocation, multiple in cells:
         model = build(shape, device)
         if ratio > 0:
             pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
@@ -360,38 +363,46 @@ def inference_speed(shape: str, args) -> list[dict]:
             with torch.enable_grad():
                 pm(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(pm)
-            pruner = LoRAPruner(
-                pm,
-                LoRAPruneConfig(ratio=ratio, layers=list(range(model.config.num_hidden_layers)), round_to=round_to),
-                importance=imp,
-            )
+            layers = list(range(model.config.num_hidden_layers))
+            config = LoRAPruneConfig(ratio=ratio, layers=layers, round_to=multiple, allocation=allocation)
+            pruner = LoRAPruner(pm, config, importance=imp)
+            t0 = time.perf_counter()
             pruner.prune(1.0)
+            sync(device)
+            prune_s = time.perf_counter() - t0
             model = merge_lora(pm)
+            del pm, pruner, imp
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
         prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
         prefill, _ = timed_steps(lambda: model(input_ids=prompt, use_cache=False), 2, 5, device)
-        short = prompt[:, :16]
-        gen = lambda: model.generate(  # noqa: E731
-            short,
-            max_new_tokens=args.decode,
-            min_new_tokens=args.decode,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        decode, _ = timed_steps(gen, 1, 3, device)
-        rows.append(
-            {
-                "shape": shape,
-                "ratio": ratio,
-                "round_to": round_to,
-                "parameters": n_params,
-                "intermediate_size": model.model.layers[1].mlp.down_proj.in_features,
-                "q_heads": model.model.layers[1].self_attn.q_proj.out_features // model.config.head_dim,
-                "prefill_s": round(prefill, 4),
-                "decode_tokens_per_s": round(args.decode / decode, 1),
-            }
-        )
+        row = {
+            "shape": shape,
+            "ratio": ratio,
+            "allocation": allocation,
+            "round_to": multiple,
+            "parameters": n_params,
+            "intermediate_sizes": sorted({layer.mlp.down_proj.in_features for layer in model.model.layers}),
+            "q_heads": sorted(
+                {layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers}
+            ),
+            "prune_event_s": round(prune_s, 3) if ratio > 0 else None,
+            "prefill_s": round(prefill, 4),
+        }
+        if args.decode:
+            short = prompt[:, :16]
+            static = {"cache_implementation": "static"} if args.decode_mode == "static" else {}
+            gen = lambda: model.generate(  # noqa: E731
+                short,
+                max_new_tokens=args.decode,
+                min_new_tokens=args.decode,
+                do_sample=False,
+                pad_token_id=0,
+                **static,
+            )
+            decode, _ = timed_steps(gen, 2 if static else 1, 3, device)
+            row |= {"decode_mode": args.decode_mode, "decode_tokens_per_s": round(args.decode / decode, 1)}
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
         del model
         gc.collect()
@@ -412,7 +423,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="1,0", help="1 = with gradient checkpointing, 0 = without")
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--prefill", type=int, default=2048)
-    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--decode", type=int, default=128, help="decode tokens (0: prefill only)")
+    p.add_argument("--decode-mode", choices=["eager", "static"], default="eager")
+    p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
+    p.add_argument("--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to)")
     p.add_argument("--skip", default="", help="comma list: steps,inference,init")
     p.add_argument(
         "--bases", default="", help="also time LoRA/LoRAPrune steps on these bitsandbytes bases, e.g. 8bit,4bit"
@@ -422,6 +436,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.checkpointing = [bool(int(c)) for c in args.checkpointing.split(",")]
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.allocations = args.allocations.split(",")
+    args.multiples = [int(m) for m in args.multiples.split(",")]
     args.bases = [b for b in args.bases.split(",") if b]
     result = {
         "environment": environment(args.device),

@@ -94,6 +94,9 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     base = overrides.pop("base", "float")  # "8bit" / "4bit": LoRAPrune on a bitsandbytes base
     keep_quantized = overrides.pop("keep_quantized", False)  # merge into the quantized base instead
     steps = overrides.pop("steps", args.steps)  # a longer (or shorter) budget for this run only
+    data = overrides.pop("data", None)  # another fine-tune text for this run only (args.datasets)
+    if data is not None:
+        blocks = args.datasets[data]()
     lora_init = overrides.pop("lora_init", "default")  # TrainConfig.lora_init; the table's cells: PEFT's default
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=args.prune_every, **overrides)
     train = TrainConfig(
@@ -161,29 +164,70 @@ def macs_per_token(model, seq_len: int) -> int:
 
 
 def evaluate_model(model, tokenizer, args) -> dict:
+    """Perplexity at `ppl_seq_len` (and at each of `extra_seq_lens`, e.g. 128 as LLM-Pruner), zero-shot, MMLU."""
     out = {}
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
-        for name in ("wikitext2", "ptb"):
-            out[f"{name}_ppl"] = round(
-                perplexity(
-                    model,
-                    tokenizer,
-                    perplexity_text(name, args.data_dir),
-                    seq_len=args.ppl_seq_len,
-                    max_windows=args.ppl_windows,
-                    batch_size=8,
-                ),
-                3,
-            )
-    if args.zs_limit:
+        for seq_len in [args.ppl_seq_len, *args.extra_seq_lens]:
+            suffix = "" if seq_len == args.ppl_seq_len else f"_{seq_len}"
+            for name in ("wikitext2", "ptb"):
+                out[f"{name}_ppl{suffix}"] = round(
+                    perplexity(
+                        model,
+                        tokenizer,
+                        perplexity_text(name, args.data_dir),
+                        seq_len=seq_len,
+                        max_windows=args.ppl_windows,
+                        batch_size=8,
+                    ),
+                    3,
+                )
+    for key, tasks, limit in (("zero_shot", None, args.zs_limit), ("mmlu", ["mmlu_local"], args.mmlu_limit)):
+        if not limit:
+            continue
         try:
-            out["zero_shot"] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=args.zs_limit, batch_size=32)
+            kwargs = {} if tasks is None else {"tasks": tasks}
+            out[key] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=limit, batch_size=32, **kwargs)
         except Exception as e:  # noqa: BLE001 - recorded in the results, the table says why a cell is empty
-            out["zero_shot_error"] = f"{type(e).__name__}: {e}"[:300]
+            out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
+ALLOCATION_CELLS = {  # name: (method, config overrides); LoRAPrune starts LoRA from PiSSA (its default)
+    "lp-auto": ("loraprune", {"lora_init": "pissa_niter_4"}),
+    "lp-fixed": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "fixed"}),
+    "lp-ffn_only": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "ffn_only"}),
+    "lp-uniform": ("loraprune", {"lora_init": "pissa_niter_4", "uniform": True}),
+    "lp-auto-cap": ("loraprune", {"lora_init": "pissa_niter_4", "max_layer_ratio": "ratio+0.2"}),
+    "taylor-auto": ("taylor", {}),
+    "taylor-fixed": ("taylor", {"allocation": "fixed"}),
+    "taylor-ffn_only": ("taylor", {"allocation": "ffn_only"}),
+}
+
+
+def allocation_plan(args) -> list[tuple]:
+    """The allocation table: every cell at every ratio (auto cells at every seed), dense first; then a longer
+    budget and instruction data for LoRAPrune-auto and Taylor-auto at the first ratio."""
+    runs = [("dense", "dense", 0.0, args.seeds[0], None)]
+    for ratio in args.ratios:
+        for cell, (method, overrides) in ALLOCATION_CELLS.items():
+            seeds = args.seeds + args.extra_seeds if cell.endswith("auto") else args.seeds[:1]
+            if overrides.get("max_layer_ratio") == "ratio+0.2":  # no layer loses more than 20 points over the ratio
+                overrides = overrides | {"max_layer_ratio": round(min(ratio + 0.2, 1.0), 3)}
+            for seed in seeds:
+                runs.append((f"{cell}@{ratio}/s{seed}", method, ratio, seed, overrides))
+    r, seed = args.ratios[0], args.seeds[0]
+    for cell in ("lp-auto", "taylor-auto"):
+        method, overrides = ALLOCATION_CELLS[cell]
+        runs.append(
+            (f"{cell}-{args.long_steps}steps@{r}/s{seed}", method, r, seed, overrides | {"steps": args.long_steps})
+        )
+        runs.append((f"{cell}-alpaca@{r}/s{seed}", method, r, seed, overrides | {"data": "alpaca"}))
+    return runs
+
+
 def plan(args) -> list[tuple]:
+    if args.plan == "allocation":
+        return allocation_plan(args)
     runs = [("dense", "dense", 0.0, args.seeds[0], None)]
     for ratio in args.ratios:
         for method in args.methods:
@@ -238,6 +282,10 @@ def plan(args) -> list[tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="gpu")
+    p.add_argument("--plan", choices=["methods", "allocation"], default="methods", help="which table's runs")
+    p.add_argument("--long-steps", type=int, default=1000, help="the allocation plan's longer LoRA budget")
+    p.add_argument("--mmlu-limit", type=int, default=0, help="MMLU (5-shot) questions per subject; 0 skips it")
+    p.add_argument("--extra-seq-lens", default="", help="also measure perplexity at these lengths, e.g. 128")
     p.add_argument("--model", default=None, help="default: packaged SmolLM2-135M-Instruct")
     p.add_argument("--data", default=None, help="fine-tune text (default: the C4 sample in the data dir)")
     p.add_argument("--data-dir", default=None)
@@ -264,6 +312,7 @@ def main(argv=None) -> int:
         key, value = item.split("=", 1)
         setattr(args, key, json.loads(value))
     args.methods = args.methods.split(",")
+    args.extra_seq_lens = [int(n) for n in args.extra_seq_lens.split(",") if n]
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.data_dir = str(find_data_dir(args.data_dir)) if find_data_dir(args.data_dir) else None
     data = args.data or os.path.join(args.data_dir, "calibration", "c4_demo.jsonl")
@@ -271,9 +320,16 @@ def main(argv=None) -> int:
     dense, tokenizer = load_model_and_tokenizer(args.model)
     dense.to(args.device)
     blocks = token_blocks(read_text_documents(data), tokenizer, block_size=args.block_size)
+    # the allocation plan's instruction-data cells fine-tune (and score) on Alpaca-cleaned instead of C4
+    alpaca = os.path.join(args.data_dir, "calibration", "alpaca_cleaned.jsonl.gz") if args.data_dir else None
+    args.datasets = {
+        "alpaca": (
+            lambda: token_blocks(read_text_documents(alpaca, max_documents=8000), tokenizer, block_size=args.block_size)
+        )
+    }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "datasets")}
     results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks), "runs": []}
     only = set(args.only.split(",")) if args.only else None
     for name, method, ratio, seed, overrides in plan(args):

@@ -343,6 +343,12 @@ class LoRAPruner:
             blocks = allocation.merge_uniform(blocks)
         return blocks
 
+    def removal_units(self) -> list[allocation.Block]:
+        """Every pruned block's removal units from the current scores: what allocation="auto" chooses from
+        (`tp_loraprune.allocation.allocate`). Positions index the structures still alive."""
+        graph = self._event_graph()
+        return self._blocks(graph, self._channel_groups(graph))
+
     def _check_allocation(self) -> None:
         """Refuse, before any weight changes, a uniform layout the model cannot take or a target the guards forbid."""
         c = self.config
