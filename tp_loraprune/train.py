@@ -442,18 +442,21 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="LoRAPrune", unit="step")
 
 
-def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
+def log_json(result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> str:
     """Every prune event (step, what was removed per structure, params left) plus settings, as JSON."""
-    Path(path).write_text(
-        json.dumps(
-            {
-                "config": config.to_dict(),
-                "train": asdict(train),
-                "summary": result.summary,
-                "seconds": result.seconds,
-                "losses": result.losses,
-                "events": result.events,
-            },
-            indent=1,
-        )
+    return json.dumps(
+        {
+            "config": config.to_dict(),
+            "train": asdict(train),
+            "summary": result.summary,
+            "seconds": result.seconds,
+            "losses": result.losses,
+            "events": result.events,
+        },
+        indent=1,
     )
+
+
+def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
+    """`log_json` written to `path`."""
+    Path(path).write_text(log_json(result, config, train))
