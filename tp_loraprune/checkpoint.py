@@ -7,7 +7,8 @@ removals, then loads the tensors.
 
 Layout of a checkpoint directory:
 
-    latest.json            {"checkpoint": "step-00000012"}: replaced atomically, always names a complete one
+    latest.json            {"checkpoint": "step-00000012", "state": sha256 of its state.json}: replaced
+                           atomically, so it always names a complete checkpoint
     step-00000012/         model / optimizer / importance .safetensors, then state.json (written last; it
                            records every file's size and sha256, the step and the run's fingerprint)
 
@@ -28,7 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .integrity import check_finite, fsync_path, read_json, records, remove_tree, verify_records, write_text_atomic
+from .integrity import (
+    check_finite,
+    file_record,
+    fsync_path,
+    read_json,
+    records,
+    remove_tree,
+    verify_records,
+    write_text_atomic,
+)
 from .pruner import LoRAPruner
 
 STATE = "state.json"
@@ -136,7 +146,8 @@ def _free_name(root: Path, name: str) -> str:
 
 def _publish(root: Path, name: str) -> None:
     """Point latest.json at `name`, then delete every other checkpoint in `root`."""
-    write_text_atomic(root / LATEST, json.dumps({"format_version": FORMAT_VERSION, "checkpoint": name}))
+    state = file_record(root / name / STATE)["sha256"]
+    write_text_atomic(root / LATEST, json.dumps({"format_version": FORMAT_VERSION, "checkpoint": name, "state": state}))
     for entry in root.iterdir():
         stale = _STEP_DIR.fullmatch(entry.name) or (entry.name.startswith(".step-") and entry.name.endswith(".tmp"))
         if stale and entry.name != name and entry.is_dir():
@@ -152,7 +163,11 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
     """The directory of the latest checkpoint in `path`."""
-    root = Path(path)
+    return _latest(Path(path))[0]
+
+
+def _latest(root: Path) -> tuple[Path, str | None]:
+    """(directory of the latest checkpoint, sha256 its state.json must have, if recorded)."""
     if (root / LATEST).exists():
         latest = read_json(root / LATEST, what="Checkpoint", fix=_fix(root))
         name = latest.get("checkpoint")
@@ -162,9 +177,9 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
             raise ValueError(
                 f"Checkpoint file {root / LATEST} names {name}, which is missing from {root}. {_fix(root)}"
             )
-        return root / name
+        return root / name, latest.get("state")
     if (root / STATE).exists():
-        return root
+        return root, None
     partial = sorted(p.name for p in root.glob(".step-*.tmp")) if root.is_dir() else []
     hint = f" (only the unfinished {partial[0]}: the run stopped during its first checkpoint)" if partial else ""
     raise ValueError(
@@ -175,14 +190,19 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def checkpoint_state(path: str | os.PathLike, *, verify: bool = True) -> dict:
     """state.json of the latest checkpoint in `path`; `verify`: its files checked against their size and sha256."""
-    where = checkpoint_dir(path)
+    where, state_sha256 = _latest(Path(path))
     fix = _fix(Path(path))
+    if verify and state_sha256 is not None and (where / STATE).is_file():
+        if file_record(where / STATE)["sha256"] != state_sha256:
+            raise ValueError(
+                f"Checkpoint file {where / STATE} is corrupt (its sha256 differs from the one in {LATEST}). {fix}"
+            )
     state = read_json(where / STATE, what="Checkpoint", fix=fix)
     for key in ("pruner", "optimizer"):
         if not isinstance(state.get(key), dict):
             raise ValueError(f"Checkpoint file {where / STATE} has no {key!r} section. {fix}")
     if verify and "files" in state:
-        verify_records(where, state["files"], what="Checkpoint", fix=fix)
+        verify_records(where, state["files"], what="Checkpoint", fix=fix, source=STATE)
     return state
 
 

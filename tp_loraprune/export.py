@@ -252,7 +252,7 @@ def check_complete(path: str | os.PathLike, *, verify: bool = True) -> dict:
     marker = read_json(path / COMPLETE, what="Saved model", fix=fix)
     if not isinstance(marker.get("files"), dict):
         raise ValueError(f"Saved model file {path / COMPLETE} lists no files. {fix}")
-    verify_records(path, marker["files"], what="Saved model", fix=fix, hashes=verify)
+    verify_records(path, marker["files"], what="Saved model", fix=fix, source=COMPLETE, hashes=verify)
     return manifest
 
 

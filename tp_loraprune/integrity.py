@@ -72,20 +72,24 @@ def records(root: Path, names: Iterable[str]) -> dict[str, dict]:
     return out
 
 
-def verify_records(root: Path, files: dict[str, dict], *, what: str, fix: str, hashes: bool = True) -> None:
-    """Raise a ValueError naming the first file of `files` that is missing, has another size or hash."""
+def verify_records(
+    root: Path, files: dict[str, dict], *, what: str, fix: str, source: str, hashes: bool = True
+) -> None:
+    """Raise a ValueError naming the first file of `files` (read from `source`) that is missing or changed."""
     missing = sorted(name for name in files if not (root / name).is_file())
     if missing:
-        raise ValueError(f"{what} {root} is incomplete: {', '.join(missing)} missing. {fix}")
+        raise ValueError(f"{what} {root} is incomplete: {', '.join(missing)} missing (listed in {source}). {fix}")
     for name, expected in files.items():
         size = (root / name).stat().st_size
         if size != expected["bytes"]:
             raise ValueError(
-                f"{what} file {root / name} has {size} bytes, {expected['bytes']} were written: it is truncated or "
-                f"was changed. {fix}"
+                f"{what} file {root / name} has {size} bytes, {expected['bytes']} were written (says {source}): it "
+                f"is truncated or was changed. {fix}"
             )
         if hashes and file_record(root / name)["sha256"] != expected["sha256"]:
-            raise ValueError(f"{what} file {root / name} is corrupt (its sha256 differs from the one written). {fix}")
+            raise ValueError(
+                f"{what} file {root / name} is corrupt: its sha256 differs from the one written in {source}. {fix}"
+            )
 
 
 def read_json(path: Path, *, what: str, fix: str) -> dict:
