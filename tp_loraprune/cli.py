@@ -114,13 +114,16 @@ def _check_writable(out: Path, ckpt: Path | None) -> None:
 
 
 def _check_room(model, out: Path, ckpt: Path | None, checkpoint_every: int) -> None:
-    """The saved model needs about the base model's size; a checkpoint as much again, twice while replacing one."""
+    """--out needs the merged model (float, every parameter); a checkpoint the model as loaded, twice over while
+    a new checkpoint replaces the old one."""
     from .integrity import check_room
+    from .models import count_parameters
 
-    size = sum(p.numel() * p.element_size() for p in model.parameters()) + 50_000_000  # + tokenizer, configs
-    needs = {"--out": (out, size)}
+    float_bytes = model.get_input_embeddings().weight.element_size()
+    needs = {"--out": (out, count_parameters(model) * float_bytes + 50_000_000)}  # + tokenizer, configs
     if ckpt is not None and checkpoint_every:
-        needs["--checkpoint-dir (two checkpoints while one replaces the other)"] = (ckpt, 2 * size)
+        loaded = sum(p.numel() * p.element_size() for p in model.parameters()) + 50_000_000
+        needs["--checkpoint-dir (two checkpoints while one replaces the other)"] = (ckpt, 2 * loaded)
     try:
         check_room(needs)
     except ValueError as e:
