@@ -149,9 +149,9 @@ def _publish(root: Path, name: str) -> None:
     state = file_record(root / name / STATE)["sha256"]
     write_text_atomic(root / LATEST, json.dumps({"format_version": FORMAT_VERSION, "checkpoint": name, "state": state}))
     for entry in root.iterdir():
-        stale = _STEP_DIR.fullmatch(entry.name) or (entry.name.startswith(".step-") and entry.name.endswith(".tmp"))
-        if stale and entry.name != name and entry.is_dir():
-            remove_tree(entry)
+        debris = entry.name.startswith((".step-", f".{LATEST}.")) and entry.name.endswith(".tmp")
+        if entry.name != name and (_STEP_DIR.fullmatch(entry.name) or debris):
+            entry.unlink() if entry.is_file() else remove_tree(entry)
     for legacy in (STATE, MODEL, OPTIMIZER, IMPORTANCE):  # the flat layout of earlier versions
         (root / legacy).unlink(missing_ok=True)
 

@@ -338,7 +338,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path is not None and (path / MANIFEST).is_file():
         from transformers import AutoTokenizer
 
-        model, tokenizer = load_pruned(path, device=args.device), AutoTokenizer.from_pretrained(path)
+        try:
+            model = load_pruned(path, device=args.device)
+        except ValueError as e:  # an incomplete or damaged save: the message names the file
+            raise SystemExit(f"error: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model)
         model.to(args.device)
