@@ -167,6 +167,38 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _full_from_file(n: int, monkeypatch) -> None:
+    """safetensors' writer fails (as on a full disk, with its own error type) from its n-th file on."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_file, calls = safetensors.torch.save_file, [0]
+
+    def full(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= n:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def test_cli_checkpoint_on_a_full_disk_stops_clearly_and_resumes(tiny, reference, tmp_path, monkeypatch):
+    from tp_loraprune import cli
+
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    argv = cli_args(tiny, out, "--checkpoint-every", "2")
+    _full_from_file(4, monkeypatch)  # three files per checkpoint: the second one fails
+    with pytest.raises(
+        SystemExit, match="step 4 .* failed .*No space left.* previous checkpoint is kept"
+    ):
+        cli.main(argv)
+    assert sorted(p.name for p in ckpt.iterdir()) == [LATEST, "step-00000002"] and not out.exists()
+    monkeypatch.undo()
+    assert cli.main([*argv, "--resume"]) == 0
+    assert_same_model(out, reference)
+
+
 def test_cli_final_save_on_a_full_disk_keeps_the_model_in_a_rescue_dir(tiny, reference, tmp_path, monkeypatch):
     from tp_loraprune import cli, export
 
@@ -261,21 +293,11 @@ def ckpt(stopped_checkpoint, tmp_path):
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(full_run, tmp_path, monkeypatch):
-    import safetensors.torch
-
-    save_file, calls = safetensors.torch.save_file, [0]
-
-    def full_at_second_checkpoint(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > 3:  # three files per checkpoint
-            _no_space()
-        return save_file(*args, **kwargs)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full_at_second_checkpoint)
+    _full_from_file(4, monkeypatch)  # three files per checkpoint: the second one fails
     with pytest.raises(OSError, match="No space left"):
         _run(checkpoint_dir=tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LATEST, "step-00000002"]  # no debris
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.undo()
     resumed = _run(checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert resumed.losses == pytest.approx(full_run.losses)
     assert [e["removed"] for e in resumed.events] == [e["removed"] for e in full_run.events]

@@ -21,6 +21,7 @@ files directly in it (the layout before 0.1.0) is still read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from .integrity import (
     records,
     remove_tree,
     verify_records,
+    write_errors,
     write_text_atomic,
 )
 from .pruner import LoRAPruner
@@ -129,8 +131,15 @@ def save_checkpoint(
         fsync_path(tmp)
         os.rename(tmp, root / name)
         fsync_path(root)
-    except BaseException:
+    except BaseException as e:
         remove_tree(tmp)  # a full disk gets its space back; the previous checkpoint is untouched
+        if isinstance(e, write_errors()):
+            kept = "the previous checkpoint is kept" if has_checkpoint(root) else "there is no earlier checkpoint"
+            raise OSError(
+                getattr(e, "errno", None) or errno.EIO,
+                f"Writing the checkpoint of step {step} into {root} failed ({e}); {kept}. Free some space or choose "
+                "another checkpoint directory, then resume",
+            ) from e
         raise
     _publish(root, name)
     return root / name

@@ -292,7 +292,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             resume=resume,
             on_event=_print_event if main_rank else None,
         )
-    except ValueError as e:  # a checkpoint that does not fit, a non-finite loss: nothing wrong was saved
+    except (ValueError, OSError) as e:  # a foreign checkpoint, a non-finite loss, a full disk: nothing wrong saved
         raise SystemExit(f"error: {e}") from None
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0

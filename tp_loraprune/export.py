@@ -18,6 +18,7 @@ missing or changed. Directories of format_version 1 (saved before the marker exi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .conv1d import features, is_conv1d, is_linear_like
-from .integrity import check_finite, fsync_path, read_json, records, remove_tree, verify_records
+from .integrity import check_finite, fsync_path, read_json, records, remove_tree, verify_records, write_errors
 from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
 from .quant import dequantize_model, has_quantized_layers, quantization
@@ -151,8 +152,12 @@ def save_pruned(
         _write_marker(staging)
         fsync_path(staging)
         _move_into_place(staging, path)
-    except BaseException:
-        remove_tree(staging)
+    except BaseException as e:
+        remove_tree(staging)  # gives a full disk its space back; `path` is untouched
+        if isinstance(e, write_errors()):
+            raise OSError(
+                getattr(e, "errno", None) or errno.EIO, f"Saving to {path} failed ({e}); {path} is untouched"
+            ) from e
         raise
     return path
 

@@ -23,6 +23,13 @@ class NonFiniteError(ValueError, FloatingPointError):
     """A loss, gradient or weight became inf/NaN (a ValueError; also a FloatingPointError, as before)."""
 
 
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, and safetensors' own error (a full disk inside its Rust writer)."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync a file or a directory (a directory fsync makes a rename in it durable; not on Windows)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else os.O_RDONLY
