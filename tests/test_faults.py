@@ -189,9 +189,7 @@ def test_cli_checkpoint_on_a_full_disk_stops_clearly_and_resumes(tiny, reference
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     argv = cli_args(tiny, out, "--checkpoint-every", "2")
     _full_from_file(4, monkeypatch)  # three files per checkpoint: the second one fails
-    with pytest.raises(
-        SystemExit, match="step 4 .* failed .*No space left.* previous checkpoint is kept"
-    ):
+    with pytest.raises(SystemExit, match="step 4 .* failed .*No space left.* previous checkpoint is kept"):
         cli.main(argv)
     assert sorted(p.name for p in ckpt.iterdir()) == [LATEST, "step-00000002"] and not out.exists()
     monkeypatch.undo()
