@@ -351,7 +351,7 @@ def prune(
     fingerprint = run_fingerprint(model, blocks, config, train) if checkpoint_dir is not None else None
     peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
     losses: list[float] = []
-    if resume:
+    if resume and checkpoint_dir is not None:  # checked above
         extra = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, fingerprint=fingerprint)
         losses = list(extra.get("losses", []))
     t0 = time.perf_counter()
