@@ -48,7 +48,10 @@ LATEST = "latest.json"
 MODEL, OPTIMIZER, IMPORTANCE = "model.safetensors", "optimizer.safetensors", "importance.safetensors"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-\d{8}(-\d+)?")
-_NON_FINITE_FIX = "Resume from the previous checkpoint with a lower `lr` (CLI --lr), or use fp32/bf16."
+_NON_FINITE_FIX = (
+    "Fine-tune again with a lower `lr` (CLI --lr) or `max_grad_norm`, or in fp32/bf16 instead of fp16 (a checkpoint "
+    "resumes only with the settings it was written with, so this is a new run)."
+)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

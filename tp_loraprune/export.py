@@ -142,7 +142,7 @@ def save_pruned(
     check_finite(
         model.state_dict().items(),
         what="The model to save",
-        fix="Fine-tune again (or resume from an earlier checkpoint) with a lower lr, or use fp32/bf16.",
+        fix="Fine-tune again with a lower `lr` (CLI --lr), or in fp32/bf16 instead of fp16.",
     )
     staging = path.with_name(path.name + ".partial")
     remove_tree(staging)  # what an interrupted save left

@@ -380,15 +380,15 @@ def prune(
     check_finite(
         merged.state_dict().items(),
         what="The merged model",
-        fix="Resume from an earlier checkpoint with a lower `lr` (CLI --lr), or use fp32/bf16.",
+        fix=_NON_FINITE_FIX,
     )
     summary = dict(pruner.summary(), parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
 
 
 _NON_FINITE_FIX = (
-    "Lower `lr` (CLI --lr) or `max_grad_norm`, or use fp32/bf16 instead of fp16; with checkpoints, resume from the "
-    "last one (CLI --resume) with the lower lr."
+    "Fine-tune again with a lower `lr` (CLI --lr) or `max_grad_norm`, or in fp32/bf16 instead of fp16 (a checkpoint "
+    "resumes only with the settings it was written with, so this is a new run)."
 )
 _UNFINGERPRINTED = ("device", "progress", "checkpoint_every", "extra")  # may change between a run and its resume
 
