@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,7 +232,7 @@ def test_cli_refuses_an_output_without_room_before_training(tiny, tmp_path, monk
         raise AssertionError("training started before the free space was checked")
 
     monkeypatch.setattr("tp_loraprune.train.prune", no_training)
-    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 4096, free=4096))
     with pytest.raises(SystemExit, match=r"has 0\.0 MB free but this run needs about .* for --out"):
         cli.main(cli_args(tiny, tmp_path / "out", "--checkpoint-every", "2"))
     assert not (tmp_path / "out").exists()
