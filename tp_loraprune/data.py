@@ -83,6 +83,19 @@ def _read_jsonl(path: Path, max_documents: int | None) -> list[str]:
     return documents
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = ("1", "ON", "YES", "TRUE")  # what huggingface_hub counts as true
+
+
+def hub_offline(variables: Iterable[str] = OFFLINE_VARIABLES) -> str | None:
+    """'NAME=value' of the first Hugging Face offline variable set to a true value (1/on/yes/true), or None."""
+    for name in variables:
+        value = os.environ.get(name, "")
+        if value.strip().upper() in _TRUE:
+            return f"{name}={value}"
+    return None
+
+
 def _read_hub_dataset(name: str, max_documents: int | None) -> list[str]:
     try:
         import datasets
@@ -95,9 +108,11 @@ def _read_hub_dataset(name: str, max_documents: int | None) -> list[str]:
     try:
         dataset = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - the hub/loader raises many types; report them all the same way
+        offline = hub_offline(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = f"{offline} forbids the hub and it is not cached" if offline else f"{type(e).__name__}: {e}"
         raise ValueError(
             f"{name!r} is not an existing file and could not be loaded as a Hugging Face dataset "
-            f"({type(e).__name__}: {e}); pass an existing .txt/.jsonl/.jsonl.gz path or 'builtin'."
+            f"({why}); pass an existing .txt/.jsonl/.jsonl.gz path or 'builtin'."
         ) from e
     if "text" not in dataset.column_names:
         raise ValueError(

@@ -9,10 +9,16 @@ Two on-disk formats, both safetensors plus JSON:
   `tp_loraprune.json` with the shape of every linear layer that differs from the config.
   `tp_loraprune.load_pruned(path)` builds the model from the config, reshapes those layers and loads
   the weights (strict). It never unpickles anything and never enables `trust_remote_code`.
+
+A save is complete only when `tp_loraprune.complete.json` exists: it is written last and records every
+file's size and sha256. The directory is written as `<path>.partial` beside `path`, fsynced and renamed,
+so `path` appears only complete; `load_pruned` refuses a directory without the marker and says what is
+missing or changed. Directories of format_version 1 (saved before the marker existed) still load.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,13 +28,16 @@ import torch
 from torch import nn
 
 from .conv1d import features, is_conv1d, is_linear_like
+from .integrity import check_finite, fsync_path, read_json, records, remove_tree, verify_records, write_errors
 from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
 from .quant import dequantize_model, has_quantized_layers, quantization
 
 MANIFEST = "tp_loraprune.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+COMPLETE = "tp_loraprune.complete.json"  # written last: the directory is complete only with it
+FORMAT_VERSION = 2
+_LEGACY_VERSIONS = (1,)  # no completion marker yet
 
 
 def merge_lora(model: nn.Module, *, dequantize: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
@@ -112,13 +121,17 @@ def save_pruned(
     merge: bool = True,
     overwrite: bool = False,
     metadata: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
 
-    Refuses to write into an existing non-empty directory unless `overwrite=True`.
+    Refuses to write into an existing non-empty directory unless `overwrite=True`, and refuses
+    (NonFiniteError) a model with inf/NaN weights. `extra_files` (name → text) are written into the
+    directory before the completion marker. Files go to `<path>.partial` first and are renamed into
+    place once complete; if writing fails, the partial directory is removed and `path` is untouched.
     """
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise ValueError(f"Output directory {path} exists and is not empty; choose a new path or pass overwrite=True.")
     if merge:
         model = merge_lora(model)
@@ -126,7 +139,30 @@ def save_pruned(
         raise ValueError(
             "save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft."
         )
-    path.mkdir(parents=True, exist_ok=True)
+    check_finite(
+        model.state_dict().items(),
+        what="The model to save",
+        fix="Fine-tune again with a lower `lr` (CLI --lr), or in fp32/bf16 instead of fp16.",
+    )
+    staging = path.with_name(path.name + ".partial")
+    remove_tree(staging)  # what an interrupted save left
+    staging.mkdir(parents=True)
+    try:
+        _write_model(model, staging, tokenizer, metadata, extra_files or {})
+        _write_marker(staging)
+        fsync_path(staging)
+        _move_into_place(staging, path)
+    except BaseException as e:
+        remove_tree(staging)  # gives a full disk its space back; `path` is untouched
+        if isinstance(e, write_errors()):
+            raise OSError(
+                getattr(e, "errno", None) or errno.EIO, f"Saving to {path} failed ({e}); {path} is untouched"
+            ) from e
+        raise
+    return path
+
+
+def _write_model(model: nn.Module, path: Path, tokenizer, metadata: dict | None, extra_files: dict[str, str]) -> None:
     auto_class = _auto_class_name(model)
     uniform = sync_config(model) and config_validates(model.config)
     manifest = {
@@ -149,7 +185,31 @@ def save_pruned(
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    return path
+    for name, text in extra_files.items():
+        (path / name).write_text(text)
+
+
+def _write_marker(path: Path) -> None:
+    """fsync every file, then write the completion marker with their sizes and sha256 (last)."""
+    names = [str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()]
+    marker = {"format_version": FORMAT_VERSION, "files": records(path, names)}
+    (path / COMPLETE).write_text(json.dumps(marker, indent=1))
+    fsync_path(path / COMPLETE)
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        else:  # overwrite=True: the old directory stays whole until the new one is in place
+            old = path.with_name(path.name + ".old")
+            remove_tree(old)
+            path.rename(old)
+    staging.rename(path)
+    fsync_path(path.parent)
+    if old is not None:
+        remove_tree(old)
 
 
 def _resize_linear(linear: nn.Module, out_features: int, in_features: int) -> None:
@@ -166,19 +226,58 @@ def _resize_linear(linear: nn.Module, out_features: int, in_features: int) -> No
         m.out_features, m.in_features = out_features, in_features
 
 
-def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a model saved by `save_pruned` (either format)."""
+def check_complete(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """The manifest of a directory saved by `save_pruned`, after checking that the save completed.
+
+    Raises a ValueError saying what is missing or changed: no completion marker (an interrupted save),
+    a recorded file missing or of another size, or (with `verify`) another sha256.
+    """
+    path = Path(path)
+    fix = "Save the model again (CLI: the same command with --resume redoes only the merge and the save)."
+    if not (path / MANIFEST).is_file():
+        partial = path.with_name(path.name + ".partial")
+        if partial.is_dir():
+            raise ValueError(f"The save to {path} was interrupted: only {partial} (unfinished) exists. {fix}")
+        raise ValueError(f"{path} has no {MANIFEST}; it was not saved by tp_loraprune.save_pruned.")
+    manifest = read_json(path / MANIFEST, what="Saved model", fix=fix)
+    version = manifest.get("format_version")
+    if version in _LEGACY_VERSIONS:
+        return manifest
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / MANIFEST} has format_version {version}, expected {FORMAT_VERSION}; save it again with this "
+            "version of tp_loraprune, or load it with the version that saved it."
+        )
+    if not (path / COMPLETE).is_file():
+        present = sorted(f.name for f in path.iterdir())
+        raise ValueError(
+            f"{path} is incomplete: {COMPLETE}, which save_pruned writes last, is missing, so the save was "
+            f"interrupted (files present: {', '.join(present)}). {fix}"
+        )
+    marker = read_json(path / COMPLETE, what="Saved model", fix=fix)
+    if not isinstance(marker.get("files"), dict):
+        raise ValueError(f"Saved model file {path / COMPLETE} lists no files. {fix}")
+    verify_records(path, marker["files"], what="Saved model", fix=fix, source=COMPLETE, hashes=verify)
+    return manifest
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+):
+    """Load a model saved by `save_pruned` (either format).
+
+    The directory must be complete (`check_complete`); `verify=False` skips the sha256 of every file
+    (sizes are always checked), which saves reading the weights twice.
+    """
     import transformers
 
     path = Path(path)
     manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise ValueError(f"{path} has no {MANIFEST}; it was not saved by tp_loraprune.save_pruned.")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{manifest_file} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}."
-        )
+    manifest = check_complete(path, verify=verify)
     auto = getattr(transformers, manifest["auto_class"])
     if manifest["layout"] == "uniform":
         return auto.from_pretrained(path, dtype=dtype, device_map=None).to(device)

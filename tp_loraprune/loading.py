@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .data import hub_offline
 from .quant import bnb_config
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,10 +88,17 @@ def load_model_and_tokenizer(
             model = _requantized(model, quantization)
     else:
         source = str(spec)
-        if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ValueError(f"Model {source!r} is not a local path and HF_HUB_OFFLINE=1 forbids the hub.")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
+        offline = None if path.exists() else hub_offline(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
+        except OSError as e:
+            if offline is None:
+                raise
+            raise ValueError(
+                f"Model {source!r} is not a local path and {offline} forbids the hub (it is not in the local "
+                "cache either); pass a local directory or .gguf file, or unset the variable."
+            ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

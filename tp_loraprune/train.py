@@ -16,6 +16,7 @@ rank 0 shows progress and writes checkpoints. See `distributed.py`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .config import LoRAPruneConfig
+from .integrity import NonFiniteError, check_finite, check_writable
 from .lora import lora_layers
 from .models import count_parameters
 from .pruner import LoRAPruner
@@ -75,8 +77,8 @@ class TrainConfig:
                 f"`lora_init` must be 'auto' (PiSSA on float bases, else PEFT's default), 'default' (PEFT's B = 0), "
                 f"'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', got {self.lora_init!r}."
             )
-        if not self.lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"`lr` must be a finite number > 0, got {self.lr}; e.g. 1e-4 (CLI --lr).")
         if self.checkpoint_every < 0:
             raise ValueError(f"`checkpoint_every` must be >= 0 (0 = never), got {self.checkpoint_every}.")
 
@@ -206,8 +208,14 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     losses: list[float] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    fingerprint: dict | None = None,
 ) -> list[float]:
     """The LoRA training loop; with a `pruner`, `pruner.step()` runs after every optimizer step.
+
+    The loss, the gradient norm and the trainable weights are checked after every step: a non-finite
+    one raises NonFiniteError (under fp16 a non-finite gradient is the GradScaler's business: the step
+    is skipped and the step's gradients count as zero in the scores). With `checkpoint_dir` and
+    `train.checkpoint_every`, a checkpoint is written every that many steps and after the last one.
 
     In a process group of several ranks the forward/backward runs through DistributedDataParallel on
     this rank's rows of each micro-batch, rebuilt after every prune event; the logged loss is the mean
@@ -239,12 +247,29 @@ def finetune(
             total += loss.item()
         total = distributed.mean_over_ranks(total)
         if not math.isfinite(total):
-            raise FloatingPointError(f"Loss became {total} at step {step}; lower `lr` or use bf16/fp32.")
+            raise NonFiniteError(
+                f"The loss became {total} at step {step}; nothing of this step was saved. {_NON_FINITE_FIX}"
+            )
         scaler.unscale_(optimizer)  # scores and clipping see true gradients, not loss-scaled ones
-        if train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+        max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        if not math.isfinite(grad_norm):
+            if not scaler.is_enabled():
+                raise NonFiniteError(
+                    f"The gradient norm became {grad_norm} at step {step}; nothing of this step was saved. "
+                    f"{_NON_FINITE_FIX}"
+                )
+            for p in trainable:  # fp16 overflow: the scaler skips this step; keep the scores finite
+                if p.grad is not None:
+                    p.grad.zero_()
         scaler.step(optimizer)
         scaler.update()
+        weights_max = float(torch.nn.utils.get_total_norm(trainable, norm_type=math.inf))
+        if not math.isfinite(weights_max):
+            raise NonFiniteError(
+                f"The LoRA weights became non-finite in the optimizer step of step {step} (loss {total:.4g}, "
+                f"gradient norm {grad_norm:.4g}); nothing of this step was saved. {_NON_FINITE_FIX}"
+            )
         if scheduler is not None:
             scheduler.step()
         event = pruner.step() if pruner is not None else None
@@ -259,14 +284,18 @@ def finetune(
         if bar is not None:
             bar.set_postfix(loss=f"{total:.3f}", params=f"{count_parameters(peft_model) / 1e6:.2f}M")
             bar.update(1)
-        if (
-            checkpoint_dir is not None
-            and pruner is not None
-            and train.checkpoint_every
-            and (step + 1) % train.checkpoint_every == 0
-        ):
+        due = (step + 1) % train.checkpoint_every == 0 or step + 1 == total_steps if train.checkpoint_every else False
+        if checkpoint_dir is not None and pruner is not None and due:
             if rank == 0:
-                save_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, {"losses": losses})
+                save_checkpoint(
+                    checkpoint_dir,
+                    peft_model,
+                    optimizer,
+                    pruner,
+                    scheduler,
+                    {"losses": losses},
+                    fingerprint=fingerprint,
+                )
             distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
     if bar is not None:
         bar.close()
@@ -291,7 +320,9 @@ def prune(
     `data` is a (n, block_size) tensor of token ids, a list of documents, or a source for
     `tp_loraprune.data.read_text_documents` (a text/jsonl file, "builtin", a dataset name).
     Returns the merged, pruned model. With `checkpoint_dir` and `train.checkpoint_every`, a checkpoint
-    is written every that many steps; `resume=True` continues from it. `stop_after` ends the loop early
+    is written every that many steps and after the last step; `resume=True` continues from it (a resumed
+    run repeats an uninterrupted one). A checkpoint carries a fingerprint of the base model, the data and
+    the settings (`run_fingerprint`); resuming with anything else is refused. `stop_after` ends the loop early
     (after that many steps, without merging) to simulate an interruption. A quantized (bitsandbytes) base
     is merged into a dequantized float model unless `dequantize=False` (see `export.merge_lora`).
     """
@@ -313,12 +344,16 @@ def prune(
         raise ValueError(
             f"`blocks` must be a non-empty (n, block_size) tensor of token ids, got shape {tuple(blocks.shape)}."
         )
+    if resume and (checkpoint_dir is None or not Path(checkpoint_dir).exists()):
+        raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
+    if checkpoint_dir is not None and train.checkpoint_every and distributed.rank() == 0:
+        check_writable(checkpoint_dir, option="checkpoint_dir")
+    fingerprint = run_fingerprint(model, blocks, config, train) if checkpoint_dir is not None else None
     peft_model, optimizer, scheduler, pruner = build_training(model, config, train)
     losses: list[float] = []
-    if resume:
-        if checkpoint_dir is None or not Path(checkpoint_dir).exists():
-            raise ValueError(f"resume=True needs an existing checkpoint_dir, got {checkpoint_dir}.")
-        losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler)["losses"]
+    if resume and checkpoint_dir is not None:  # checked above
+        extra = load_checkpoint(checkpoint_dir, peft_model, optimizer, pruner, scheduler, fingerprint=fingerprint)
+        losses = list(extra.get("losses", []))
     t0 = time.perf_counter()
     losses = finetune(
         peft_model,
@@ -333,6 +368,7 @@ def prune(
         checkpoint_dir=checkpoint_dir,
         losses=losses,
         on_event=on_event,
+        fingerprint=fingerprint,
     )
     seconds = time.perf_counter() - t0
     summary = pruner.summary()
@@ -341,8 +377,43 @@ def prune(
     if pruner.progress < 1.0:
         pruner.prune(1.0)
     merged = merge_lora(peft_model, dequantize=dequantize).eval()
+    check_finite(
+        merged.state_dict().items(),
+        what="The merged model",
+        fix=_NON_FINITE_FIX,
+    )
     summary = dict(pruner.summary(), parameters=count_parameters(merged))
     return PruneResult(merged, pruner.events, summary, seconds, losses)
+
+
+_NON_FINITE_FIX = (
+    "Fine-tune again with a lower `lr` (CLI --lr) or `max_grad_norm`, or in fp32/bf16 instead of fp16 (a checkpoint "
+    "resumes only with the settings it was written with, so this is a new run)."
+)
+_UNFINGERPRINTED = ("device", "progress", "checkpoint_every", "extra")  # may change between a run and its resume
+
+
+def run_fingerprint(model: nn.Module, blocks: torch.Tensor, config: LoRAPruneConfig, train: TrainConfig) -> dict:
+    """What a checkpoint must match to be resumed: the base model's weights, the data and the settings.
+
+    The model part hashes every parameter's name, shape, dtype and up to 4096 evenly spaced values
+    (fast at any size; another model of the same shape differs there). The data part hashes every token.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096), device=flat.device).long()
+            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+            digest.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    data = hashlib.sha256(blocks.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    settings = {k: v for k, v in asdict(train).items() if k not in _UNFINGERPRINTED}
+    return {
+        "model": digest.hexdigest()[:16],
+        "data": f"{data[:16]} ({tuple(blocks.shape)[0]} blocks of {tuple(blocks.shape)[-1]} tokens)",
+        "config": config.to_dict(),
+        "train": settings,
+    }
 
 
 def _no_sync(forward: nn.Module, last_micro_batch: bool):
@@ -371,18 +442,21 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="LoRAPrune", unit="step")
 
 
-def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
+def log_json(result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> str:
     """Every prune event (step, what was removed per structure, params left) plus settings, as JSON."""
-    Path(path).write_text(
-        json.dumps(
-            {
-                "config": config.to_dict(),
-                "train": asdict(train),
-                "summary": result.summary,
-                "seconds": result.seconds,
-                "losses": result.losses,
-                "events": result.events,
-            },
-            indent=1,
-        )
+    return json.dumps(
+        {
+            "config": config.to_dict(),
+            "train": asdict(train),
+            "summary": result.summary,
+            "seconds": result.seconds,
+            "losses": result.losses,
+            "events": result.events,
+        },
+        indent=1,
     )
+
+
+def write_log(path: str | Path, result: PruneResult, config: LoRAPruneConfig, train: TrainConfig) -> None:
+    """`log_json` written to `path`."""
+    Path(path).write_text(log_json(result, config, train))
