@@ -105,6 +105,9 @@ class LoRAPruner:
         agree: called on every prune event with the chosen removals (structure key → original ids) and
             returns the removals to apply; `tp_loraprune.distributed.agree_on_removals` makes all ranks of
             a data-parallel run check that they remove the same structures.
+        graph: a DependencyGraph of `model` already traced under `tp_loraprune.graph.traceable` (with
+            `tp_loraprune.graph.customized_pruners(model)`), used instead of tracing again; `LoRAMetaPruner`
+            passes the one Torch-Pruning's constructor built.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class LoRAPruner:
         importance: LoRAGuidedImportance | None = None,
         example_inputs=None,
         agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
+        graph: tp.DependencyGraph | None = None,
     ):
         self.model = model
         self.agree = agree
@@ -168,7 +172,8 @@ class LoRAPruner:
             for a in attention_layouts(model)
             if a.module in self._selected
         }
-        graph = build_graph(model, self.example_inputs)
+        if graph is None:
+            graph = build_graph(model, self.example_inputs)
         self._graph: tp.DependencyGraph | None = None
         self._channels = {}
         groups = self._channel_groups(graph)

@@ -7,6 +7,7 @@ it kept, so the caller can re-freeze base weights, slice optimizer moments and s
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,6 +17,15 @@ from torch import nn
 
 from .conv1d import weight_dim
 from .graph import pruning_fn
+
+# Groups built by `declared_group`: their coupling comes from the model layout, not from Torch-Pruning's
+# propagation, so LoRAGuidedImportance scores their attention items without the checks of `group_check`.
+_DECLARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_declared(group) -> bool:
+    """Whether `group` was built by `declared_group` (whole heads of a known layout)."""
+    return group in _DECLARED
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, s
         group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(idxs))
         group[len(group) - 1].root_idxs = list(root_idxs)
     group._DG = graph
+    _DECLARED.add(group)
     return group
 
 
