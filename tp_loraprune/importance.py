@@ -3,7 +3,7 @@
 Use it like any Torch-Pruning importance::
 
     imp = LoRAGuidedImportance()
-    pruner = tp.pruner.MetaPruner(peft_model, example_inputs, importance=imp, ...)
+    pruner = tp_loraprune.LoRAMetaPruner(peft_model, example_inputs, importance=imp, ...)  # a tp.pruner.MetaPruner
     for batch in data:
         loss = peft_model(**batch).loss
         loss.backward()
