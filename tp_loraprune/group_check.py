@@ -67,7 +67,7 @@ class GroupChecker:
                 for part in _parts(projection, direction):
                     self.head_sides[part] = HeadSide(a, name, direction)
         # lora_B rows follow the base layer's output channels, lora_A columns its input channels
-        self.factor_base: dict[tuple[nn.Module, Direction], nn.Module] = {}
+        self.factor_base: dict[tuple[nn.Module, Direction | None], nn.Module] = {}
         for layer in lora_layers(model).values():
             base = base_layer(layer)
             for factor in cast(Any, layer).lora_B.values():
