@@ -59,9 +59,11 @@ CASES = [
     ("llama", "per_group"),
     ("llama", "kv_groups"),
     ("mistral", "per_group"),
+    ("mistral", "kv_groups"),
     ("qwen3", "per_group"),
     ("gpt2", "per_group"),
     ("phi3", "per_group"),
+    ("phi3", "kv_groups"),
 ]
 
 

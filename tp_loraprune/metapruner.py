@@ -1,6 +1,7 @@
 """LoRAMetaPruner: Torch-Pruning's `MetaPruner` for PEFT LoRA models, exact on every architecture tp_loraprune knows.
 
-It takes `tp.pruner.MetaPruner`'s arguments and is one (`isinstance(pruner, tp.pruner.MetaPruner)`)::
+It takes `tp.pruner.MetaPruner`'s arguments and is one (`isinstance(pruner, tp.pruner.MetaPruner)`; MetaPruner is
+`tp.pruner.BasePruner` under its older name)::
 
     imp = LoRAGuidedImportance()
     pruner = LoRAMetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.5,
@@ -25,6 +26,7 @@ from typing import Literal
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
 from .config import LoRAPruneConfig
 from .graph import customized_pruners, example_input_ids, model_output, traceable
@@ -93,7 +95,7 @@ def selected_layers(model: nn.Module, ignored_layers) -> list[int]:
     return chosen
 
 
-class LoRAMetaPruner(tp.pruner.MetaPruner):
+class LoRAMetaPruner(tp.pruner.BasePruner):  # BasePruner is MetaPruner (its 1.6 name; MetaPruner is an alias)
     """`tp.pruner.MetaPruner` for a PEFT LoRA model: heads and FFN channels removed exactly, the model repaired.
 
     Args (as for `tp.pruner.MetaPruner`):
@@ -131,7 +133,7 @@ class LoRAMetaPruner(tp.pruner.MetaPruner):
         global_pruning: bool = False,
         pruning_ratio: float = 0.5,
         iterative_steps: int = 1,
-        iterative_pruning_ratio_scheduler: Callable[[float, int], list[float]] = tp.pruner.scheduler.linear_scheduler,
+        iterative_pruning_ratio_scheduler: Callable[[float, int], list[float]] = linear_scheduler,
         ignored_layers: list | None = None,
         round_to: int | None = None,
         prune_num_heads: bool = False,
@@ -163,7 +165,7 @@ class LoRAMetaPruner(tp.pruner.MetaPruner):
         if len(fractions) != iterative_steps + 1 or any(not 0.0 <= f <= 1.0 for f in fractions):
             raise ValueError(
                 "`iterative_pruning_ratio_scheduler(ratio, steps)` must return steps + 1 cumulative ratios in "
-                f"[0, ratio] (like tp.pruner.scheduler.linear_scheduler); for ratio 1.0 it returned {fractions}."
+                f"[0, ratio] (like Torch-Pruning's linear_scheduler); for ratio 1.0 it returned {fractions}."
             )
         if not lora_layers(model):
             raise ValueError(f"LoRAMetaPruner needs a PEFT LoRA model, got {type(model).__name__} without LoRA.")
