@@ -34,7 +34,8 @@ from baselines import _BaseWeightsOnly, cpu_environment, lora_steps_with_weight_
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
 from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text  # noqa: E402
-from tp_loraprune.importance import _direction, _index_pairs  # noqa: E402
+from tp_loraprune.graph import pruning_direction as _direction  # noqa: E402
+from tp_loraprune.importance import _index_pairs  # noqa: E402
 from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
 from tp_loraprune.train import TrainConfig, prepare_lora_model  # noqa: E402
 

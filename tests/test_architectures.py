@@ -553,6 +553,7 @@ def test_fused_head_scores_come_from_the_heads_rows(name):
     """A head's score = its rows' out-scores in the fused projection + its columns' in-scores in the output
     projection; the rows are written out independently of tp_loraprune's own layout code."""
     from tp_loraprune.graph import build_graph
+    from tp_loraprune.surgery import head_group
 
     model = build(name)
     _backward(model)
@@ -560,7 +561,7 @@ def test_fused_head_scores_come_from_the_heads_rows(name):
     pruner.importance.accumulate(model)
     (h,) = pruner._heads.values()
     a, d, n = h.layout, HEAD_DIM, HEADS
-    group = pruner._head_group(
+    group = head_group(
         build_graph(model, pruner.example_inputs), a, list(range(n)), [] if name == "phi3" else list(range(n))
     )
     scores = pruner.importance(group)

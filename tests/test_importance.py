@@ -8,7 +8,9 @@ import torch_pruning as tp
 from conftest import reference_channel_scores
 
 from tp_loraprune import LoRAGuidedImportance
-from tp_loraprune.graph import build_graph
+from tp_loraprune.graph import build_graph, traceable
+from tp_loraprune.models import attention_layouts
+from tp_loraprune.surgery import head_group
 
 ADAPTER = "default"
 
@@ -44,9 +46,15 @@ def _mlp_group(graph, mlp):
     return graph.get_pruning_group(up, tp.prune_linear_out_channels, list(range(up.out_features)))
 
 
-def _attention_group(graph, attn):
+def _traced_attention_group(graph, attn):
     o = getattr(attn.o_proj, "base_layer", attn.o_proj)
     return graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(o.in_features)))
+
+
+def _attention_group(graph, attn):
+    """Every head of a block as LoRAPruner scores it: a declared group (traced attention groups are refused)."""
+    (a,) = [a for a in attention_layouts(attn) if a.module is attn]
+    return head_group(graph, a, list(range(a.num_heads)), list(range(a.num_kv_heads)) if a.group_size == 1 else [])
 
 
 def _layers(model):
@@ -94,11 +102,15 @@ def test_gqa_attention_group_sums_q_rows_and_o_columns_only(peft_gqa, step):
         got = imp(_attention_group(graph, attn))
         assert got.shape == (24,)
         _close(got, 0.1 * _ref_attention(attn, include_kv=False))
-        # the group does reach k/v, but through the GQA expand mapping, without root indices
+        # the traced group does reach k/v, but through the GQA expand mapping, without root indices
+        traced = _traced_attention_group(graph, attn)
         kv = {attn.k_proj.base_layer, attn.v_proj.base_layer}
-        kv_items = [item for item in _attention_group(graph, attn) if item.dep.target.module in kv]
+        kv_items = [item for item in traced if item.dep.target.module in kv]
         assert len(kv_items) == 2
         assert all(all(r is None for r in item.root_idxs) for item in kv_items)
+        # and scoring it for Torch-Pruning's own head pruning is refused
+        with pytest.raises(ValueError, match="LoRAMetaPruner"):
+            imp(traced)
 
 
 def test_ema_over_two_steps(peft_gqa, step, make_batch):
@@ -248,23 +260,20 @@ def test_accumulate_never_touches_base_weight_gradients(peft_gqa, step):
 
 
 # ---------------------------------------------------------------------------------------------- stock Torch-Pruning
-def _stock_pruner(model, imp, example_inputs):
-    layers = _layers(model)
+def _stock_pruner(model, imp, example_inputs, *, attention: bool):
+    """tp.pruner.MetaPruner on a PEFT model, traced right; attention kept out unless `attention`."""
     inner = model.base_model.model
-    num_heads = {}
-    for layer in layers:
-        a = layer.self_attn
-        for proj in (a.q_proj, a.k_proj, a.v_proj):
-            num_heads[proj.base_layer] = 6
-            num_heads[proj.lora_B[ADAPTER]] = 6
     ignored = [inner.lm_head, inner.model.embed_tokens]
     ignored += [m.lora_A[ADAPTER] for m in model.modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.config.use_cache = False
-    try:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        pruner = tp.pruner.MetaPruner(
+    num_heads = {}
+    for layer in _layers(model):
+        a = layer.self_attn
+        if not attention:
+            ignored.append(a)
+        for proj in (a.q_proj, a.k_proj, a.v_proj):
+            num_heads[proj.base_layer] = num_heads[proj.lora_B[ADAPTER]] = 6
+    with traceable(model):
+        return tp.pruner.MetaPruner(
             model,
             example_inputs,
             importance=imp,
@@ -276,21 +285,15 @@ def _stock_pruner(model, imp, example_inputs):
             prune_head_dims=False,
             head_pruning_ratio=0.5,
         )
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-    model.train()
-    return pruner
 
 
 @pytest.mark.filterwarnings("ignore:Unwrapped parameters")
-def test_stock_metapruner_with_default_importance(peft_mha, step, make_batch):
+def test_stock_metapruner_prunes_ffn_channels_by_score(peft_mha, step, make_batch):
     model = peft_mha
     step(model)
     imp = LoRAGuidedImportance()
     imp.accumulate(model)
-    example = make_batch(seed=3, size=1, length=8)
-    pruner = _stock_pruner(model, imp, example)
+    pruner = _stock_pruner(model, imp, make_batch(seed=3, size=1, length=8), attention=False)
 
     mlp = _layers(model)[0].mlp
     scores = imp(_mlp_group(pruner.DG, mlp))
@@ -304,24 +307,27 @@ def test_stock_metapruner_with_default_importance(peft_mha, step, make_batch):
         assert layer.mlp.up_proj.base_layer.weight.shape == (36, 24)
         assert layer.mlp.gate_proj.lora_B[ADAPTER].weight.shape == (36, 2)
         assert layer.mlp.down_proj.lora_A[ADAPTER].weight.shape == (2, 36)
-        assert layer.self_attn.q_proj.base_layer.weight.shape == (12, 24)  # 6 -> 3 heads
+        assert layer.self_attn.q_proj.base_layer.weight.shape == (24, 24)  # attention ignored
     # the removed channels are the lowest-scoring ones
     torch.testing.assert_close(mlp.up_proj.base_layer.weight.detach(), old_up[expected_keep], rtol=0, atol=0)
     torch.testing.assert_close(mlp.down_proj.base_layer.weight.detach(), old_down[:, expected_keep], rtol=0, atol=0)
-
-    for p in model.parameters():  # TP hands back new Parameters with requires_grad=True: re-freeze
-        p.requires_grad_(False)
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.requires_grad_(True)
-    model.eval()
-    out = model(input_ids=make_batch(seed=4)).logits
-    assert out.shape == (2, 8, 64) and torch.isfinite(out).all()
     # the stock pruner does not tell the importance what it removed: the next accumulate says so
-    model.train()
     step(model)
     with pytest.raises(ValueError, match="on_pruned"):
         imp.accumulate(model)
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_stock_metapruner_on_attention_is_refused_before_any_change(peft_mha, step, make_batch):
+    step(peft_mha)
+    imp = LoRAGuidedImportance()
+    imp.accumulate(peft_mha)
+    pruner = _stock_pruner(peft_mha, imp, make_batch(seed=3, size=1, length=8), attention=True)
+    before = {k: v.clone() for k, v in peft_mha.state_dict().items()}
+    with pytest.raises(ValueError, match="LoRAMetaPruner"):
+        pruner.step()
+    after = peft_mha.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_group_item_indices_skip_members_without_a_root_channel():

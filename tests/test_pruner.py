@@ -686,6 +686,8 @@ def test_removes_the_lowest_scoring_structures(kv_heads):
     """FFN channels: the n lowest group scores; heads: the lowest head scores (summed over head_dim), per KV
     group under GQA (per_group mode), over all heads for MHA."""
     from tp_loraprune.graph import build_graph
+    from tp_loraprune.models import attention_layouts
+    from tp_loraprune.surgery import head_group
 
     model = wrap_peft(build_llama(kv_heads=kv_heads))
     pruner = LoRAPruner(model, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.25, layers=ALL3))
@@ -696,8 +698,8 @@ def test_removes_the_lowest_scoring_structures(kv_heads):
         up = layer.mlp.up_proj.base_layer
         s = pruner.importance(graph.get_pruning_group(up, tp.prune_linear_out_channels, list(range(48))))
         expected[("mlp", i)] = sorted(torch.argsort(s)[:12].tolist())
-        o = layer.self_attn.o_proj.base_layer
-        s = pruner.importance(graph.get_pruning_group(o, tp.prune_linear_in_channels, list(range(24))))
+        (a,) = [a for a in attention_layouts(layer) if a.module is layer.self_attn]
+        s = pruner.importance(head_group(graph, a, list(range(6)), list(range(6)) if kv_heads == 6 else []))
         head = s.view(6, HEAD_DIM).sum(1)
         if kv_heads == 2:  # 3 query heads per group, keep round(1.5) = 2: drop the lowest of each group
             expected[("attn", i)] = sorted(int(torch.argmin(head[g * 3 : g * 3 + 3])) + g * 3 for g in range(2))

@@ -228,6 +228,25 @@ def test_pruning_a_quantized_model_equals_the_same_removals_in_float(tmp_path, k
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_lora_metapruner_on_a_quantized_base_removes_what_loraprune_removes(tmp_path, kind):
+    """Torch-Pruning's pruner API (`LoRAMetaPruner`) on a bitsandbytes base: its customized pruners are set."""
+    from tp_loraprune import LoRAMetaPruner
+
+    model, twin = _quantized_llama(tmp_path / "a", kind), _quantized_llama(tmp_path / "b", kind)
+    train_step(model)
+    train_step(twin)
+    imp = LoRAGuidedImportance()
+    imp.accumulate(model)
+    pruner = LoRAMetaPruner(model, importance=imp, pruning_ratio=0.25, prune_num_heads=True, head_pruning_ratio=0.5)
+    event = pruner.step()
+    reference = LoRAPruner(twin, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.25, layers=[0, 1]))
+    reference.importance.accumulate(twin)
+    assert event["removed"] == reference.prune(1.0)["removed"]
+    assert all(quantization(base_layer(m)) == kind for m in lora_layers(model).values())  # still quantized
+    torch.testing.assert_close(logits(model), logits(twin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
 def test_merged_dequantized_model_saves_and_reloads(tmp_path, kind):
     from tp_loraprune import load_pruned, save_pruned
     from tp_loraprune.export import merge_lora

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LoRAGuidedImportance": "importance",
     "LoRAPruneConfig": "config",
     "LoRAPruner": "pruner",
+    "LoRAMetaPruner": "metapruner",
     "build_graph": "graph",
     "count_parameters": "models",
     "prune": "train",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch_pruning as tp
@@ -18,6 +19,8 @@ from torch import nn
 
 from .conv1d import customized_pruners as conv1d_pruners
 from .quant import customized_pruners as quantized_pruners
+
+Direction = Literal["out", "in"]
 
 
 def _configs(model: nn.Module) -> list:
@@ -81,6 +84,12 @@ def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
     return torch.arange(length, device=device).remainder(vocab).unsqueeze(0)
 
 
+def customized_pruners(model: nn.Module) -> dict:
+    """Torch-Pruning pruners for the layers it does not know: transformers' Conv1D (GPT-2) and the
+    bitsandbytes 8-bit / 4-bit linears of `model`."""
+    return {**conv1d_pruners(), **quantized_pruners(model)}
+
+
 def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
     """Trace `model` into a DependencyGraph under `traceable`."""
     if example_inputs is None:
@@ -90,7 +99,7 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
             model,
             example_inputs=example_inputs,
             output_transform=model_output,
-            customized_pruners={**conv1d_pruners(), **quantized_pruners(model)},
+            customized_pruners=customized_pruners(model),
             verbose=False,
         )
 
@@ -115,3 +124,9 @@ def pruning_fn(graph: tp.DependencyGraph, module: nn.Module, direction: str):
     if pruner is None:
         raise ValueError(f"Torch-Pruning has no pruner for {type(module).__name__}; it cannot be pruned.")
     return pruner.prune_out_channels if direction == "out" else pruner.prune_in_channels
+
+
+def pruning_direction(handler) -> Direction | None:
+    """Which side a Torch-Pruning pruning function removes (any pruner's, customized ones included)."""
+    name = getattr(handler, "__name__", "")
+    return "out" if name == "prune_out_channels" else "in" if name == "prune_in_channels" else None

@@ -3,7 +3,7 @@
 Use it like any Torch-Pruning importance::
 
     imp = LoRAGuidedImportance()
-    pruner = tp.pruner.MetaPruner(peft_model, example_inputs, importance=imp, ...)
+    pruner = tp_loraprune.LoRAMetaPruner(peft_model, example_inputs, importance=imp, ...)  # a tp.pruner.MetaPruner
     for batch in data:
         loss = peft_model(**batch).loss
         loss.backward()
@@ -17,23 +17,17 @@ per input channel (O(channels)). No gradient of a frozen weight is ever computed
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import cast
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from .graph import Direction, pruning_direction
+from .group_check import GroupChecker
 from .kernels import channel_scores
 from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
 from .scores import ScoreKind, l2_normalized
-
-Direction = Literal["out", "in"]
-
-
-def _direction(handler) -> Direction | None:
-    """Which side a Torch-Pruning pruning function removes (any pruner's, customized ones included)."""
-    name = getattr(handler, "__name__", "")
-    return "out" if name == "prune_out_channels" else "in" if name == "prune_in_channels" else None
 
 
 def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -64,6 +58,11 @@ class LoRAGuidedImportance(tp.importance.Importance):
     layer's scores on the coupled channels. A group without LoRA layers gives None, which makes
     Torch-Pruning skip it. Indices that are mapped without a root index (the k/v rows of a GQA model
     seen from a query-head group, also inside a fused q/k/v projection) are not summed into the group.
+
+    Before scoring, a group that would prune the model wrongly raises a ValueError (Torch-Pruning scores every
+    group before it removes anything): attention head channels traced by Torch-Pruning, k/v rows without their
+    query heads, a trace with frozen base weights or SDPA (`tp_loraprune.group_check`). Heads are pruned through
+    `tp_loraprune.LoRAMetaPruner` or `LoRAPruner`, which declare whole heads.
     """
 
     def __init__(self, ema: float = 0.9, score: ScoreKind = "square", normalize: bool = False):
@@ -77,6 +76,8 @@ class LoRAGuidedImportance(tp.importance.Importance):
         self.steps = 0
         self._scores: dict[str, dict[Direction, torch.Tensor]] = {}
         self._name_of: dict[nn.Module, str] = {}
+        self._checker: GroupChecker | None = None
+        self._checked_model: int | None = None
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
@@ -85,6 +86,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
         layers = lora_layers(model)
         if not layers:
             raise ValueError(f"LoRAGuidedImportance found no LoRA layers in {type(model).__name__}. {NO_LORA_HELP}")
+        self._watch(model)
         folds: list[tuple[str, Direction, torch.Tensor]] = []
         for name, layer in layers.items():
             self._name_of[layer] = self._name_of[base_layer(layer)] = name
@@ -118,6 +120,11 @@ class LoRAGuidedImportance(tp.importance.Importance):
             )
         return previous
 
+    def _watch(self, model: nn.Module) -> None:
+        """Learn the attention layouts and LoRA factors of `model`, to check the groups it is asked to score."""
+        if self._checked_model != id(model):
+            self._checker, self._checked_model = GroupChecker(model), id(model)
+
     # ------------------------------------------------------------------ scoring
     def channel_scores(self, module: nn.Module, direction: Direction) -> torch.Tensor | None:
         """The moving-average scores of a LoRA layer (or its base layer) along one direction."""
@@ -136,10 +143,12 @@ class LoRAGuidedImportance(tp.importance.Importance):
                 "LoRAGuidedImportance has no scores yet: call `imp.accumulate(model)` after each "
                 "`loss.backward()` before pruning."
             )
+        if self._checker is not None:
+            self._checker.check(group)
         total = torch.zeros(len(group[0].idxs))
         hit = False
         for i, (dep, idxs) in enumerate(group):
-            direction = _direction(dep.handler)
+            direction = pruning_direction(dep.handler)
             if direction is None:
                 continue
             v = self.channel_scores(dep.target.module, direction)
@@ -182,6 +191,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             name, direction = key.rsplit(".", 1)
             self._scores.setdefault(name, {})[cast(Direction, direction)] = v.clone()
         if model is not None:
+            self._watch(model)
             for name, layer in lora_layers(model).items():
                 self._name_of[layer] = self._name_of[base_layer(layer)] = name
                 device = cast(torch.device, base_layer(layer).weight.device)

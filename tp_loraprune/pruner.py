@@ -30,7 +30,7 @@ from torch import nn
 from . import allocation
 from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
-from .fused import declared_ffns, projection_items
+from .fused import declared_ffns
 from .graph import build_graph, example_input_ids, pruning_fn, release_trace
 from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_b_is_zero, lora_layers, sync_lora_features
@@ -38,7 +38,7 @@ from .models import AttentionLayout, attention_layouts, count_parameters, decode
 from .optim_state import replace_parameter
 from .quant import check_quantized, has_quantized_layers, width_multiple
 from .schedule import progress
-from .surgery import Replaced, declared_group, prune_items, subgroup
+from .surgery import Replaced, declared_group, head_group, prune_items, subgroup
 
 
 def selected_layer_indices(num_layers: int, config: LoRAPruneConfig) -> list[int]:
@@ -105,6 +105,9 @@ class LoRAPruner:
         agree: called on every prune event with the chosen removals (structure key → original ids) and
             returns the removals to apply; `tp_loraprune.distributed.agree_on_removals` makes all ranks of
             a data-parallel run check that they remove the same structures.
+        graph: a DependencyGraph of `model` already traced under `tp_loraprune.graph.traceable` (with
+            `tp_loraprune.graph.customized_pruners(model)`), used instead of tracing again; `LoRAMetaPruner`
+            passes the one Torch-Pruning's constructor built.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class LoRAPruner:
         importance: LoRAGuidedImportance | None = None,
         example_inputs=None,
         agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
+        graph: tp.DependencyGraph | None = None,
     ):
         self.model = model
         self.agree = agree
@@ -168,7 +172,8 @@ class LoRAPruner:
             for a in attention_layouts(model)
             if a.module in self._selected
         }
-        graph = build_graph(model, self.example_inputs)
+        if graph is None:
+            graph = build_graph(model, self.example_inputs)
         self._graph: tp.DependencyGraph | None = None
         self._channels = {}
         groups = self._channel_groups(graph)
@@ -587,32 +592,6 @@ class LoRAPruner:
         gone = set(ids)
         ch.alive = [c for c in ch.alive if c not in gone]
 
-    def _head_group(self, graph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):
-        """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows).
-
-        A fused q/k/v projection is one item holding the q, k and v rows (`a.rows`); the output projection
-        then comes first, so the group's first item has one index per root (the head channels)."""
-        q_rows, k_rows, v_rows = a.rows(heads, kv_heads)
-        q_channels = [h * a.head_dim + j for h in heads for j in range(a.head_dim)]
-        kv_channels = [g * a.head_dim + j for g in kv_heads for j in range(a.head_dim)]
-        kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
-        if a.fused is not None:
-            return declared_group(
-                graph,
-                projection_items(a.o, "in", q_channels, q_channels)
-                + projection_items(a.q, "out", q_rows + k_rows + v_rows, q_channels + kv_roots + kv_roots),
-            )
-        items: list[Any] = []
-        for proj, direction, rows, roots in (
-            (a.q, "out", q_rows, q_channels),
-            (a.o, "in", q_channels, q_channels),
-            (a.k, "out", k_rows, kv_roots),
-            (a.v, "out", v_rows, kv_roots),
-        ):
-            if rows:
-                items += projection_items(proj, direction, rows, roots)
-        return declared_group(graph, items)
-
     def _choose_heads(self, graph, h: _Heads, fraction: float) -> list[int]:
         """Original ids of the query heads to remove (whole KV groups in kv_groups mode)."""
         a = h.layout
@@ -639,7 +618,7 @@ class LoRAPruner:
         a = h.layout
         heads, kv = a.num_heads, a.num_kv_heads
         size = heads // kv
-        scores = self.importance(self._head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
+        scores = self.importance(head_group(graph, a, list(range(heads)), list(range(kv)) if size == 1 else []))
         if scores is None:
             warnings.warn(
                 f"{a.name}: no LoRA layer on its projections, so heads cannot be scored; left unpruned.", stacklevel=4
@@ -674,7 +653,7 @@ class LoRAPruner:
             kv_heads = [g for g, n in enumerate(by_group) if n > 0]
             if any(n not in (0, size) for n in by_group):
                 raise ValueError(f"{a.name}: query heads {ids} are not whole KV groups, which kv_groups mode removes.")
-        prune_items(graph, self._head_group(graph, a, positions, kv_heads), on_replaced)
+        prune_items(graph, head_group(graph, a, positions, kv_heads), on_replaced)
         gone = set(ids)
         h.alive = [x for x in h.alive if x not in gone]
 

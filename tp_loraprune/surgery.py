@@ -7,15 +7,28 @@ it kept, so the caller can re-freeze base weights, slice optimizer moments and s
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from .conv1d import weight_dim
+from .fused import projection_items
 from .graph import pruning_fn
+from .models import AttentionLayout
+
+# Groups built by `declared_group`: their coupling comes from the model layout, not from Torch-Pruning's
+# propagation, so LoRAGuidedImportance scores their attention items without the checks of `group_check`.
+_DECLARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_declared(group) -> bool:
+    """Whether `group` was built by `declared_group` (whole heads of a known layout)."""
+    return group in _DECLARED
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,35 @@ def declared_group(graph: tp.DependencyGraph, items: Iterable[tuple[nn.Module, s
         group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(idxs))
         group[len(group) - 1].root_idxs = list(root_idxs)
     group._DG = graph
+    _DECLARED.add(group)
     return group
+
+
+def head_group(graph: tp.DependencyGraph, a: AttentionLayout, heads: list[int], kv_heads: list[int]):
+    """The declared group of some query heads (q rows, o columns) and KV heads (k/v rows) of one block.
+
+    A fused q/k/v projection is one item holding the q, k and v rows (`a.rows`); the output projection
+    then comes first, so the group's first item has one index per root (the head channels)."""
+    q_rows, k_rows, v_rows = a.rows(heads, kv_heads)
+    q_channels = [h * a.head_dim + j for h in heads for j in range(a.head_dim)]
+    kv_channels = [g * a.head_dim + j for g in kv_heads for j in range(a.head_dim)]
+    kv_roots = kv_channels if a.group_size == 1 else [None] * len(kv_channels)
+    if a.fused is not None:
+        return declared_group(
+            graph,
+            projection_items(a.o, "in", q_channels, q_channels)
+            + projection_items(a.q, "out", q_rows + k_rows + v_rows, q_channels + kv_roots + kv_roots),
+        )
+    items: list[Any] = []
+    for proj, direction, rows, roots in (
+        (a.q, "out", q_rows, q_channels),
+        (a.o, "in", q_channels, q_channels),
+        (a.k, "out", k_rows, kv_roots),
+        (a.v, "out", v_rows, kv_roots),
+    ):
+        if rows:
+            items += projection_items(proj, direction, rows, roots)
+    return declared_group(graph, items)
 
 
 def subgroup(group, root_positions: Iterable[int]):
