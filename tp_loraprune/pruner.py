@@ -151,8 +151,6 @@ class LoRAPruner:
                 "tp_loraprune.prune and the CLI).",
                 stacklevel=2,
             )
-        # FFN widths stay at multiples of this: `round_to`, and 4 on 8-bit bases (cuBLASLt's int8 matmul needs it)
-        self.channel_multiple = math.lcm(self.config.round_to, width_multiple(model))
         layers = decoder_layers(model)
         if not layers:
             raise ValueError(
@@ -180,12 +178,18 @@ class LoRAPruner:
         for key, group in groups.items():
             width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
+        # FFN widths stay at multiples of this: `round_to`, and 4 on 8-bit bases (cuBLASLt's int8 matmul needs it)
+        self.channel_multiple = math.lcm(self.config.round_to or self._default_multiple(), width_multiple(model))
         self._layer_of_key = self._layer_of_blocks()
         self._layer_parameters = {
             i: count_parameters(layer) for i, layer in zip(self.layer_indices, self._selected_layers, strict=True)
         }
         self.auto = self.config.allocation == "auto" and not self.config.explicit_ratios
-        self.head_ratio, self.channel_ratio = (None, None) if self.auto else self._resolve_ratios()
+        # the per-layer fractions of the fixed rules; None under allocation="auto", which decides per event
+        self.head_ratio: float | None = None
+        self.channel_ratio: float | None = None
+        if not self.auto:
+            self.head_ratio, self.channel_ratio = self._resolve_ratios()
         if self.auto:
             self._check_allocation()
         # Removing channels changes widths, not coupling: when every channel group maps its channels one to one
@@ -220,7 +224,7 @@ class LoRAPruner:
 
     def _kept_heads(self, h: _Heads, fraction: float) -> tuple[int, int]:
         """(query heads, KV heads) to keep in one block after `fraction` of the head target."""
-        ratio = self.head_ratio * fraction
+        ratio = (self.head_ratio or 0.0) * fraction
         if self.config.head_mode == "per_group" and h.initial_group_size > 1:
             per_group = _keep_count(h.initial_group_size, ratio)
             return per_group * h.initial_kv, h.initial_kv
@@ -274,6 +278,12 @@ class LoRAPruner:
                 "lower ratio or allocation='auto'."
             )
         return head_ratio, channel_ratio
+
+    def _default_multiple(self) -> int:
+        """round_to=None: the largest of 64 and 8 that leaves every pruned FFN at least 32 steps of width (64 at
+        LLaMA-7B, 8 at SmolLM2's 1536), else 1."""
+        narrowest = min((ch.initial for ch in self._channels.values()), default=0)
+        return next((m for m in (64, 8) if narrowest >= 32 * m), 1)
 
     # ------------------------------------------------------------------ allocation="auto"
     def _layer_of_blocks(self) -> dict[str, int]:
@@ -541,7 +551,7 @@ class LoRAPruner:
 
     def _choose_channels(self, ch: _Channels, group, fraction: float) -> list[int]:
         """Original ids of the lowest-scoring channels to remove to reach the scheduled width."""
-        keep = _keep_count(ch.initial, self.channel_ratio * fraction, self.channel_multiple)
+        keep = _keep_count(ch.initial, (self.channel_ratio or 0.0) * fraction, self.channel_multiple)
         n_remove = len(ch.alive) - keep
         if n_remove <= 0:
             return []
@@ -570,7 +580,7 @@ class LoRAPruner:
         candidates, total = [], 0
         for key, group in groups.items():
             ch = self._channels[key]
-            total += len(ch.alive) - _keep_count(ch.initial, self.channel_ratio * fraction, m)
+            total += len(ch.alive) - _keep_count(ch.initial, (self.channel_ratio or 0.0) * fraction, m)
             scores = self.importance(group)
             if scores is not None:
                 candidates += [(float(v), key, p) for p, v in enumerate(scores.float().cpu().tolist())]
