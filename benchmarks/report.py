@@ -558,12 +558,155 @@ def plots(rows: list[dict]) -> list[str]:
     return made
 
 
+ALLOCATION_FILES = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
+ALLOCATION_LABELS = {
+    "lp-auto": "LoRAPrune, auto, per-layer widths (`uniform=False`)",
+    "lp-uniform": "LoRAPrune, auto, uniform widths (the default's allocation, run with round_to=1)",
+    "lp-auto-cap": "LoRAPrune, auto, per-layer, `max_layer_ratio` = ratio + 0.2",
+    "lp-ffn_only": "LoRAPrune, ffn_only",
+    "lp-fixed": "LoRAPrune, fixed (the old rule)",
+    "taylor-auto": "Taylor (full gradients), auto, per-layer",
+    "taylor-fixed": "Taylor (full gradients), fixed",
+    "taylor-ffn_only": "Taylor (full gradients), ffn_only",
+}
+
+
+def allocation_rows() -> list[dict]:
+    """The allocation table's runs, and the Taylor fixed-rule rows of the methods table (same protocol and
+    seed; the dense row of both runs is identical, 30.223)."""
+    rows = []
+    for name in ALLOCATION_FILES:
+        path = RESULTS / name
+        if path.exists():
+            rows += [dict(r, source=name) for r in json.loads(path.read_text())["runs"]]
+    cells = {r["name"].split("@")[0] for r in rows}
+    if "taylor-fixed" not in cells:
+        rows += [
+            dict(r, name=f"taylor-fixed@{r['ratio']}/s0", source=r["source"])
+            for r in quality_rows()
+            if r["method"] == "taylor" and not r.get("config") and r["seed"] == 0 and r.get("steps", 100) == 100
+        ]
+    return rows
+
+
+def allocation_table() -> str:
+    rows = allocation_rows()
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and r["source"] in ALLOCATION_FILES})
+    head = "| allocation | " + " | ".join(
+        f"{int(q * 100)}%: WikiText-2 / PTB (512) | {int(q * 100)}%: WikiText-2 / PTB (128) | {int(q * 100)}%: 0-shot"
+        for q in ratios
+    )
+    lines = [head + " |", "|" + "---|" * (1 + 3 * len(ratios))]
+    if dense:
+        cells = [
+            f"{fmt(dense['wikitext2_ppl'])} / {fmt(dense['ptb_ppl'])} | {fmt(dense.get('wikitext2_ppl_128'))} / "
+            f"{fmt(dense.get('ptb_ppl_128'))} | {_zs_mean(dense)}"
+        ] * len(ratios)
+        lines.append(f"| dense ({dense['parameters'] / 1e6:.1f}M) | " + " | ".join(cells) + " |")
+    for cell, label in ALLOCATION_LABELS.items():
+        cols = []
+        for q in ratios:
+            r = next((r for r in rows if r["name"] == f"{cell}@{q}/s0"), None)
+            if r is None:
+                cols.append("not run | | ")
+                continue
+            short = (
+                f"{fmt(r.get('wikitext2_ppl_128'))} / {fmt(r.get('ptb_ppl_128'))}" if "wikitext2_ppl_128" in r else "–"
+            )
+            cols.append(f"{fmt(r['wikitext2_ppl'])} / {fmt(r['ptb_ppl'])} | {short} | {_zs_mean(r)}")
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    params = {q: sorted({r["parameters"] for r in rows if r["ratio"] == q and r["method"] != "dense"}) for q in ratios}
+    lines.append("")
+    lines.append(
+        "Parameters per ratio (every row within 0.05% of the others): "
+        + "; ".join(f"{int(q * 100)}%: {p[0] / 1e6:.2f}M–{p[-1] / 1e6:.2f}M" for q, p in params.items())
+        + ". Taylor fixed rows: `quality_gpu_2.json` (earlier session, same protocol and seed; the dense row is the "
+        "same 30.22 / 60.08)."
+    )
+    return "\n".join(lines)
+
+
+def allocation_scale_table() -> str:
+    path = RESULTS / "allocation_scale_h200.json"
+    if not path.exists():
+        return "(no allocation_scale results)"
+    data = json.loads(path.read_text())
+    lines = [
+        "| criterion | budget | kind | parameters removed | predicted score (sum) | measured ΔL (WikiText-2) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['criterion']} | {r['budget']:.0%} | {r['kind']} ({r['heads_removed']} heads) | "
+            f"{r['removed_parameters'] / 1e6:.2f}M | {r['predicted_score']:.4g} | {r['measured_delta_loss']:.3f} |"
+        )
+    lines.append("")
+    for name, s in data["summary"].items():
+        lines.append(
+            f"* {name}: heads-vs-channels order agrees at every budget: {all(s['heads_vs_channels_order_agrees'])}; "
+            f"Spearman ρ(predicted, measured) over the 9 cells = {s['spearman_predicted_vs_measured']}"
+        )
+    lines.append(
+        f"\nUnpruned (LoRA of the {data['settings']['steps']} steps in place): WikiText-2 "
+        f"{data['unpruned_wikitext2_ppl']}. {data['environment'].get('gpu', '')}."
+    )
+    return "\n".join(lines)
+
+
+def _allocation_label(r: dict) -> str:
+    """This sweep ran before uniform=True became the default: its auto rows have per-layer widths."""
+    return "auto, per-layer" if r["allocation"] == "auto" and not r.get("uniform", False) else r["allocation"]
+
+
+def alignment_table() -> str:
+    path = RESULTS / "efficiency_alignment_h200.json"
+    if not path.exists():
+        return "(no alignment results)"
+    data = json.loads(path.read_text())
+    rows = data["inference"]
+    dense = next(r for r in rows if r["ratio"] == 0)
+    lines = [
+        "| ratio | allocation | round_to | parameters | FFN widths | query heads | prefill 2048 s | vs dense "
+        "| prune event s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        widths = r["intermediate_sizes"]
+        w = str(widths[0]) if len(widths) == 1 else f"{widths[0]}–{widths[-1]} ({len(widths)} sizes)"
+        heads = r["q_heads"]
+        h = str(heads[0]) if len(heads) == 1 else f"{heads[0]}–{heads[-1]}"
+        lines.append(
+            f"| {r['ratio']:.0%} | {_allocation_label(r)} | {r['round_to']} | {r['parameters'] / 1e9:.2f}B | "
+            f"{w} | {h} | "
+            f"{r['prefill_s']:.4f} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {fmt(r['prune_event_s'], 2)} |"
+        )
+    lines.append(
+        f"\n{data['environment']['device']}, torch {data['environment']['torch']}, random bf16 weights, "
+        "batch 1; LoRA scores from one backward on random tokens (the allocation's per-layer pattern is "
+        "arbitrary here, its shapes are what is timed); every pruned layer pruned (no skipped layers)."
+    )
+    return "\n".join(lines)
+
+
 def main() -> int:
     rows = quality_rows()
     out = ROOT / "docs" / "benchmarks.md"
     made = plots(rows)
     text = [
         BEGIN,
+        "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
+        "",
+        allocation_table(),
+        "",
+        "### Are head and channel scores on one scale? Predicted vs measured one-shot damage",
+        "",
+        allocation_scale_table(),
+        "",
+        "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
+        "",
+        alignment_table(),
+        "",
         "### Quality table (SmolLM2-135M-Instruct)",
         "",
         quality_table(rows),
