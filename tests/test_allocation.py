@@ -113,8 +113,9 @@ def test_uniform_merge_removes_the_same_count_from_every_block():
 
 
 # ---------------------------------------------------------------------------------------------- the pruner
-def _trained(model_kw=None, steps=2, **cfg):
-    model = wrap_peft(build_llama(**(model_kw or {})))
+def _trained(model_kw=None, steps=2, kv_heads=None, **cfg):
+    model_kw = dict(model_kw or {}, **({} if kv_heads is None else {"kv_heads": kv_heads}))
+    model = wrap_peft(build_llama(**model_kw))
     pruner = LoRAPruner(model, LoRAPruneConfig(layers=ALL3, **cfg))
     for i in range(steps):
         train_step(model, batch(seed=10 + i))
@@ -254,5 +255,48 @@ def test_uniform_refuses_layers_of_different_shapes():
     ],
 )
 def test_allocation_config_validation(kwargs, shown):
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        LoRAPruneConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- latency target
+def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
+    from tp_loraprune.latency import interpolated
+
+    measured = []
+
+    def measure(width):
+        measured.append(width)
+        return 2.0 * width + (5.0 if width else 0.0)
+
+    at = interpolated(measure, full=96, step=8, points=5)
+    assert sorted(measured) == [0, 24, 48, 72, 96]  # multiples of the step, ends included, measured once each
+    assert at(48) == 101.0 and at(0) == 0.0
+    assert at(60) == pytest.approx((at(48) + at(72)) / 2)
+
+
+def test_latency_target_saves_the_measured_time_within_budget_and_stays_exact():
+    model, pruner = _trained(kv_heads=2, ratio=0.3, target="latency", latency_tokens=32, uniform=False)
+    assert pruner.config.target == "latency"
+    before = copy.deepcopy(model)
+    event = pruner.prune(1.0)
+    saved = sum(pruner._removed_by_layer().values())
+    assert 0 < saved <= pruner.budget + 1e-12
+    assert pruner.budget == pytest.approx(0.3 * sum(pruner._layer_totals().values()))
+    torch.testing.assert_close(
+        logits(model), logits(_mask(copy.deepcopy(before), event["removed"])), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        (dict(target="latency", allocation="fixed"), "allocation='auto'"),
+        (dict(target="latency", head_ratio=0.2), "head_ratio=0.2"),
+        (dict(target="flops"), "flops"),
+        (dict(latency_tokens=0), "latency_tokens"),
+    ],
+)
+def test_latency_config_validation(kwargs, shown):
     with pytest.raises(ValueError, match=re.escape(shown)):
         LoRAPruneConfig(**kwargs)

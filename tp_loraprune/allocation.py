@@ -1,4 +1,4 @@
-"""Allocation: which attention heads and FFN channels to remove, chosen by score per parameter (pure functions).
+"""Allocation: which attention heads and FFN channels to remove, chosen by score per saving (pure functions).
 
 Every prunable block (one attention block, one FFN) offers *units* of removal in the order of its own ranking:
 
@@ -6,12 +6,13 @@ Every prunable block (one attention block, one FFN) offers *units* of removal in
 * GQA attention, per-group mode: the next lowest-scoring query head of *every* KV group (the layout stays valid);
 * KV-group mode, and multi-head attention: the next lowest-scoring whole KV group (a head for MHA).
 
-A unit's score is the sum of its structures' scores and its cost the base parameters it removes. Head and channel
-scores are sums of the same per-weight importance over the weights each structure owns (for LoRAPrune
-(Ĝ ∘ W')², a Fisher-style estimate of the loss increase), so a head and a channel are on one scale and a unit's
-score per parameter compares across kinds and layers. `allocate` takes units by score per parameter, lowest first,
-across every block until the parameter budget is met: the greedy solution of "remove at least P parameters at the
-least summed score", exact for the fractional relaxation because each block's units come in increasing score.
+A unit's score is the sum of its structures' scores and its cost what it saves: the base parameters it removes
+(or, under a latency target, the measured seconds). Head and channel scores are sums of the same per-weight
+importance over the weights each structure owns (for LoRAPrune (Ĝ ∘ W')², a Fisher-style estimate of the loss
+increase), so a head and a channel are on one scale and a unit's score per saving compares across kinds and
+layers. `allocate` takes units by score per saving, lowest first, across every block until the budget is met:
+the greedy solution of "save at least P at the least summed score", exact for the fractional relaxation when
+each block's units come in increasing score per saving.
 
 Uniform mode (`merge_uniform`) zips the k-th unit of every block of a kind into one unit: every pruned layer then
 keeps the same widths and head counts, and the allocation decides only heads versus channels.
@@ -20,7 +21,7 @@ keeps the same widths and head counts, and the allocation decides only heads ver
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +29,17 @@ import torch
 
 @dataclass(frozen=True)
 class Unit:
-    """One step of removal: which positions of which blocks, its summed score and the parameters it removes."""
+    """One step of removal: which positions of which blocks, its summed score and what it saves (parameters, or
+    seconds under a latency target)."""
 
     score: float
-    cost: int
+    cost: float
     removals: Mapping[str, tuple[int, ...]]  # block key → current positions among its alive structures
-    layer_costs: Mapping[int, int]  # decoder layer → parameters this unit removes there
+    layer_costs: Mapping[int, float]  # decoder layer → what this unit saves there
+
+
+# What removing structures saves, from the count before to the count after (default: parameters per structure).
+Saving = Callable[[int, int], float]
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,13 @@ class Block:
     units: tuple[Unit, ...]
 
 
-def channel_units(key: str, layer: int, scores: torch.Tensor, cost: int, multiple: int, min_width: int) -> Block:
+def channel_units(
+    key: str, layer: int, scores: torch.Tensor, cost: int, multiple: int, min_width: int, saved: Saving | None = None
+) -> Block:
     """An FFN's channels, lowest score first, `multiple` per unit, keeping at least `min_width` channels.
 
-    A width that is not a multiple of `multiple` first drops to the multiple below it."""
+    A unit saves `cost` parameters per channel, or `saved(width before, width after)`. A width that is not a
+    multiple of `multiple` first drops to the multiple below it."""
     scores = scores.double().cpu()
     order = torch.argsort(scores, stable=True).tolist()
     width = len(order)
@@ -57,33 +66,47 @@ def channel_units(key: str, layer: int, scores: torch.Tensor, cost: int, multipl
     size = width % multiple or multiple
     while width - start - size >= floor:
         taken = order[start : start + size]
-        units.append(Unit(float(scores[taken].sum()), size * cost, {key: tuple(sorted(taken))}, {layer: size * cost}))
+        c = saved(width - start, width - start - size) if saved else size * cost
+        units.append(Unit(float(scores[taken].sum()), c, {key: tuple(sorted(taken))}, {layer: c}))
         start += size
         size = multiple
     return Block(key, "channels", tuple(units))
 
 
-def per_group_head_units(key: str, layer: int, head_scores: torch.Tensor, q_cost: int, min_per_group: int) -> Block:
+def per_group_head_units(
+    key: str, layer: int, head_scores: torch.Tensor, q_cost: int, min_per_group: int, saved: Saving | None = None
+) -> Block:
     """GQA query heads in per-group mode: unit k removes the k-th lowest query head of every KV group.
 
-    `head_scores` is (KV groups, query heads per group) over the alive heads; positions are row-major."""
+    `head_scores` is (KV groups, query heads per group) over the alive heads; positions are row-major. A unit
+    saves `q_cost` parameters per query head, or `saved(query heads before, after)`."""
     kv, size = head_scores.shape
     ranked, order = torch.sort(head_scores.double().cpu(), dim=1, stable=True)
     units = []
     for k in range(size - max(min_per_group, 1)):
         positions = tuple(sorted(g * size + int(order[g, k]) for g in range(kv)))
-        cost = kv * q_cost
+        cost = saved((size - k) * kv, (size - k - 1) * kv) if saved else kv * q_cost
         units.append(Unit(float(ranked[:, k].sum()), cost, {key: positions}, {layer: cost}))
     return Block(key, "heads", tuple(units))
 
 
-def kv_group_units(key: str, layer: int, group_scores: torch.Tensor, size: int, group_cost: int, min_kv: int) -> Block:
-    """Whole KV groups (a KV head and its `size` query heads; one head for MHA), lowest score first."""
+def kv_group_units(
+    key: str,
+    layer: int,
+    group_scores: torch.Tensor,
+    size: int,
+    group_cost: int,
+    min_kv: int,
+    saved: Saving | None = None,
+) -> Block:
+    """Whole KV groups (a KV head and its `size` query heads; one head for MHA), lowest score first. A unit saves
+    `group_cost` parameters, or `saved(KV groups before, after)`."""
     order = torch.argsort(group_scores.double().cpu(), stable=True).tolist()
     units = []
-    for g in order[: len(order) - max(min_kv, 1)]:
+    for k, g in enumerate(order[: len(order) - max(min_kv, 1)]):
         positions = tuple(range(g * size, (g + 1) * size))
-        units.append(Unit(float(group_scores[g]), group_cost, {key: positions}, {layer: group_cost}))
+        cost = saved(len(order) - k, len(order) - k - 1) if saved else group_cost
+        units.append(Unit(float(group_scores[g]), cost, {key: positions}, {layer: cost}))
     return Block(key, "heads", tuple(units))
 
 
@@ -96,7 +119,7 @@ def merge_uniform(blocks: Iterable[Block]) -> list[Block]:
     for kind, group in by_kind.items():
         units = []
         for parts in zip(*(b.units for b in group), strict=False):
-            layer_costs: dict[int, int] = {}
+            layer_costs: dict[int, float] = {}
             for u in parts:
                 for layer, c in u.layer_costs.items():
                     layer_costs[layer] = layer_costs.get(layer, 0) + c
@@ -106,8 +129,8 @@ def merge_uniform(blocks: Iterable[Block]) -> list[Block]:
     return merged
 
 
-def removable(blocks: Iterable[Block], layer_room: Mapping[int, int] | None = None) -> int:
-    """The most parameters these blocks can give up: every unit, within each layer's room where it is capped."""
+def removable(blocks: Iterable[Block], layer_room: Mapping[int, float] | None = None) -> float:
+    """The most these blocks can give up: every unit, within each layer's room where it is capped."""
     return allocate(blocks, budget=float("inf"), layer_room=layer_room).cost
 
 
@@ -117,22 +140,23 @@ class Allocation:
 
     removals: dict[str, list[int]]
     score: float
-    cost: int
+    cost: float
 
 
-def allocate(blocks: Iterable[Block], budget: float, layer_room: Mapping[int, int] | None = None) -> Allocation:
-    """Take units by score per parameter, lowest first, across all blocks, until `budget` parameters are removed.
+def allocate(blocks: Iterable[Block], budget: float, layer_room: Mapping[int, float] | None = None) -> Allocation:
+    """Take units by score per saving, lowest first, across all blocks, until they save `budget` (parameters or
+    seconds, whatever the units' costs are).
 
     A unit is taken only whole and only if it fits in what is left of the budget and of its layers' room
-    (`layer_room`: decoder layer → parameters it may still lose; layers not listed are not capped); a unit that
+    (`layer_room`: decoder layer → what it may still lose; layers not listed are not capped); a unit that
     does not fit ends its block's chain (the chain's later units cost as much and score higher). The result
-    removes at most `budget` parameters, short of it by less than the smallest unit that was left."""
+    saves at most `budget`, short of it by less than the smallest unit that was left."""
     room = dict(layer_room or {})
     chains = [b.units for b in blocks if b.units]
     heap = [(_per_parameter(chain[0]), i, 0) for i, chain in enumerate(chains)]
     heapq.heapify(heap)
     removals: dict[str, list[int]] = {}
-    cost, score = 0, 0.0
+    cost, score = 0.0, 0.0
     while heap and cost < budget:
         _, i, k = heapq.heappop(heap)
         unit = chains[i][k]
@@ -151,4 +175,4 @@ def allocate(blocks: Iterable[Block], budget: float, layer_room: Mapping[int, in
 
 
 def _per_parameter(unit: Unit) -> float:
-    return unit.score / unit.cost
+    return unit.score / unit.cost if unit.cost > 0 else float("inf")  # a unit that saves nothing goes last

@@ -46,6 +46,14 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
     p.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
     p.add_argument("--max-layer-ratio", type=float, default=1.0, help="auto: most any layer may lose (fraction)")
+    p.add_argument(
+        "--target",
+        choices=["parameters", "latency"],
+        default="parameters",
+        help="auto: --ratio is a fraction of the pruned layers' parameters, or of their time measured on --device",
+    )
+    p.add_argument("--latency-tokens", type=int, default=2048, help="--target latency: prefill length (or cache)")
+    p.add_argument("--latency-phase", choices=["prefill", "decode"], default="prefill", help="--target latency")
     p.add_argument("--ranking", choices=["local", "global"], default="local", help="fixed / ffn_only: channels")
     p.add_argument(
         "--round-to",
@@ -253,6 +261,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             min_heads_per_group=args.min_heads_per_group,
             min_ffn_width=args.min_ffn_width,
             max_layer_ratio=args.max_layer_ratio,
+            target=args.target,
+            latency_tokens=args.latency_tokens,
+            latency_phase=args.latency_phase,
             round_to=args.round_to,
         )
         train = TrainConfig(

@@ -34,6 +34,10 @@ class LoRAPruneConfig:
         min_kv_heads: KV groups (heads, for multi-head attention) each layer keeps under "auto".
         min_ffn_width: FFN channels each layer keeps under "auto" (rounded up to `round_to`).
         max_layer_ratio: at most this fraction of any pruned layer's parameters is removed under "auto".
+        target: what `ratio` is a fraction of, under "auto": "parameters" of the pruned layers, or "latency": their
+            time, measured once on the model's device (`tp_loraprune.latency`) for a prefill of `latency_tokens`
+            tokens (`latency_phase="prefill"`) or one decode step against a cache that long ("decode"); the
+            allocation then removes what saves the most time per unit of score.
 
     Heads:
         head_mode: "per_group" removes the same number of query heads from every KV group (KV heads stay);
@@ -79,6 +83,9 @@ class LoRAPruneConfig:
     min_kv_heads: int = 1
     min_ffn_width: int = 1
     max_layer_ratio: float = 1.0
+    target: Literal["parameters", "latency"] = "parameters"
+    latency_tokens: int = 2048
+    latency_phase: Literal["prefill", "decode"] = "prefill"
     total_steps: int = 200
     prune_every: int = 10
     schedule: Literal["cubic", "linear"] = "cubic"
@@ -98,6 +105,8 @@ class LoRAPruneConfig:
             "head_mode": ("per_group", "kv_groups"),
             "ranking": ("local", "global"),
             "allocation": ("auto", "fixed", "ffn_only"),
+            "target": ("parameters", "latency"),
+            "latency_phase": ("prefill", "decode"),
             "schedule": ("cubic", "linear"),
             "score": ("square", "abs"),
         }
@@ -135,6 +144,14 @@ class LoRAPruneConfig:
             raise ValueError(
                 f"`max_layer_ratio` is a fraction of a layer's parameters in (0, 1], got {self.max_layer_ratio}."
             )
+        if self.target == "latency" and (self.allocation != "auto" or self.explicit_ratios):
+            raise ValueError(
+                f"target='latency' is decided by the allocation: it needs allocation='auto' and no explicit "
+                f"head_ratio / channel_ratio (got allocation={self.allocation!r}, head_ratio={self.head_ratio}, "
+                f"channel_ratio={self.channel_ratio})."
+            )
+        if self.latency_tokens < 1:
+            raise ValueError(f"`latency_tokens` must be >= 1, got {self.latency_tokens}.")
         if self.allocation == "auto" and self.normalize and not self.explicit_ratios:
             raise ValueError(
                 "allocation='auto' compares head and channel scores across layers, which normalize=True puts on "

@@ -21,13 +21,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from . import allocation
+from . import allocation, latency
 from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
 from .fused import declared_ffns
@@ -299,27 +300,95 @@ class LoRAPruner:
 
     @property
     def budget(self) -> float:
-        """Parameters the whole target removes from the pruned layers (`ratio` of them)."""
-        return self.config.ratio * sum(self._layer_parameters.values())
+        """What the whole target saves in the pruned layers: `ratio` of their parameters (or of their measured
+        time under target="latency")."""
+        return self.config.ratio * sum(self._layer_totals().values())
 
-    def _removed_by_layer(self) -> dict[int, int]:
-        """Base parameters removed so far from each pruned layer, from the structures no longer alive."""
-        removed = dict.fromkeys(self._layer_parameters, 0)
+    def _layer_totals(self) -> dict[int, float]:
+        """Each pruned layer's parameters, or under target="latency" the measured time of its blocks, unpruned."""
+        if self.config.target == "parameters":
+            return dict(self._layer_parameters)
+        totals = dict.fromkeys(self._layer_parameters, 0.0)
         for key, h in self._heads.items():
-            per_q, per_kv = self._head_cost(h)
-            q_gone = h.initial_heads - len(h.alive)
-            kv_gone = h.initial_kv - h.layout.num_kv_heads
-            removed[self._layer_of_key[key]] += q_gone * per_q + kv_gone * per_kv
+            totals[self._layer_of_key[key]] += self._attention_cost(h, h.initial_heads, h.initial_kv)
         for key, ch in self._channels.items():
-            removed[self._layer_of_key[key]] += (ch.initial - len(ch.alive)) * ch.cost
+            totals[self._layer_of_key[key]] += self._ffn_cost(ch, ch.initial)
+        return totals
+
+    def _attention_cost(self, h: _Heads, heads: int, kv: int) -> float:
+        """Parameters (or seconds, target="latency") of an attention block with `heads` query and `kv` KV heads."""
+        if self.config.target == "latency":
+            return latency.attention_seconds(self._latency_shape(h.layout.o), heads, kv, h.layout.head_dim)
+        per_q, per_kv = self._head_cost(h)
+        return heads * per_q + kv * per_kv
+
+    def _ffn_cost(self, ch: _Channels, width: int) -> float:
+        """Parameters (or seconds, target="latency") of an FFN `width` channels wide."""
+        if self.config.target == "latency":
+            return self._ffn_timers[ch.key](width)
+        return width * ch.cost
+
+    def _latency_shape(self, module: nn.Module) -> latency.Shape:
+        """The timing shape of a block whose output projection is `module`: its device, a float dtype, hidden."""
+        weight = cast(torch.Tensor, base_layer(module).weight)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
+        if weight.device.type == "cpu" and dtype != torch.float32:
+            dtype = torch.float32
+        c = self.config
+        return latency.Shape(
+            features(base_layer(module))[0], c.latency_tokens, c.latency_phase == "decode", dtype, weight.device
+        )
+
+    def _measure_latency(self) -> None:
+        """Time every FFN at the widths it can take (interpolated between 17) and attention at every head count
+        the allocation can reach, once, on the model's device; identical layers share the timings."""
+        self._ffn_timers = {}
+        for key, ch in self._channels.items():
+            root = self._channel_roots.get(key) or self._declared_ffns[key].up
+            shape = self._latency_shape(root)
+            rows = max(ch.cost // shape.hidden - 1, 1)  # output projections per channel (gate and up: 2)
+            self._ffn_timers[key] = latency.interpolated(
+                partial(latency.ffn_seconds, shape, rows_per_channel=rows), ch.initial, self.channel_multiple
+            )
+        for h in self._heads.values():  # measure the reachable head counts now, not inside a prune event
+            size = h.initial_group_size
+            for kv in range(h.initial_kv, 0, -1):
+                self._attention_cost(h, kv * size, kv)
+                if self.config.head_mode == "per_group" and size > 1:
+                    for q in range(1, size + 1):
+                        self._attention_cost(h, q * h.initial_kv, h.initial_kv)
+                    break
+
+    def _saved_heads(self, h: _Heads, before: int, after: int) -> float:
+        """What removing query heads (every KV group kept) from `before` to `after` saves."""
+        kv = h.layout.num_kv_heads
+        return self._attention_cost(h, before, kv) - self._attention_cost(h, after, kv)
+
+    def _saved_groups(self, h: _Heads, before: int, after: int) -> float:
+        """What removing whole KV groups (with their query heads) from `before` to `after` saves."""
+        size = h.layout.group_size
+        return self._attention_cost(h, before * size, before) - self._attention_cost(h, after * size, after)
+
+    def _saved_channels(self, ch: _Channels, before: int, after: int) -> float:
+        """What narrowing an FFN from `before` to `after` channels saves."""
+        return self._ffn_cost(ch, before) - self._ffn_cost(ch, after)
+
+    def _removed_by_layer(self) -> dict[int, float]:
+        """What each pruned layer has saved so far (parameters, or seconds), from the structures no longer alive."""
+        removed = dict.fromkeys(self._layer_parameters, 0.0)
+        for key, h in self._heads.items():
+            now = self._attention_cost(h, len(h.alive), h.layout.num_kv_heads)
+            removed[self._layer_of_key[key]] += self._attention_cost(h, h.initial_heads, h.initial_kv) - now
+        for key, ch in self._channels.items():
+            removed[self._layer_of_key[key]] += self._ffn_cost(ch, ch.initial) - self._ffn_cost(ch, len(ch.alive))
         return removed
 
-    def _layer_room(self) -> dict[int, int] | None:
-        """Parameters each pruned layer may still lose under `max_layer_ratio` (None: no cap)."""
+    def _layer_room(self) -> dict[int, float] | None:
+        """What each pruned layer may still lose under `max_layer_ratio` (None: no cap)."""
         if self.config.max_layer_ratio >= 1.0:
             return None
         removed = self._removed_by_layer()
-        return {i: int(self.config.max_layer_ratio * n) - removed[i] for i, n in self._layer_parameters.items()}
+        return {i: self.config.max_layer_ratio * n - removed[i] for i, n in self._layer_totals().items()}
 
     def _blocks(self, graph, groups: dict[str, object] | None, scored: bool = True) -> list[allocation.Block]:
         """Every pruned block's removal units, from the current scores (zeros when not `scored`)."""
@@ -331,17 +400,30 @@ class LoRAPruner:
             if head_scores is None:
                 continue
             per_q, per_kv = self._head_cost(h)
-            size = a.group_size
+            size, kv = a.group_size, a.num_kv_heads
             if c.head_mode == "per_group" and size > 1:
                 blocks.append(
                     allocation.per_group_head_units(
-                        key, layer, head_scores.view(a.num_kv_heads, size), per_q, c.min_heads_per_group
+                        key,
+                        layer,
+                        head_scores.view(kv, size),
+                        per_q,
+                        c.min_heads_per_group,
+                        partial(self._saved_heads, h),
                     )
                 )
             else:
-                group_scores = self._kv_group_scores(h, head_scores) if scored else torch.zeros(a.num_kv_heads)
+                group_scores = self._kv_group_scores(h, head_scores) if scored else torch.zeros(kv)
                 blocks.append(
-                    allocation.kv_group_units(key, layer, group_scores, size, size * per_q + per_kv, c.min_kv_heads)
+                    allocation.kv_group_units(
+                        key,
+                        layer,
+                        group_scores,
+                        size,
+                        size * per_q + per_kv,
+                        c.min_kv_heads,
+                        partial(self._saved_groups, h),
+                    )
                 )
         for key, ch in self._channels.items():
             scores = self._channel_scores(ch, groups[key]) if scored and groups is not None else None
@@ -351,7 +433,13 @@ class LoRAPruner:
             min_width = max(c.min_ffn_width, 1)
             blocks.append(
                 allocation.channel_units(
-                    key, self._layer_of_key[key], scores, ch.cost, self.channel_multiple, min_width
+                    key,
+                    self._layer_of_key[key],
+                    scores,
+                    ch.cost,
+                    self.channel_multiple,
+                    min_width,
+                    partial(self._saved_channels, ch),
                 )
             )
         if c.uniform:
@@ -376,9 +464,11 @@ class LoRAPruner:
                     f"these layers have (heads, kv heads, head_dim) {sorted(shapes)} and FFN widths {sorted(widths)}. "
                     "Use uniform=False or select layers of one shape with `layers=[...]`."
                 )
+        if c.target == "latency":
+            self._measure_latency()
         reachable = allocation.removable(self._blocks(None, None, scored=False), self._layer_room())
         if reachable < self.budget:
-            total = sum(self._layer_parameters.values())
+            total = sum(self._layer_totals().values())
             raise ValueError(
                 f"ratio {c.ratio} cannot be reached under the allocation guards (min_heads_per_group="
                 f"{c.min_heads_per_group}, min_kv_heads={c.min_kv_heads}, min_ffn_width={c.min_ffn_width}, "

@@ -1,0 +1,93 @@
+"""Latency of one attention block and one FFN at every width they can be pruned to, measured on the device.
+
+`target="latency"` (LoRAPruneConfig) makes the allocation remove what saves the most time per unit of score
+instead of the most parameters. The time of a block is measured once, on the model's own device and dtype, with
+the shapes it would have after pruning: the projections as dense matmuls and attention as PyTorch's
+scaled-dot-product attention, for a prefill of `tokens` tokens or one decode step against a cache of `tokens`
+positions. Widths between the measured ones are interpolated linearly.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the timing of a block depends on."""
+
+    hidden: int
+    tokens: int  # prefill length, or the cache length of a decode step
+    decode: bool
+    dtype: torch.dtype
+    device: torch.device
+    repeats: int = 5
+
+
+@lru_cache(maxsize=4096)
+def ffn_seconds(shape: Shape, width: int, rows_per_channel: int = 2) -> float:
+    """One FFN forward: `rows_per_channel` projections hidden → width (gate and up: 2), then width → hidden."""
+    if width == 0:
+        return 0.0
+    m = 1 if shape.decode else shape.tokens
+    x = torch.randn(m, shape.hidden, device=shape.device, dtype=shape.dtype)
+    w_in = torch.randn(shape.hidden, rows_per_channel * width, device=shape.device, dtype=shape.dtype)
+    w_out = torch.randn(width, shape.hidden, device=shape.device, dtype=shape.dtype)
+    return _timed(lambda: (x @ w_in)[:, :width] @ w_out, shape.device, shape.repeats)
+
+
+@lru_cache(maxsize=4096)
+def attention_seconds(shape: Shape, heads: int, kv_heads: int, head_dim: int) -> float:
+    """One attention forward: q/k/v projection, causal SDPA (a decode step attends to `tokens` positions), o."""
+    if heads == 0:
+        return 0.0
+    q_len = 1 if shape.decode else shape.tokens
+    device, dtype = shape.device, shape.dtype
+    x = torch.randn(q_len, shape.hidden, device=device, dtype=dtype)
+    w_qkv = torch.randn(shape.hidden, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    w_o = torch.randn(heads * head_dim, shape.hidden, device=device, dtype=dtype)
+    k = torch.randn(1, heads, shape.tokens, head_dim, device=device, dtype=dtype)  # K/V repeated to the query heads
+
+    def forward():
+        qkv = x @ w_qkv
+        q = qkv[:, : heads * head_dim].view(1, q_len, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, k, is_causal=not shape.decode)
+        return out.transpose(1, 2).reshape(q_len, heads * head_dim) @ w_o
+
+    return _timed(forward, shape.device, shape.repeats)
+
+
+def interpolated(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> Callable[[int], float]:
+    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included); linear between."""
+    grid = sorted({0, full, *(min(full, round(full * i / (points - 1) / step) * step) for i in range(points))})
+    values = {w: measure(w) for w in grid}
+
+    def at(width: int) -> float:
+        if width in values:
+            return values[width]
+        lo = max(w for w in grid if w < width)
+        hi = min(w for w in grid if w > width)
+        return values[lo] + (values[hi] - values[lo]) * (width - lo) / (hi - lo)
+
+    return at
