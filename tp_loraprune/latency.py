@@ -9,7 +9,6 @@ positions. Widths between the measured ones are interpolated linearly.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` after one warm-up call."""
+    """Fastest of `repeats` calls of `fn` after one warm-up call (the minimum: other work on the machine only
+    ever adds time)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
@@ -30,7 +30,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Shape:
     decode: bool
     dtype: torch.dtype
     device: torch.device
-    repeats: int = 5
+    repeats: int = 10
 
 
 @lru_cache(maxsize=4096)
@@ -78,10 +78,21 @@ def attention_seconds(shape: Shape, heads: int, kv_heads: int, head_dim: int) ->
     return _timed(forward, shape.device, shape.repeats)
 
 
+def monotone(values: dict[int, float]) -> dict[int, float]:
+    """The running maximum over increasing keys: a narrower block is never taken to be slower than a wider one
+    (a measurement that says so is noise)."""
+    out, top = {}, 0.0
+    for k in sorted(values):
+        top = max(top, values[k])
+        out[k] = top
+    return out
+
+
 def interpolated(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> Callable[[int], float]:
-    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included); linear between."""
+    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included), made monotone;
+    linear between."""
     grid = sorted({0, full, *(min(full, round(full * i / (points - 1) / step) * step) for i in range(points))})
-    values = {w: measure(w) for w in grid}
+    values = monotone({w: measure(w) for w in grid})
 
     def at(width: int) -> float:
         if width in values:

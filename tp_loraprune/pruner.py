@@ -318,7 +318,7 @@ class LoRAPruner:
     def _attention_cost(self, h: _Heads, heads: int, kv: int) -> float:
         """Parameters (or seconds, target="latency") of an attention block with `heads` query and `kv` KV heads."""
         if self.config.target == "latency":
-            return latency.attention_seconds(self._latency_shape(h.layout.o), heads, kv, h.layout.head_dim)
+            return self._attention_times[h.layout.name][(heads, kv)]
         per_q, per_kv = self._head_cost(h)
         return heads * per_q + kv * per_kv
 
@@ -350,14 +350,17 @@ class LoRAPruner:
             self._ffn_timers[key] = latency.interpolated(
                 partial(latency.ffn_seconds, shape, rows_per_channel=rows), ch.initial, self.channel_multiple
             )
-        for h in self._heads.values():  # measure the reachable head counts now, not inside a prune event
-            size = h.initial_group_size
-            for kv in range(h.initial_kv, 0, -1):
-                self._attention_cost(h, kv * size, kv)
-                if self.config.head_mode == "per_group" and size > 1:
-                    for q in range(1, size + 1):
-                        self._attention_cost(h, q * h.initial_kv, h.initial_kv)
-                    break
+        self._attention_times = {}
+        for key, h in self._heads.items():  # every head layout the allocation can reach, in removal order
+            size, kv0, shape = h.initial_group_size, h.initial_kv, self._latency_shape(h.layout.o)
+            if self.config.head_mode == "per_group" and size > 1:
+                states = [(q * kv0, kv0) for q in range(size + 1)]
+            else:
+                states = [(g * size, g) for g in range(kv0 + 1)]
+            times = latency.monotone(
+                {i: latency.attention_seconds(shape, q, kv, h.layout.head_dim) for i, (q, kv) in enumerate(states)}
+            )
+            self._attention_times[key] = {state: times[i] for i, state in enumerate(states)}
 
     def _saved_heads(self, h: _Heads, before: int, after: int) -> float:
         """What removing query heads (every KV group kept) from `before` to `after` saves."""

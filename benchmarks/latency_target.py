@@ -1,0 +1,128 @@
+"""target="latency" vs target="parameters": what each removes at the same ratio, and the prefill time it buys.
+
+On the real SmolLM2-135M: K LoRA steps (PiSSA init) accumulate LoRAPrune's scores; then a copy is pruned one-shot
+with allocation="auto" at `ratio` of the pruned layers' parameters, and another copy at `ratio` of their measured
+time (the latency table is measured on this device, for a prefill of `--tokens` tokens). Both are merged and
+timed side by side (prefill, median of `--repeats`), with WikiText-2 perplexity right after pruning (no
+fine-tune), so the trade between time saved and damage is visible.
+
+    python benchmarks/latency_target.py --device cpu --tokens 256 --out benchmarks/results/latency_target_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import lora_steps_with_weight_gradients, write_result  # noqa: E402
+from quality import environment  # noqa: E402
+
+from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora  # noqa: E402
+from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
+from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text  # noqa: E402
+from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
+from tp_loraprune.train import TrainConfig, prepare_lora_model  # noqa: E402
+from tp_loraprune.widths import layer_widths  # noqa: E402
+
+
+@torch.no_grad()
+def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--tokens", type=int, default=256, help="prefill length of the latency table and the timing")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    data_dir = find_data_dir(args.data_dir)
+    if data_dir is None:
+        raise SystemExit("needs the data folder (C4 sample and WikiText-2); pass --data-dir or set TP_LORAPRUNE_DATA.")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(args.model)
+    model.to(args.device)
+    blocks = token_blocks(
+        read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl")), tok, block_size=args.block_size
+    ).to(args.device)
+    wikitext = perplexity_text("wikitext2", data_dir)
+    train = TrainConfig(lora_dropout=0.0, lora_init="pissa_niter_4", progress=False, device=args.device)
+    peft_model = prepare_lora_model(model, train)
+    imp = LoRAGuidedImportance()
+    lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, 2e-4, [imp], len(tok))
+    dense = merge_lora(copy.deepcopy(peft_model)).eval()
+    rows = [
+        {
+            "target": "dense",
+            "parameters": sum(p.numel() for p in dense.parameters()),
+            "prefill_s": prefill_seconds(dense, args.tokens, args.repeats, args.device),
+            "wikitext2": round(perplexity(dense, tok, wikitext, seq_len=512, max_windows=args.ppl_windows), 3),
+        }
+    ]
+    print(json.dumps(rows[-1]), flush=True)
+    del dense
+    for target in ("parameters", "latency"):
+        pruned, scores = copy.deepcopy((peft_model, imp))
+        config = LoRAPruneConfig(ratio=args.ratio, target=target, latency_tokens=args.tokens)
+        t1 = time.perf_counter()
+        pruner = LoRAPruner(pruned, config, importance=scores)
+        setup_s = time.perf_counter() - t1
+        pruner.prune(1.0)
+        merged = merge_lora(pruned).eval()
+        widths = layer_widths(merged)[pruner.layer_indices[0]]
+        rows.append(
+            {
+                "target": target,
+                "parameters": sum(p.numel() for p in merged.parameters()),
+                "pruned_layer": {k: widths[k] for k in ("heads", "kv_heads", "ffn")},
+                "pruner_setup_s": round(setup_s, 2),
+                "prefill_s": prefill_seconds(merged, args.tokens, args.repeats, args.device),
+                "wikitext2": round(perplexity(merged, tok, wikitext, seq_len=512, max_windows=args.ppl_windows), 3),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        del pruned, scores, pruner, merged
+    dense_s = rows[0]["prefill_s"]
+    summary = {r["target"]: {"speed-up": round(dense_s / r["prefill_s"], 3), "wikitext2": r["wikitext2"]} for r in rows}
+    result = {
+        "what": "one-shot auto allocation at the same ratio of parameters vs of measured prefill time",
+        "settings": vars(args),
+        "summary": summary,
+        "rows": rows,
+        "environment": environment(args.device),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_result(args.out, result, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
