@@ -92,7 +92,8 @@ def main(argv=None) -> int:
             return math.log(perplexity(m, tok, wikitext, seq_len=512, max_windows=args.ppl_windows))
 
     base = log_ppl(peft_model)
-    config = LoRAPruneConfig(ratio=0.5)  # only its layer selection and guards matter: nothing is pruned here
+    # only its layer selection and guards matter (nothing is pruned here); per-layer units, as the results were made
+    config = LoRAPruneConfig(ratio=0.5, uniform=False, round_to=1)
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     for name in args.criteria.split(","):

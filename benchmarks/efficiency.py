@@ -364,7 +364,9 @@ def inference_speed(shape: str, args) -> list[dict]:
                 pm(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(pm)
             layers = list(range(model.config.num_hidden_layers))
-            config = LoRAPruneConfig(ratio=ratio, layers=layers, round_to=multiple, allocation=allocation)
+            config = LoRAPruneConfig(
+                ratio=ratio, layers=layers, round_to=multiple, allocation=allocation, uniform=args.uniform
+            )
             pruner = LoRAPruner(pm, config, importance=imp)
             t0 = time.perf_counter()
             pruner.prune(1.0)
@@ -380,6 +382,7 @@ def inference_speed(shape: str, args) -> list[dict]:
             "shape": shape,
             "ratio": ratio,
             "allocation": allocation,
+            "uniform": args.uniform,
             "round_to": multiple,
             "parameters": n_params,
             "intermediate_sizes": sorted({layer.mlp.down_proj.in_features for layer in model.model.layers}),
@@ -427,6 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-mode", choices=["eager", "static"], default="eager")
     p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
     p.add_argument("--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to)")
+    p.add_argument("--uniform", type=int, default=1, help="inference: LoRAPruneConfig.uniform (1 or 0)")
     p.add_argument("--skip", default="", help="comma list: steps,inference,init")
     p.add_argument(
         "--bases", default="", help="also time LoRA/LoRAPrune steps on these bitsandbytes bases, e.g. 8bit,4bit"

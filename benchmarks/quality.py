@@ -192,15 +192,18 @@ def evaluate_model(model, tokenizer, args) -> dict:
     return out
 
 
-ALLOCATION_CELLS = {  # name: (method, config overrides); LoRAPrune starts LoRA from PiSSA (its default)
-    "lp-auto": ("loraprune", {"lora_init": "pissa_niter_4"}),
-    "lp-fixed": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "fixed"}),
-    "lp-ffn_only": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "ffn_only"}),
-    "lp-uniform": ("loraprune", {"lora_init": "pissa_niter_4", "uniform": True}),
-    "lp-auto-cap": ("loraprune", {"lora_init": "pissa_niter_4", "max_layer_ratio": "ratio+0.2"}),
-    "taylor-auto": ("taylor", {}),
-    "taylor-fixed": ("taylor", {"allocation": "fixed"}),
-    "taylor-ffn_only": ("taylor", {"allocation": "ffn_only"}),
+# name: (method, config overrides). LoRAPrune starts LoRA from PiSSA (its default); round_to=1 and the explicit
+# `uniform` are what the table on docs/benchmarks.md ran with (before uniform=True and round_to=None were defaults).
+_PISSA = {"lora_init": "pissa_niter_4", "round_to": 1}
+ALLOCATION_CELLS = {
+    "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
+    "lp-fixed": ("loraprune", _PISSA | {"allocation": "fixed"}),
+    "lp-ffn_only": ("loraprune", _PISSA | {"allocation": "ffn_only"}),
+    "lp-uniform": ("loraprune", _PISSA | {"uniform": True}),
+    "lp-auto-cap": ("loraprune", _PISSA | {"uniform": False, "max_layer_ratio": "ratio+0.2"}),
+    "taylor-auto": ("taylor", {"round_to": 1, "uniform": False}),
+    "taylor-fixed": ("taylor", {"round_to": 1, "allocation": "fixed"}),
+    "taylor-ffn_only": ("taylor", {"round_to": 1, "allocation": "ffn_only"}),
 }
 
 

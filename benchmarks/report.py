@@ -656,7 +656,9 @@ def allocation_scale_table() -> str:
 
 def _allocation_label(r: dict) -> str:
     """This sweep ran before uniform=True became the default: its auto rows have per-layer widths."""
-    return "auto, per-layer" if r["allocation"] == "auto" and not r.get("uniform", False) else r["allocation"]
+    if r["allocation"] != "auto":
+        return r["allocation"]
+    return "auto, uniform" if r.get("uniform", False) else "auto, per-layer"
 
 
 def alignment_table() -> str:
