@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,16 +27,13 @@ import torch
 import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import _BaseWeightsOnly, lora_steps_with_weight_gradients, write_result  # noqa: E402
+from baselines import _BaseWeightsOnly, pissa_lora_after_steps, write_result  # noqa: E402
 from criterion_damage import SquaredTaylor  # noqa: E402
 from quality import environment  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.allocation import allocate  # noqa: E402
-from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
-from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text  # noqa: E402
-from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
-from tp_loraprune.train import TrainConfig, prepare_lora_model  # noqa: E402
+from tp_loraprune.eval import perplexity  # noqa: E402
 
 KINDS = ("heads", "channels", "auto")
 
@@ -64,21 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    data_dir = find_data_dir(args.data_dir)
-    if data_dir is None:
-        raise SystemExit("needs the data folder (C4 sample and WikiText-2); pass --data-dir or set TP_LORAPRUNE_DATA.")
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer(args.model)
-    model.to(args.device)
-    blocks = token_blocks(
-        read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl")), tok, block_size=args.block_size
-    ).to(args.device)
-    wikitext = perplexity_text("wikitext2", data_dir)
-    train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init="pissa_niter_4", progress=False, device=args.device)
-    peft_model = prepare_lora_model(model, train)
     lora = LoRAGuidedImportance()
-    lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, args.lr, [lora], len(tok))
+    peft_model, tok, wikitext = pissa_lora_after_steps(args, [lora])
     criteria = {
         "loraprune": lora,
         "taylor": _BaseWeightsOnly(

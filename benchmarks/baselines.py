@@ -116,6 +116,29 @@ def lora_steps_with_weight_gradients(
         w.requires_grad_(False)
 
 
+def pissa_lora_after_steps(args, importances) -> tuple[nn.Module, object, str]:
+    """The real model (`args.model`, default the packaged SmolLM2) on `args.device` with PiSSA LoRA after
+    `args.steps` LoRA steps on C4 blocks of `args.block_size` (batch `args.batch_size`, lr `args.lr`) that feed
+    `importances` (see `lora_steps_with_weight_gradients`). Returns (peft model, tokenizer, WikiText-2 test text)."""
+    from tp_loraprune.data import read_text_documents, token_blocks
+    from tp_loraprune.eval import find_data_dir, perplexity_text
+    from tp_loraprune.loading import load_model_and_tokenizer
+    from tp_loraprune.train import TrainConfig, prepare_lora_model
+
+    data_dir = find_data_dir(args.data_dir)
+    if data_dir is None:
+        raise SystemExit("needs the data folder (C4 sample and WikiText-2); pass --data-dir or set TP_LORAPRUNE_DATA.")
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(args.model)
+    model.to(args.device)
+    c4 = read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl"))
+    blocks = token_blocks(c4, tok, block_size=args.block_size).to(args.device)
+    train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init="pissa_niter_4", progress=False, device=args.device)
+    peft_model = prepare_lora_model(model, train)
+    lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, args.lr, importances, len(tok))
+    return peft_model, tok, perplexity_text("wikitext2", data_dir)
+
+
 def cpu_environment() -> dict:
     """Versions and machine recorded with the CPU studies' results."""
     return {

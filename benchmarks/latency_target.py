@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,14 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import lora_steps_with_weight_gradients, write_result  # noqa: E402
+from baselines import pissa_lora_after_steps, write_result  # noqa: E402
 from quality import environment  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora  # noqa: E402
-from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
-from tp_loraprune.eval import find_data_dir, perplexity, perplexity_text  # noqa: E402
-from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
-from tp_loraprune.train import TrainConfig, prepare_lora_model  # noqa: E402
+from tp_loraprune.eval import perplexity  # noqa: E402
 from tp_loraprune.widths import layer_widths  # noqa: E402
 
 
@@ -54,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--tokens", type=int, default=256, help="prefill length of the latency table and the timing")
     p.add_argument("--repeats", type=int, default=7)
@@ -63,21 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    data_dir = find_data_dir(args.data_dir)
-    if data_dir is None:
-        raise SystemExit("needs the data folder (C4 sample and WikiText-2); pass --data-dir or set TP_LORAPRUNE_DATA.")
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer(args.model)
-    model.to(args.device)
-    blocks = token_blocks(
-        read_text_documents(os.path.join(data_dir, "calibration", "c4_demo.jsonl")), tok, block_size=args.block_size
-    ).to(args.device)
-    wikitext = perplexity_text("wikitext2", data_dir)
-    train = TrainConfig(lora_dropout=0.0, lora_init="pissa_niter_4", progress=False, device=args.device)
-    peft_model = prepare_lora_model(model, train)
     imp = LoRAGuidedImportance()
-    lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, 2e-4, [imp], len(tok))
+    peft_model, tok, wikitext = pissa_lora_after_steps(args, [imp])
     dense = merge_lora(copy.deepcopy(peft_model)).eval()
     rows = [
         {

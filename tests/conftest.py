@@ -67,6 +67,30 @@ def build_llama(*, hidden=24, heads=6, kv_heads=2, head_dim=4, intermediate=48, 
     return model
 
 
+def save_tiny_hf(path, *, max_position_embeddings=64):
+    """A tiny LLaMA with the vocabulary of the tiny tokenizer, saved with it as a local Hugging Face directory
+    (what a hub id or `--model` path stands for in tests). Returns `path`."""
+    from tiny_tokenizer import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    _seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def wrap_peft(model, targets=None, r=2, seed=0):
     """PEFT LoRA on `targets` (all seven projections by default) with non-zero B (init_lora_weights=False)."""
     import peft

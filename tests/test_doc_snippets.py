@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_llama, wrap_peft
+from conftest import build_llama, save_tiny_hf, wrap_peft
 from tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,25 +27,7 @@ def snippets(page: Path) -> list[str]:
 
 def _tiny_dir(tmp_path: Path) -> str:
     """A tiny LLaMA (and its tokenizer) saved as a Hugging Face directory, standing in for a hub id."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path / "tiny-hf"
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_hf(tmp_path / "tiny-hf", max_position_embeddings=256))
 
 
 def _tiny_model(tmp_path: Path):

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_llama
+from conftest import build_llama, save_tiny_hf
 from tiny_tokenizer import tiny_tokenizer
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner, load_pruned, save_pruned
@@ -38,24 +38,8 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny LLaMA + tokenizer saved as a local HF directory, and a small text file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_hf(root / "model")
     (root / "data.txt").write_text("\n\n".join(builtin_text_documents()[:6]))
     return root
 
