@@ -371,7 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _allocation(summary: dict, kept: list[dict]) -> dict:
     """What the saved model's JSON records of the allocation: the rule, its options and every layer's widths."""
-    keys = ("allocation", "uniform", "head_ratio", "channel_ratio", "channel_multiple", "pruned_layers")
+    keys = ("allocation", "uniform", "target", "head_ratio", "channel_ratio", "channel_multiple", "pruned_layers")
     return {k: summary[k] for k in keys} | {"layers": kept}
 
 

@@ -807,6 +807,7 @@ class LoRAPruner:
             "pruned_layers": self.layer_indices,
             "allocation": "explicit" if self.config.explicit_ratios else self.config.allocation,
             "uniform": self.config.uniform,
+            "target": self.config.target,
             "head_ratio": self.head_ratio,
             "channel_ratio": self.channel_ratio,
             "channel_multiple": self.channel_multiple,
