@@ -58,8 +58,27 @@ def _layer_table(before: list[dict], after: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def _how_to_load(name: str, uniform: bool) -> str:
-    gguf = f"tp-loraprune export --gguf {name}.gguf {name}"
+DECI = (
+    "the GGUF export writes the per-layer head counts and FFN widths as arrays under the `deci`\n"
+    "architecture, the LLaMA variant whose llama.cpp loader reads a width per layer"
+)
+
+
+def _llama_cpp(name: str, export: str, what: str) -> str:
+    return f"""llama.cpp: {what}:
+
+```bash
+{export}
+llama-cli -m {name}.gguf -p "The capital of France is"
+```
+
+"""
+
+
+def _how_to_load(name: str, uniform: bool, gguf: bool) -> str:
+    export = f"tp-loraprune export --gguf {name}.gguf {name}"
+    to_llama = "convert it to GGUF (architecture `llama`), then run it"
+    llama_cpp = _llama_cpp(name, export, to_llama if uniform else DECI) if gguf else ""
     if uniform:
         return f"""Every layer has the same widths, so this directory is a plain transformers checkpoint (no
 `tp_loraprune`, no `trust_remote_code`):
@@ -71,14 +90,7 @@ model = AutoModelForCausalLM.from_pretrained("{name}")
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
-llama.cpp: convert it to GGUF (architecture `llama`), then run it:
-
-```bash
-{gguf}
-llama-cli -m {name}.gguf -p "The capital of France is"
-```
-
-`tp_loraprune.load_pruned("{name}")` loads it too, after checking every file against
+{llama_cpp}`tp_loraprune.load_pruned("{name}")` loads it too, after checking every file against
 `tp_loraprune.complete.json`."""
     return f"""The layers have different widths (layers left unpruned keep the original ones), which a transformers
 config cannot describe: it holds one head count and one FFN width for all layers. Load it with tp_loraprune,
@@ -93,16 +105,8 @@ model = load_pruned("{name}")  # a transformers model; use it as usual
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
-llama.cpp: the GGUF export writes the per-layer head counts and FFN widths as arrays under the `deci`
-architecture, the LLaMA variant whose llama.cpp loader reads a width per layer:
-
-```bash
-{gguf}
-llama-cli -m {name}.gguf -p "The capital of France is"
-```
-
-For a checkpoint that `AutoModelForCausalLM.from_pretrained` loads, prune again with `--servable` (every layer
-pruned to the same widths)."""
+{llama_cpp}For a checkpoint that `AutoModelForCausalLM.from_pretrained` loads, prune again with `--servable`
+(every layer pruned to the same widths)."""
 
 
 def model_card(
@@ -120,8 +124,10 @@ def model_card(
     heldout: str,
     steps: int,
     plot: bool,
+    gguf: bool = True,
 ) -> str:
-    """The README.md text of a pruned model directory (`name`: the directory's name, used in the snippets)."""
+    """The README.md text of a pruned model directory (`name`: the directory's name, used in the snippets;
+    `gguf`: whether `tp-loraprune export --gguf` can write the model, i.e. it is a LLaMA)."""
     uniform = is_uniform(widths_after)
     base = hub_id(source_model)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{source_model}`"
@@ -172,7 +178,7 @@ a benchmark. `tp-loraprune eval --model {name}` measures WikiText-2 / PTB perple
 
 ## How to load it
 
-{_how_to_load(name, uniform)}
+{_how_to_load(name, uniform, gguf)}
 """
 
 

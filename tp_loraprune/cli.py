@@ -338,7 +338,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     allocation = _allocation(result.summary, kept)
     files = {"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)}
-    files |= _card_files(args, out, allocation, widths_before, kept, report)
+    llama = getattr(getattr(result.model, "config", None), "model_type", None) == "llama"
+    files |= _card_files(args, out, allocation, widths_before, kept, report, gguf=llama)
     _save(
         result.model,
         out,
@@ -359,7 +360,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"model card: {out / 'README.md'}")
-    print(_how_to_load(out, kept, allocation["pruned_layers"]))
+    print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama))
     return 0
 
 
@@ -379,7 +380,9 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _card_files(args, out: Path, allocation: dict, before: list[dict], after: list[dict], report: dict) -> dict:
+def _card_files(
+    args, out: Path, allocation: dict, before: list[dict], after: list[dict], report: dict, gguf: bool
+) -> dict:
     """README.md (the model card) and layers.png (when matplotlib is installed), to save with the model."""
     import tempfile
 
@@ -405,26 +408,31 @@ def _card_files(args, out: Path, allocation: dict, before: list[dict], after: li
         heldout=f"{args.heldout} held-out blocks of {args.block_size} tokens of {data}",
         steps=args.steps,
         plot="layers.png" in files,
+        gguf=gguf,
     )
     return files
 
 
-def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int]) -> str:
+def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int], gguf: bool) -> str:
     """What loads the saved model, and why (plain transformers when every layer has the same widths)."""
     from .card import is_uniform
 
     if is_uniform(kept):
+        llama_cpp = f"; for llama.cpp: tp-loraprune export --gguf {out}.gguf {out}" if gguf else ""
         return (
             f"saved to {out}: every layer has the same widths, so it is a plain transformers checkpoint: "
-            f"AutoModelForCausalLM.from_pretrained('{out}') loads it (no tp_loraprune needed); for llama.cpp: "
-            f"tp-loraprune export --gguf {out}.gguf {out}"
+            f"AutoModelForCausalLM.from_pretrained('{out}') loads it (no tp_loraprune needed){llama_cpp}"
         )
     unpruned = [w["layer"] for w in kept if w["layer"] not in pruned_layers]
+    llama_cpp = (
+        f" For llama.cpp: tp-loraprune export --gguf {out}.gguf {out} (per-layer widths, GGUF architecture 'deci')."
+        if gguf
+        else ""
+    )
     return (
         f"saved to {out}: layers {unpruned} were left unpruned, so layer widths differ and a transformers config "
-        f"cannot describe the model: load it with tp_loraprune.load_pruned('{out}') (from_pretrained cannot). "
-        f"For llama.cpp: tp-loraprune export --gguf {out}.gguf {out} (per-layer widths, GGUF architecture "
-        "'deci'). For a plain transformers checkpoint, run again with --servable."
+        f"cannot describe the model: load it with tp_loraprune.load_pruned('{out}') (from_pretrained cannot)."
+        f"{llama_cpp} For a plain transformers checkpoint, run again with --servable."
     )
 
 
