@@ -245,7 +245,7 @@ def reference_logits(path: Path) -> torch.Tensor:
     return logits(load_pruned(path), prompt_ids())[0]
 
 
-@pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-2)])
+@pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-2), ("q8_0", 0.3)])
 def test_uniform_gguf_loads_in_transformers_with_the_same_logits(saved, tmp_path, dtype, atol):
     from transformers import AutoModelForCausalLM
 
@@ -273,6 +273,23 @@ def test_per_layer_gguf_writes_deci_with_per_layer_arrays(saved, tmp_path):
     assert shapes["blk.1.attn_q.weight"] == [32, 16] and shapes["blk.0.attn_q.weight"] == [32, 32]
 
 
+def test_q8_0_quantizes_the_matrices_whose_rows_hold_whole_blocks(saved, tmp_path):
+    from tp_loraprune.gguf_export import export_gguf
+
+    reader = gguf.GGUFReader(export_gguf(saved["uniform"], tmp_path / "m.gguf", dtype="q8_0"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_output.weight"] == "F16"  # rows of 48, 16 values
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    # every weight within half a quantization step (its 32-value block's max |w| / 127) of the saved one, plus
+    # what storing the step itself as f16 adds (up to 127 x its rounding: 6% of a step)
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    got = torch.from_numpy(gguf.quants.dequantize(up.data, up.tensor_type).copy()).reshape(-1, 32)
+    want = load_pruned(saved["uniform"]).model.layers[0].mlp.up_proj.weight.detach().reshape(-1, 32)
+    step = want.abs().amax(dim=1, keepdim=True) / 127
+    assert ((got - want).abs() <= 0.57 * step).all()
+
+
 def test_gguf_export_refuses_before_writing(saved, tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -283,7 +300,7 @@ def test_gguf_export_refuses_before_writing(saved, tmp_path):
     with pytest.raises(ValueError, match=r"taken.gguf exists; choose another file or pass overwrite=True"):
         export_gguf(saved["uniform"], existing)
     assert existing.read_bytes() == b"x"
-    with pytest.raises(ValueError, match=r"^`dtype` must be one of \('f16', 'f32'\), got 'q4'"):
+    with pytest.raises(ValueError, match=r"^`dtype` must be one of \('f16', 'f32', 'q8_0'\), got 'q4'"):
         export_gguf(saved["uniform"], tmp_path / "a.gguf", dtype="q4")
     mistral = MistralForCausalLM(
         MistralConfig(
@@ -330,7 +347,7 @@ def llama_cpp_logits(path: Path, ids: torch.Tensor, f32_cache: bool) -> torch.Te
 
 
 @pytest.mark.parametrize("layout", ["uniform", "per_layer"])
-@pytest.mark.parametrize("dtype, f32_cache, atol", [("f32", True, 1e-4), ("f16", False, 3e-2)])
+@pytest.mark.parametrize("dtype, f32_cache, atol", [("f32", True, 1e-4), ("f16", False, 3e-2), ("q8_0", False, 0.3)])
 def test_gguf_runs_in_llama_cpp_with_the_same_logits(saved, tmp_path, layout, dtype, f32_cache, atol):
     from tp_loraprune.gguf_export import export_gguf
 

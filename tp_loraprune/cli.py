@@ -451,7 +451,12 @@ def _add_export_parser(sub) -> None:
     x = sub.add_parser("export", help="write a pruned model directory as a GGUF file for llama.cpp")
     x.add_argument("model_dir", help="directory saved by `tp-loraprune prune` (or tp_loraprune.save_pruned)")
     x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="GGUF file to write (must not exist)")
-    x.add_argument("--outtype", choices=["f16", "f32"], default="f16", help="weight type (norms stay f32)")
+    x.add_argument(
+        "--outtype",
+        choices=["f16", "f32", "q8_0"],
+        default="f16",
+        help="weight type (norms stay f32; under q8_0, matrices whose rows are not a multiple of 32 stay f16)",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
     x.set_defaults(func=cmd_export)
 

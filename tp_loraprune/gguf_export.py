@@ -34,7 +34,8 @@ import torch
 from .integrity import remove_tree
 from .widths import layer_widths
 
-DTYPES = ("f16", "f32")
+DTYPES = ("f16", "f32", "q8_0")
+Q8_0_BLOCK = 32  # values per Q8_0 block: a row must hold whole blocks
 
 
 def _interleave_rope_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -163,7 +164,8 @@ def export_gguf(
     """Write the model saved in `pruned_dir` (by `save_pruned`, either layout) as a GGUF file at `out`.
 
     Args:
-        dtype: "f16" (default) or "f32" for the matrices; norms are always f32.
+        dtype: "f16" (default), "f32" or "q8_0" for the matrices; norms are always f32. Under "q8_0" a matrix
+            whose rows are not a multiple of 32 values (e.g. a pruned FFN's down projection) is written f16.
         overwrite: replace an existing `out`.
         tokenizer_pre: llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`); default: the one of the GGUF the
             model was pruned from (the packaged SmolLM2: "smollm"), else "default".
@@ -202,8 +204,8 @@ def export_gguf(
         writer.add_token_list(vocab["tokens"])
         writer.add_token_types(vocab["types"])
         vocab["special"].add_to_gguf(writer, quiet=True)
-        for name, array in tensors.items():
-            writer.add_tensor(name, array)
+        for name, (array, raw_dtype) in tensors.items():
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -224,7 +226,14 @@ def _write_header(writer, config, plan: dict, dtype: str, name: str) -> None:
         return values[0] if plan["arch"] == "llama" else values
 
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_file_type(file_types[dtype])
+    if dtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -240,16 +249,23 @@ def _write_header(writer, config, plan: dict, dtype: str, name: str) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
-def _tensors(model, plan: dict, dtype: str) -> dict[str, Any]:
-    """GGUF tensor name → numpy array (matrices in `dtype`, norms f32), Q/K rows in llama.cpp's RoPE order."""
+def _tensors(model, plan: dict, dtype: str) -> dict[str, tuple[Any, Any]]:
+    """GGUF tensor name → (numpy array, its GGML type when quantized else None): matrices in `dtype`, norms f32,
+    Q/K rows in llama.cpp's RoPE order."""
+    import gguf
     from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
     def name(kind, bid: int | None = None) -> str:
         return TENSOR_NAMES[kind].format(bid=bid) + ".weight"
 
-    def array(t: torch.Tensor):
-        t = t.detach().float()
-        return (t.half() if dtype == "f16" and t.dim() > 1 else t).contiguous().numpy()
+    def array(t: torch.Tensor) -> tuple[Any, Any]:
+        values = t.detach().float().contiguous().numpy()
+        if t.dim() == 1 or dtype == "f32":
+            return values, None
+        if dtype == "q8_0" and t.shape[-1] % Q8_0_BLOCK == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            return gguf.quants.quantize(values, q8), q8
+        return values.astype("float16"), None
 
     inner = model.model
     out = {
