@@ -347,7 +347,7 @@ def llama_cpp_logits(path: Path, ids: torch.Tensor, f32_cache: bool) -> torch.Te
 
 
 @pytest.mark.parametrize("layout", ["uniform", "per_layer"])
-@pytest.mark.parametrize("dtype, f32_cache, atol", [("f32", True, 1e-4), ("f16", False, 3e-2), ("q8_0", False, 0.3)])
+@pytest.mark.parametrize("dtype, f32_cache, atol", [("f32", True, 1e-4), ("f16", False, 3e-2), ("q8_0", False, 0.5)])
 def test_gguf_runs_in_llama_cpp_with_the_same_logits(saved, tmp_path, layout, dtype, f32_cache, atol):
     from tp_loraprune.gguf_export import export_gguf
 
