@@ -118,6 +118,18 @@ def test_servable_model_loads_in_a_fresh_process_without_tp_loraprune(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI + card
+def test_cli_refuses_servable_with_per_layer_widths_before_loading(tmp_path, monkeypatch):
+    from tp_loraprune import cli
+
+    def no_model(*a, **k):  # reaching the model load means the check came too late
+        raise AssertionError("model was loaded before the input was checked")
+
+    monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", no_model)
+    with pytest.raises(SystemExit, match=r"^error: servable=True .* which uniform=False would not give"):
+        cli.main(["prune", "--servable", "--no-uniform", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """The tiny LLaMA + tokenizer as a local HF directory, and a small text file."""

@@ -135,10 +135,15 @@ def model_card(
     skipped = [w["layer"] for w in widths_after if w["layer"] not in pruned]
     removed = 1 - parameters_after / parameters_before
     rule = allocation.get("allocation")
+    if rule == "explicit":  # head_ratio / channel_ratio given: `ratio` was not used
+        heads, channels = (allocation.get(k) or 0.0 for k in ("head_ratio", "channel_ratio"))
+        target = f"heads {heads:g}, FFN channels {channels:g} removed"
+    else:
+        target = f"{ratio:g} of the pruned layers' parameters removed"
     settings = [
         ("Base model", base_text),
         ("Method", "LoRAPrune ([arXiv 2305.18403](https://arxiv.org/abs/2305.18403)), structured"),
-        ("Target ratio", f"{ratio:g} of the pruned layers' parameters"),
+        ("Target", target),
         ("Allocation", f"`{rule}`, uniform={allocation.get('uniform')}"),
         ("Pruned layers", ", ".join(map(str, pruned)) or "none"),
         ("Unpruned layers", ", ".join(map(str, skipped)) or "none"),
