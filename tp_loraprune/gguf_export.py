@@ -31,7 +31,6 @@ from typing import Any, cast
 
 import torch
 
-from .integrity import remove_tree
 from .widths import layer_widths
 
 DTYPES = ("f16", "f32", "q8_0")
@@ -212,9 +211,7 @@ def export_gguf(
         writer.close()
         os.replace(partial, out)
     except BaseException:
-        if partial.is_dir():
-            remove_tree(partial)
-        partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # `out` is untouched
         raise
     return out
 
