@@ -75,7 +75,7 @@ llama-cli -m {name}.gguf -p "The capital of France is"
 """
 
 
-def _how_to_load(name: str, uniform: bool, gguf: bool) -> str:
+def _how_to_load(name: str, uniform: bool, gguf: bool, same_widths: bool) -> str:
     export = f"tp-loraprune export --gguf {name}.gguf {name}"
     to_llama = "convert it to GGUF (architecture `llama`), then run it"
     llama_cpp = _llama_cpp(name, export, to_llama if uniform else DECI) if gguf else ""
@@ -92,8 +92,14 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 
 {llama_cpp}`tp_loraprune.load_pruned("{name}")` loads it too, after checking every file against
 `tp_loraprune.complete.json`."""
-    return f"""The layers have different widths (layers left unpruned keep the original ones), which a transformers
-config cannot describe: it holds one head count and one FFN width for all layers. Load it with tp_loraprune,
+    why = (
+        "The model's transformers config cannot describe the pruned layers (its architecture derives the head size\n"
+        "from hidden_size / heads)."
+        if same_widths
+        else "The layers have different widths (layers left unpruned keep the original ones), which a transformers\n"
+        "config cannot describe: it holds one head count and one FFN width for all layers."
+    )
+    return f"""{why} Load it with tp_loraprune,
 which reshapes the layers listed in `tp_loraprune.json` before loading `model.safetensors` (no pickle, no
 `trust_remote_code`):
 
@@ -125,10 +131,14 @@ def model_card(
     steps: int,
     plot: bool,
     gguf: bool = True,
+    uniform: bool | None = None,
 ) -> str:
     """The README.md text of a pruned model directory (`name`: the directory's name, used in the snippets;
-    `gguf`: whether `tp-loraprune export --gguf` can write the model, i.e. it is a LLaMA)."""
-    uniform = is_uniform(widths_after)
+    `gguf`: whether `tp-loraprune export --gguf` can write the model, i.e. it is a LLaMA; `uniform`: whether it
+    is saved as a plain transformers checkpoint, `tp_loraprune.export.saved_layout`; default: whether every
+    layer has the same widths)."""
+    same_widths = is_uniform(widths_after)
+    uniform = same_widths if uniform is None else uniform
     base = hub_id(source_model)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{source_model}`"
     pruned = allocation.get("pruned_layers") or []
@@ -183,7 +193,7 @@ a benchmark. `tp-loraprune eval --model {name}` measures WikiText-2 / PTB perple
 
 ## How to load it
 
-{_how_to_load(name, uniform, gguf)}
+{_how_to_load(name, uniform, gguf, same_widths)}
 """
 
 

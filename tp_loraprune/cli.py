@@ -225,6 +225,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .config import LoRAPruneConfig
     from .data import read_text_documents, split_holdout, token_blocks
     from .eval import blocks_perplexity
+    from .export import saved_layout
     from .loading import load_model_and_tokenizer
     from .models import count_parameters
     from .train import TrainConfig, log_json, prune
@@ -339,7 +340,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     allocation = _allocation(result.summary, kept)
     files = {"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)}
     llama = getattr(getattr(result.model, "config", None), "model_type", None) == "llama"
-    files |= _card_files(args, out, allocation, widths_before, kept, report, gguf=llama)
+    layout = saved_layout(result.model)
+    files |= _card_files(args, out, allocation, widths_before, kept, report, gguf=llama, layout=layout)
     _save(
         result.model,
         out,
@@ -360,7 +362,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"model card: {out / 'README.md'}")
-    print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama))
+    print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama, layout=layout))
     return 0
 
 
@@ -381,7 +383,7 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
 
 
 def _card_files(
-    args, out: Path, allocation: dict, before: list[dict], after: list[dict], report: dict, gguf: bool
+    args, out: Path, allocation: dict, before: list[dict], after: list[dict], report: dict, gguf: bool, layout: str
 ) -> dict:
     """README.md (the model card) and layers.png (when matplotlib is installed), to save with the model."""
     import tempfile
@@ -409,20 +411,24 @@ def _card_files(
         steps=args.steps,
         plot="layers.png" in files,
         gguf=gguf,
+        uniform=layout == "uniform",
     )
     return files
 
 
-def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int], gguf: bool) -> str:
-    """What loads the saved model, and why (plain transformers when every layer has the same widths)."""
+def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int], gguf: bool, layout: str) -> str:
+    """What loads the saved model, and why (plain transformers when its config can describe every layer)."""
     from .card import is_uniform
 
-    if is_uniform(kept):
+    if layout == "uniform":
         llama_cpp = f"; for llama.cpp: tp-loraprune export --gguf {out}.gguf {out}" if gguf else ""
         return (
             f"saved to {out}: every layer has the same widths, so it is a plain transformers checkpoint: "
             f"AutoModelForCausalLM.from_pretrained('{out}') loads it (no tp_loraprune needed){llama_cpp}"
         )
+    load = f"load it with tp_loraprune.load_pruned('{out}') (from_pretrained cannot)."
+    if is_uniform(kept):  # e.g. GPT-2 / BERT configs derive the head size from hidden_size / heads
+        return f"saved to {out}: its transformers config cannot describe the pruned head size, so {load}"
     unpruned = [w["layer"] for w in kept if w["layer"] not in pruned_layers]
     llama_cpp = (
         f" For llama.cpp: tp-loraprune export --gguf {out}.gguf {out} (per-layer widths, GGUF architecture 'deci')."
@@ -431,8 +437,8 @@ def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int], gguf: bo
     )
     return (
         f"saved to {out}: layers {unpruned} were left unpruned, so layer widths differ and a transformers config "
-        f"cannot describe the model: load it with tp_loraprune.load_pruned('{out}') (from_pretrained cannot)."
-        f"{llama_cpp} For a plain transformers checkpoint, run again with --servable."
+        f"cannot describe the model: {load}{llama_cpp} For a plain transformers checkpoint, run again with "
+        "--servable."
     )
 
 

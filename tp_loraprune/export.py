@@ -163,11 +163,18 @@ def save_pruned(
     return path
 
 
+def saved_layout(model: nn.Module) -> str:
+    """The layout `save_pruned` gives a merged model: "uniform" (a plain `save_pretrained` checkpoint) when the
+    HF config can describe every layer, else "per_layer" (`load_pruned` only). Writes the widths into the config
+    when they are uniform, as saving does."""
+    return "uniform" if sync_config(model) and config_validates(cast(Any, model).config) else "per_layer"
+
+
 def _write_model(
     model: nn.Module, path: Path, tokenizer, metadata: dict | None, extra_files: dict[str, str | bytes]
 ) -> None:
     auto_class = _auto_class_name(model)
-    uniform = sync_config(model) and config_validates(model.config)
+    uniform = saved_layout(model) == "uniform"
     manifest = {
         "format_version": FORMAT_VERSION,
         "auto_class": auto_class,
