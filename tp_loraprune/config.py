@@ -48,6 +48,10 @@ class LoRAPruneConfig:
         skip_first: fraction of the first decoder layers left unpruned (LoRAPrune: 10%).
         skip_last: number of last decoder layers left unpruned (LoRAPrune: 1).
         layers: explicit indices of decoder layers to prune (overrides skip_first / skip_last).
+        servable: prune every decoder layer (sets skip_first=0, skip_last=0) with the same widths, so the saved
+            model is a plain checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` and llama.cpp
+            (GGUF architecture "llama") load. Cannot be combined with `layers`, another skip_first / skip_last,
+            uniform=False or ranking="global", which all give layers different widths.
         ranking: "local" removes the same fraction in every pruned layer; "global" removes the same total
             number of FFN channels, picked by raw score across layers (each keeps >= `round_to`); heads
             stay local so every layer keeps the same head layout.
@@ -76,6 +80,7 @@ class LoRAPruneConfig:
     skip_first: float = 0.1
     skip_last: int = 1
     layers: list[int] | None = None
+    servable: bool = False
     ranking: Literal["local", "global"] = "local"
     allocation: Literal["auto", "fixed", "ffn_only"] = "auto"
     uniform: bool = True
@@ -117,6 +122,8 @@ class LoRAPruneConfig:
             raise ValueError(f"`skip_first` is a fraction of layers in [0, 1), got {self.skip_first}.")
         if self.skip_last < 0:
             raise ValueError(f"`skip_last` is a number of layers >= 0, got {self.skip_last}.")
+        if self.servable:
+            self._make_servable()
         if self.layers is not None and len(self.layers) == 0:
             raise ValueError("`layers` is empty: it selects no layer to prune. Pass None to use skip_first/skip_last.")
         if self.total_steps < 1:
@@ -161,6 +168,24 @@ class LoRAPruneConfig:
             raise ValueError(f"`round_to` must be >= 1, got {self.round_to}.")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"`ema` must be in [0, 1), got {self.ema}.")
+
+    def _make_servable(self) -> None:
+        conflicts = []
+        if self.layers is not None:
+            conflicts.append(f"layers={self.layers}")
+        if (self.skip_first, self.skip_last) not in ((0.1, 1), (0.0, 0)):  # the defaults, or already servable
+            conflicts.append(f"skip_first={self.skip_first}, skip_last={self.skip_last}")
+        if not self.uniform:
+            conflicts.append("uniform=False")
+        if self.ranking == "global":
+            conflicts.append("ranking='global'")
+        if conflicts:
+            raise ValueError(
+                f"servable=True prunes every decoder layer to the same widths, which {'; '.join(conflicts)} "
+                "would not give. Drop those options, or pass servable=False (the model is then loaded with "
+                "tp_loraprune.load_pruned)."
+            )
+        self.skip_first, self.skip_last = 0.0, 0
 
     @property
     def explicit_ratios(self) -> bool:

@@ -121,14 +121,15 @@ def save_pruned(
     merge: bool = True,
     overwrite: bool = False,
     metadata: dict | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
 ) -> Path:
     """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
 
     Refuses to write into an existing non-empty directory unless `overwrite=True`, and refuses
-    (NonFiniteError) a model with inf/NaN weights. `extra_files` (name → text) are written into the
-    directory before the completion marker. Files go to `<path>.partial` first and are renamed into
-    place once complete; if writing fails, the partial directory is removed and `path` is untouched.
+    (NonFiniteError) a model with inf/NaN weights. `extra_files` (name → text, or bytes such as a PNG) are
+    written into the directory before the completion marker, which records them too. Files go to
+    `<path>.partial` first and are renamed into place once complete; if writing fails, the partial directory
+    is removed and `path` is untouched.
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
@@ -162,9 +163,18 @@ def save_pruned(
     return path
 
 
-def _write_model(model: nn.Module, path: Path, tokenizer, metadata: dict | None, extra_files: dict[str, str]) -> None:
+def saved_layout(model: nn.Module) -> str:
+    """The layout `save_pruned` gives a merged model: "uniform" (a plain `save_pretrained` checkpoint) when the
+    HF config can describe every layer, else "per_layer" (`load_pruned` only). Writes the widths into the config
+    when they are uniform, as saving does."""
+    return "uniform" if sync_config(model) and config_validates(cast(Any, model).config) else "per_layer"
+
+
+def _write_model(
+    model: nn.Module, path: Path, tokenizer, metadata: dict | None, extra_files: dict[str, str | bytes]
+) -> None:
     auto_class = _auto_class_name(model)
-    uniform = sync_config(model) and config_validates(model.config)
+    uniform = saved_layout(model) == "uniform"
     manifest = {
         "format_version": FORMAT_VERSION,
         "auto_class": auto_class,
@@ -185,8 +195,11 @@ def _write_model(model: nn.Module, path: Path, tokenizer, metadata: dict | None,
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    for name, text in extra_files.items():
-        (path / name).write_text(text)
+    for name, content in extra_files.items():
+        if isinstance(content, bytes):
+            (path / name).write_bytes(content)
+        else:
+            (path / name).write_text(content)
 
 
 def _write_marker(path: Path) -> None:
