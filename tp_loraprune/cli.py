@@ -644,7 +644,8 @@ def _quiet() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `tp-loraprune` argument parser (subcommands `prune` and `eval`)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="tp-loraprune", description=__doc__, formatter_class=_Formatter)
@@ -683,7 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--output", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     e.set_defaults(func=cmd_eval)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if getattr(args, "quantize", None) != "4bit":
         _quiet()
     return args.func(args)

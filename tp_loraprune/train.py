@@ -172,9 +172,18 @@ def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     else:
         model = add_lora(model, train).to(train.device)
     if train.gradient_checkpointing:
-        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         cast(Any, model).enable_input_require_grads()
     return model.train()
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing under the name this transformers has (5.24 renamed it and warns on the old one)."""
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_quantized_device(model: nn.Module, device: str) -> None:
@@ -253,7 +262,7 @@ def finetune(
             last = micro == train.grad_accum - 1
             with _no_sync(forward, last):
                 with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                    loss = forward(input_ids=ids, labels=ids).loss / train.grad_accum
+                    loss = forward(input_ids=ids, labels=ids, use_cache=False).loss / train.grad_accum
                 scaler.scale(loss).backward()
             total += loss.item()
         total = distributed.mean_over_ranks(total)
