@@ -232,7 +232,7 @@ def _greedy(model, tokenizer, prompt: str, new_tokens: int = 12) -> str:
             temperature=None,
             pad_token_id=tokenizer.pad_token_id,
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).replace("\n", " ")
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).replace("\n", " ").rstrip()
 
 
 def _check_out(out: Path) -> None:

@@ -179,7 +179,7 @@ def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
 
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing under the name this transformers has (5.24 renamed it and warns on the old one)."""
-    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    base: Any = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
