@@ -254,3 +254,19 @@ def test_gradient_checkpointing_turns_on_without_deprecation_warnings():
     base = model.get_base_model()
     assert getattr(base, "is_activation_checkpointing", None) or base.model.gradient_checkpointing
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_a_hub_id_the_hub_refuses_is_one_line(monkeypatch):
+    import transformers
+
+    from tp_loraprune.loading import load_model_and_tokenizer
+
+    def not_found(*a, **k):
+        raise OSError("nobody/no-such-model-19 is not a local folder and is not a valid model identifier\nmore text")
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", not_found)
+    with pytest.raises(ValueError, match=r"could not be loaded from the hub \(OSError: nobody/no-such") as info:
+        load_model_and_tokenizer("nobody/no-such-model-19")
+    assert "\n" not in str(info.value)

@@ -177,8 +177,14 @@ def load_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
         except OSError as e:
-            if offline is None:
+            if path.exists():
                 raise
+            if offline is None:  # e.g. no such repository, a gated one, a network error halfway
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ValueError(
+                    f"Model {source!r} is not a local path and could not be loaded from the hub "
+                    f"({type(e).__name__}: {first})."
+                ) from e
             raise ValueError(
                 f"Model {source!r} is not a local path and {offline} forbids the hub (it is not in the local "
                 "cache either); pass a local directory or .gguf file, or unset the variable."
