@@ -232,14 +232,19 @@ def test_cli_keeps_bitsandbytes_quiet_and_peft_warns_no_deprecation():
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
-def test_lm_eval_git_probe_is_switched_off_and_restored():
-    evaluator = pytest.importorskip("lm_eval.evaluator")
-    from tp_loraprune.eval import _no_git_probe
+def test_lm_eval_git_probe_and_model_notices_are_switched_off_and_restored(caplog):
+    import logging
 
-    original = evaluator.get_git_commit_hash
-    with _no_git_probe():
+    evaluator = pytest.importorskip("lm_eval.evaluator")
+    from tp_loraprune.eval import _quiet_lm_eval
+
+    original, logger = evaluator.get_git_commit_hash, logging.getLogger("lm_eval.models.huggingface")
+    with _quiet_lm_eval(), caplog.at_level(logging.WARNING, logger=logger.name):
         assert evaluator.get_git_commit_hash() is None
-    assert evaluator.get_git_commit_hash is original
+        logger.warning("Passed an already-initialized model through `pretrained`, assuming single-process call")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    assert evaluator.get_git_commit_hash is original and not logger.filters
 
 
 def test_gradient_checkpointing_turns_on_without_deprecation_warnings():

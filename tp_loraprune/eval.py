@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -183,21 +184,35 @@ def _offline_in_dir(path: Path) -> Iterator[None]:
             os.environ["HF_DATASETS_OFFLINE"] = old_env
 
 
+_LM_EVAL_NOTICES = (  # lm-eval's warnings about passing a model object, which is what zero_shot means to do
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in _LM_EVAL_NOTICES)
+
+
 @contextlib.contextmanager
-def _no_git_probe() -> Iterator[None]:
+def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval records `git describe` of the current directory (the data folder: no repository), and git prints
-    "fatal: not a git repository" to the terminal; the hash is of no use here, so it is not asked for."""
+    "fatal: not a git repository" to the terminal; the hash is of no use here, so it is not asked for. Its two
+    notices about an already-built model are dropped too; every other message stays."""
     import lm_eval.evaluator as evaluator
 
-    original = getattr(evaluator, "get_git_commit_hash", None)
-    if original is None:  # an lm-eval without the probe
-        yield
-        return
-    evaluator.get_git_commit_hash = lambda: None
+    logger, notices = logging.getLogger("lm_eval.models.huggingface"), _DropNotices()
+    original = getattr(evaluator, "get_git_commit_hash", None)  # absent in an lm-eval without the probe
+    if original is not None:
+        evaluator.get_git_commit_hash = lambda: None
+    logger.addFilter(notices)
     try:
         yield
     finally:
-        evaluator.get_git_commit_hash = original
+        logger.removeFilter(notices)
+        if original is not None:
+            evaluator.get_git_commit_hash = original
 
 
 def zero_shot(
@@ -234,7 +249,7 @@ def zero_shot(
         ) from e
     if device is not None:
         model.to(device)
-    with _eval_mode(model), _offline_in_dir(root), _no_git_probe():
+    with _eval_mode(model), _offline_in_dir(root), _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
