@@ -103,6 +103,7 @@ def test_version_and_help_show_defaults_for_every_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 0.2)", "(default: all-linear)", "(default: 0.03)", "(default: The capital of France"):
         assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default 0: never)" in text
 
 
 def _tiny_model_and_tokenizer(*a, **k):

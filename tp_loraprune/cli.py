@@ -16,7 +16,15 @@ from pathlib import Path
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default (as HF / accelerate do) and keeps the description's line breaks."""
+    """--help shows every flag's default (as HF / accelerate do) and keeps the description's line breaks.
+
+    No "(default: None)" / "(default: False)": those flags say what unset means in their help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action) or text
 
 
 PROMPT = "The capital of France is"  # dense SmolLM2-135M-Instruct, greedy: " Paris."
@@ -673,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
     e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows; unset: all")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass; also lm-eval's batch size")
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa_local,arc_easy_local")
+    e.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa_local,arc_easy_local; unset: none"
+    )
     e.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task; unset: all")
     e.add_argument(
         "--data-dir",
