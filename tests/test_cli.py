@@ -21,9 +21,15 @@ def _no_model(*a, **k):  # reaching the model load means a check came too late
     raise AssertionError("the model was loaded before the input was checked")
 
 
+def _no_packaged_model():
+    raise ValueError("the packaged model is not installed (as in the tox cells)")
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", _no_model)
+    # the checks of other inputs must not depend on the packaged weights being installed
+    monkeypatch.setattr("tp_loraprune.loading.smollm2_gguf", _no_packaged_model)
     monkeypatch.delenv("TP_LORAPRUNE_DATA", raising=False)
 
 

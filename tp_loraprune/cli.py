@@ -438,12 +438,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     _removes_something(args)
     _check_device(args.device)
-    _check_model(args.model)
     wikitext = _wikitext(args)
     try:
         documents = read_text_documents(args.data)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    _check_model(args.model)  # last: it may probe the hub (a few seconds at most)
     device = distributed.init_from_env(args.device)  # under torchrun: this rank's device, e.g. cuda:1
     main_rank = distributed.rank() == 0
     t0 = time.perf_counter()
