@@ -213,7 +213,8 @@ STOCK = {
     "docs-snippet-before": (dict(), "k/v rows without their query heads"),
     "num-heads-by-wrappers": (dict(num_heads="wrappers"), "k/v rows without their query heads"),
     "num-heads-by-base-and-lora-b": (dict(num_heads="base"), "would prune this attention block.s head channels"),
-    "sdpa-kept": (dict(num_heads="base", trace="sdpa"), "traced with SDPA"),
+    # transformers 5 SDPA hides the GQA coupling (refused as such); transformers 4's trace shows the head channels
+    "sdpa-kept": (dict(num_heads="base", trace="sdpa"), "traced with SDPA|own pruner would prune"),
 }
 
 
