@@ -113,9 +113,8 @@ def test_version_and_help_show_defaults_for_every_flag(capsys):
 
 
 def _tiny_model_and_tokenizer(*a, **k):
+    from tiny_tokenizer import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tiny_tokenizer import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -230,7 +229,8 @@ def test_cli_keeps_bitsandbytes_quiet_and_peft_warns_no_deprecation():
     assert "gemm_4bit_forward" not in run.stderr + run.stdout
     import warnings
 
-    from tests.conftest import build_llama
+    from conftest import build_llama
+
     from tp_loraprune.train import TrainConfig, add_lora
 
     with warnings.catch_warnings(record=True) as caught:
@@ -257,7 +257,8 @@ def test_lm_eval_git_probe_and_model_notices_are_switched_off_and_restored(caplo
 def test_gradient_checkpointing_turns_on_without_deprecation_warnings():
     import warnings
 
-    from tests.conftest import build_llama
+    from conftest import build_llama
+
     from tp_loraprune.train import TrainConfig, prepare_lora_model
 
     with warnings.catch_warnings(record=True) as caught:

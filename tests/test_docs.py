@@ -17,7 +17,7 @@ def _snippet(heading: str) -> str:
 
 
 def test_readme_own_loop_snippet_runs_verbatim(tmp_path, monkeypatch):
-    from tests.test_cli import _tiny_model_and_tokenizer
+    from test_cli import _tiny_model_and_tokenizer
 
     monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", _tiny_model_and_tokenizer)
     monkeypatch.chdir(tmp_path)
