@@ -44,6 +44,11 @@ class LoRAPruneConfig:
             "kv_groups" removes whole KV groups (a KV head with all its query heads). For multi-head
             attention both remove whole heads.
 
+        heads_across_norms: also remove heads of attention blocks whose q/k norm spans all heads (OLMo 2 / OLMo 3
+            `q_norm`/`k_norm` over the whole projection). The remaining heads are then normalised over fewer
+            channels, so the result is not exact (measured in docs/architectures.md). False (default): such blocks
+            keep their heads, with a warning, and only their FFN channels are pruned.
+
     Where:
         skip_first: fraction of the first decoder layers left unpruned (LoRAPrune: 10%).
         skip_last: number of last decoder layers left unpruned (LoRAPrune: 1).
@@ -77,6 +82,7 @@ class LoRAPruneConfig:
     head_ratio: float | None = None
     channel_ratio: float | None = None
     head_mode: Literal["per_group", "kv_groups"] = "per_group"
+    heads_across_norms: bool = False
     skip_first: float = 0.1
     skip_last: int = 1
     layers: list[int] | None = None

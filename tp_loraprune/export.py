@@ -106,11 +106,21 @@ def _linear_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(features(m)) for name, m in model.named_modules() if is_linear_like(m)}
 
 
-def _reference_model(config, auto_class: str) -> nn.Module:
+def _model_class(manifest: dict):
+    """The transformers class a saved model is rebuilt with: its own class when transformers has it (a class
+    such as Emu3ForCausalLM is not what the auto class maps its config to), else the recorded auto class."""
     import transformers
 
+    own = getattr(transformers, manifest.get("model_class", ""), None)
+    if isinstance(own, type) and issubclass(own, transformers.PreTrainedModel):
+        return own
+    return getattr(transformers, manifest["auto_class"])
+
+
+def _reference_model(config, auto_class: str, model_class: str = "") -> nn.Module:
+    cls = _model_class({"auto_class": auto_class, "model_class": model_class})
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
 def save_pruned(
@@ -165,9 +175,20 @@ def save_pruned(
 
 def saved_layout(model: nn.Module) -> str:
     """The layout `save_pruned` gives a merged model: "uniform" (a plain `save_pretrained` checkpoint) when the
-    HF config can describe every layer, else "per_layer" (`load_pruned` only). Writes the widths into the config
-    when they are uniform, as saving does."""
-    return "uniform" if sync_config(model) and config_validates(cast(Any, model).config) else "per_layer"
+    HF config can describe every layer (a model built from it has every parameter shape of `model`), else
+    "per_layer" (`load_pruned` only). Writes the widths into the config when they are uniform, as saving does."""
+    if not (sync_config(model) and config_validates(cast(Any, model).config)):
+        return "per_layer"
+    reference = _reference_model(cast(Any, model).config, _auto_class_name(model), type(model).__name__)
+    return "uniform" if _parameter_shapes(reference) == _parameter_shapes(model) else "per_layer"
+
+
+def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def _list_lengths(model: nn.Module) -> dict[str, int]:
+    return {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
 
 
 def _write_model(
@@ -178,6 +199,7 @@ def _write_model(
     manifest = {
         "format_version": FORMAT_VERSION,
         "auto_class": auto_class,
+        "model_class": type(model).__name__,
         "layout": "uniform" if uniform else "per_layer",
         "metadata": metadata or {},
     }
@@ -186,8 +208,18 @@ def _write_model(
     else:
         from safetensors.torch import save_model
 
-        reference = _linear_shapes(_reference_model(model.config, auto_class))
+        built = _reference_model(model.config, auto_class, type(model).__name__)
+        reference = _linear_shapes(built)
         manifest["linear_shapes"] = {n: s for n, s in _linear_shapes(model).items() if reference.get(n) != s}
+        # lists of per-head modules (StableLM's per-head norms) and other parameters laid out by heads (Cohere's
+        # per-head q/k norms) that differ from what the config builds
+        lengths = _list_lengths(built)
+        manifest["list_lengths"] = {n: k for n, k in _list_lengths(model).items() if lengths.get(n, k) != k}
+        linear_params = {f"{n}.{a}" for n in manifest["linear_shapes"] for a in ("weight", "bias")}
+        shapes = _parameter_shapes(built)
+        manifest["parameter_shapes"] = {
+            n: s for n, s in _parameter_shapes(model).items() if n not in linear_params and shapes.get(n) != s
+        }
         cast(Any, model).config.save_pretrained(path)
         if getattr(model, "generation_config", None) is not None:
             cast(Any, model).generation_config.save_pretrained(path)
@@ -291,13 +323,18 @@ def load_pruned(
     path = Path(path)
     manifest_file = path / MANIFEST
     manifest = check_complete(path, verify=verify)
-    auto = getattr(transformers, manifest["auto_class"])
+    auto = _model_class(manifest)
     if manifest["layout"] == "uniform":
         return auto.from_pretrained(path, dtype=dtype, device_map=None).to(device)
     from safetensors.torch import load_model
 
     config = transformers.AutoConfig.from_pretrained(path)
-    model = auto.from_config(config)
+    model = auto.from_config(config) if hasattr(auto, "from_config") else auto._from_config(config)
+    for name, length in manifest.get("list_lengths", {}).items():
+        modules = cast(nn.ModuleList, dict(model.named_modules()).get(name))
+        if not isinstance(modules, nn.ModuleList) or length > len(modules):
+            raise ValueError(f"{manifest_file} shortens {name!r} to {length}, which is not a longer ModuleList.")
+        del modules[length:]
     modules = dict(model.named_modules())
     for name, (out_features, in_features) in manifest["linear_shapes"].items():
         if not is_linear_like(modules.get(name, nn.Identity())):
@@ -305,6 +342,14 @@ def load_pruned(
                 f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}."
             )
         _resize_linear(modules[name], out_features, in_features)
+    params = dict(model.named_parameters())
+    for name, shape in manifest.get("parameter_shapes", {}).items():
+        if name not in params:
+            raise ValueError(f"{manifest_file} reshapes {name!r}, which is not a parameter of {type(model).__name__}.")
+        owner, _, attr = name.rpartition(".")
+        old = params[name]
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, attr, nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=old.requires_grad))
     sync_attention_attributes(model)
     sync_config(model)
     load_model(model, str(path / WEIGHTS), strict=True)

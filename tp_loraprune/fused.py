@@ -9,7 +9,8 @@ so it is declared per attention / MLP class (verified against transformers 5.24)
 * `GPT2Attention.c_attn` (a Conv1D): output columns [q | k | v], split with `split_size`.
 * `GPTNeoXAttention.query_key_value`: rows interleaved per head, head h owns [q_h | k_h | v_h] =
   rows [3·d·h, 3·d·(h+1)) (the forward views the output as (..., heads, 3·d) and chunks the last dim).
-* `Phi3MLP.gate_up_proj`: rows [gate | up] (chunked in two), so FFN channel c owns rows c and I + c.
+* `Phi3MLP.gate_up_proj` (and GLM's `GlmMLP` / `Glm4MLP`, the same code): rows [gate | up] (chunked in two),
+  so FFN channel c owns rows c and I + c.
 * `GPT2MLP.c_fc` → `c_proj`: plain Conv1D FFN, declared because the graph discovery only walks nn.Linear.
 
 Any other class with a fused child (Falcon, Bloom, MPT `Wqkv`, Baichuan `W_pack`, ...) is refused by
@@ -68,6 +69,8 @@ FUSED_ATTENTION: dict[str, FusedQKV] = {
 # MLP class name → (up projection, down projection, number of stacked row blocks in the up projection)
 DECLARED_FFN: dict[str, tuple[str, str, int]] = {
     "Phi3MLP": ("gate_up_proj", "down_proj", 2),
+    "GlmMLP": ("gate_up_proj", "down_proj", 2),
+    "Glm4MLP": ("gate_up_proj", "down_proj", 2),
     "GPT2MLP": ("c_fc", "c_proj", 1),
 }
 

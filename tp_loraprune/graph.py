@@ -95,13 +95,46 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
     if example_inputs is None:
         example_inputs = example_input_ids(model)
     with traceable(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=example_inputs,
-            output_transform=model_output,
-            customized_pruners=customized_pruners(model),
-            verbose=False,
-        )
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example_inputs,
+                output_transform=model_output,
+                customized_pruners=customized_pruners(model),
+                verbose=False,
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            from .support import model_class_name, shown
+
+            where = _failing_module(model, e)
+            raise ValueError(
+                f"Torch-Pruning could not trace {model_class_name(model)} (at {shown(where)!r}: {type(e).__name__}: "
+                f"{e}); the model is unchanged. Its forward uses an operation Torch-Pruning's graph cannot follow, so "
+                "its channel couplings are unknown and it is not pruned. See docs/architectures.md."
+            ) from e
+
+
+def _failing_module(model: nn.Module, error: BaseException) -> str:
+    """The qualified name of the innermost module of `model` whose forward raised `error`, else of the model's
+    first decoder layer (Torch-Pruning's own graph steps run after the forward)."""
+    names = {m: n for n, m in model.named_modules()}
+    found = ""
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and names.get(module):
+            found = names[module]
+        tb = tb.tb_next
+    if not found:
+        from .models import language_model
+
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        inside = set(language_model(model).modules())
+        lists = [(n, m) for n, m in lists if m in inside] or lists
+        found = f"{max(lists, key=lambda x: len(x[1]))[0]}.0" if lists else type(model).__name__
+    return found
 
 
 def release_trace(graph: tp.DependencyGraph) -> None:

@@ -4,12 +4,13 @@ and the attributes that must follow the weights after heads or channels are remo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
 from .conv1d import features, is_linear_like
 from .fused import DECLARED_FFN, FUSED_ATTENTION, FusedQKV, fused_attention_spec, set_layer_heads
+from .head_parameters import HeadExtras, head_extras
 from .lora import base_layer
 from .quant import quantization
 
@@ -17,6 +18,7 @@ from .quant import quantization
 ATTENTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # LLaMA, Mistral, Qwen2/3, Gemma, OPT uses out_proj below
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT
+    ("q_proj", "k_proj", "v_proj", "dense"),  # Phi
 )
 
 # Dotted paths relative to the attention module, for layouts that split q/k/v and o into sub-modules.
@@ -41,9 +43,11 @@ FFN_PATHS: tuple[tuple[str, str], ...] = (
 )
 FFN_WIDTH_ATTRIBUTES: tuple[str, ...] = ("intermediate_size", "ffn_dim", "n_inner")
 
-# Families whose attention derives head_dim from hidden_size / num_attention_heads, ignoring config.head_dim:
-# their config can describe pruned heads only while heads · head_dim still equals hidden_size.
+# Families known to derive head_dim from hidden_size / num_attention_heads, ignoring config.head_dim (any other
+# family is probed once, `honours_head_dim`): their config can describe pruned heads only while heads · head_dim
+# still equals hidden_size.
 HEAD_DIM_FROM_HIDDEN = ("bert", "roberta", "xlm-roberta", "opt", "gpt2", "gpt_neox")
+_HONOURS_HEAD_DIM: dict[type, bool] = {}
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,41 @@ class AttentionLayout:
         """Query heads per KV head (1 for multi-head attention)."""
         return self.num_heads // self.num_kv_heads
 
+    def extras(self) -> HeadExtras:
+        """The block's parameters outside its projections, by how they follow removed heads."""
+        owner = self.head_owner or self.module
+        return head_extras(owner, (self.q, self.k, self.v, self.o), self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def inconsistency(self) -> str | None:
+        """Why the projections do not describe whole heads of size `head_dim` (None when they do)."""
+        odd = [
+            type(base_layer(m)).__name__ for m in (self.q, self.k, self.v, self.o) if not is_linear_like(base_layer(m))
+        ]
+        if odd:
+            return f"has projections that are not linear layers ({', '.join(sorted(set(odd)))})"
+        d = self.head_dim
+        q_rows, o_cols = features(base_layer(self.q))[0], features(base_layer(self.o))[1]
+        if self.fused is None:
+            k_rows, v_rows = features(base_layer(self.k))[0], features(base_layer(self.v))[0]
+            if q_rows != o_cols or k_rows != v_rows or q_rows % d or k_rows % d or k_rows == 0:
+                return (
+                    f"has q/k/v projections of {q_rows}/{k_rows}/{v_rows} output rows and an output projection of "
+                    f"{o_cols} input columns, which are not whole heads of size {d} (q rows = output columns, "
+                    "k rows = v rows)"
+                )
+        elif o_cols % d or (q_rows - o_cols) % (2 * d) or q_rows <= o_cols:
+            return f"has a fused projection of {q_rows} rows and an output projection of {o_cols} columns (head {d})"
+        if self.num_heads % self.num_kv_heads:
+            return f"has {self.num_heads} query heads, not a multiple of its {self.num_kv_heads} KV heads"
+        return None
+
+
+def text_config(config):
+    """The config describing the text decoder: the config itself, or a multimodal config's text part."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else None
+    return text if text is not None else config
+
 
 def _head_dim(module: nn.Module, config) -> int:
     head_dim = (
@@ -95,6 +134,7 @@ def _head_dim(module: nn.Module, config) -> int:
         or getattr(config, "head_dim", None)
     )
     if not head_dim:
+        config = text_config(config)
         head_dim = config.hidden_size // config.num_attention_heads
     return int(head_dim)
 
@@ -148,15 +188,24 @@ def unsupported_fused_modules(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def check_supported(model: nn.Module) -> None:
+    """Raise a ValueError for what LoRAPruner cannot prune correctly (`tp_loraprune.support.check_supported`)."""
+    from .support import check_supported as check
+
+    check(model)
+
+
+def check_fused(model: nn.Module) -> None:
     """Raise a ValueError for fused projections whose row layout is unknown (they would be pruned wrongly)."""
     fused = unsupported_fused_modules(model)
     if fused:
         (where, owner), more = fused[0], f" (and {len(fused) - 1} more)" if len(fused) > 1 else ""
         known = ", ".join(f"{cls}.{spec.qkv}" for cls, spec in FUSED_ATTENTION.items())
         known_ffn = ", ".join(f"{cls}.{up}" for cls, (up, _, _) in DECLARED_FFN.items())
+        from .support import model_class_name, shown
+
         raise ValueError(
-            f"{type(model).__name__} has a fused q/k/v projection at {where!r}{more} in {owner}, whose row layout "
-            "tp_loraprune does not know: one linear layer holds several heads' rows, and removing a head needs "
+            f"{model_class_name(model)} has a fused q/k/v projection at {shown(where)!r}{more} in {owner}, whose row "
+            "layout tp_loraprune does not know: one linear layer holds several heads' rows, and removing a head needs "
             f"per-slice handling with the exact layout. Known fused layouts: {known} (FFN: {known_ffn}); "
             "architectures with separate q/k/v projections are supported too. See docs/architectures.md."
         )
@@ -177,6 +226,8 @@ def sync_attention_attributes(model: nn.Module, layouts: list[AttentionLayout] |
                 ("num_attention_heads", a.num_heads),  # BERT self-attention
                 ("all_head_size", a.num_heads * a.head_dim),
                 ("split_size", a.num_heads * a.head_dim),  # GPT-2: c_attn's output is split in three of this width
+                ("embed_dim", a.num_heads * a.head_dim),  # XGLM: the attention output is reshaped to this width
+                ("num_kv_heads", a.num_kv_heads),  # Falcon
             ):
                 if hasattr(module, attr):
                     setattr(module, attr, value)
@@ -192,6 +243,37 @@ def mlp_widths(model: nn.Module) -> list[int]:
                 widths.append(features(base_layer(down_m))[1])
                 break
     return widths
+
+
+def honours_head_dim(model: nn.Module) -> bool:
+    """Whether the model's class sizes its heads by `config.head_dim` (rather than hidden_size / heads): a
+    one-layer copy is built on the meta device with a head size that differs from hidden_size / heads, once
+    per class."""
+    import copy
+
+    import torch
+
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    cls, config = type(base), getattr(base, "config", None)
+    if config is None or getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN:
+        return False
+    if cls not in _HONOURS_HEAD_DIM:
+        honours = False
+        try:
+            probe = copy.deepcopy(config)
+            text = text_config(probe)
+            heads = text.num_attention_heads
+            text.head_dim = 2 * (text.hidden_size // heads) + 1
+            text.num_hidden_layers = 1
+            with torch.device("meta"):
+                built = cls(probe)
+            inside = set(language_model(built).modules())
+            layouts = [a for a in attention_layouts(built) if a.module in inside]
+            honours = bool(layouts) and features(base_layer(layouts[0].o))[1] == heads * text.head_dim
+        except Exception:  # noqa: BLE001 - a class that cannot be built this way is treated as not honouring it
+            honours = False
+        _HONOURS_HEAD_DIM[cls] = honours
+    return _HONOURS_HEAD_DIM[cls]
 
 
 def config_validates(config) -> bool:
@@ -212,8 +294,9 @@ def sync_config(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None:
         return True
-    layouts = attention_layouts(model)
-    sync_attention_attributes(model, layouts)
+    config = text_config(config)
+    layouts = [a for a in attention_layouts(model) if a.module in set(language_model(model).modules())]
+    sync_attention_attributes(model, attention_layouts(model))
     uniform = True
     if layouts:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
@@ -222,7 +305,7 @@ def sync_config(model: nn.Module) -> bool:
             d = layouts[0].head_dim
             # BERT-style self-attention modules (attention_head_size) also size heads as hidden_size / heads
             derived = any(hasattr(a.head_owner or a.module, "attention_head_size") for a in layouts)
-            if getattr(config, "model_type", None) in HEAD_DIM_FROM_HIDDEN or derived:
+            if derived or not honours_head_dim(model):
                 # head_dim is hidden_size / heads there: the config holds pruned heads only if that still holds
                 if h * d != config.hidden_size:
                     uniform = False
@@ -238,14 +321,14 @@ def sync_config(model: nn.Module) -> bool:
                 config.num_attention_heads = h
                 if has_kv:
                     config.num_key_value_heads = kv
-                if not config_validates(config):  # e.g. hidden_size no longer a multiple of the head count
+                if not config_validates(cast(Any, model).config):  # e.g. hidden_size no longer a multiple of heads
                     config.head_dim, config.num_attention_heads = saved[:2]
                     if has_kv:
                         config.num_key_value_heads = saved[2]
                     uniform = False
         else:
             uniform = False
-    widths = set(mlp_widths(model))
+    widths = set(mlp_widths(language_model(model)))
     width_attr = next((a for a in FFN_WIDTH_ATTRIBUTES if hasattr(config, a)), None)
     if len(widths) == 1 and width_attr is not None:
         setattr(config, width_attr, widths.pop())
@@ -257,18 +340,41 @@ def sync_config(model: nn.Module) -> bool:
     return uniform
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the model: the longest ModuleList whose every entry holds one attention block.
+# words naming the encoders of other modalities in a multimodal model: their layers are never the decoder layers
+TOWER_WORDS = ("vision", "image", "visual", "audio", "speech", "video")
 
-    Raises ValueError for models with fused q/k/v projections (see `check_supported`).
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The part of `model` that holds its text decoder layers: `get_decoder()` of a multimodal model's LM (its vision
+    or audio towers have attention blocks too), else the model itself."""
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder()
+    except Exception:  # noqa: BLE001 - models without a decoder lookup (encoders, older transformers)
+        return model
+    inside = isinstance(decoder, nn.Module) and any(m is decoder for m in model.modules())
+    return decoder if inside and any(isinstance(m, nn.ModuleList) for m in decoder.modules()) else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the model: the longest ModuleList of its language model (`language_model`) whose every
+    entry holds one attention block.
+
+    Raises ValueError for what LoRAPruner cannot prune (see `check_supported`).
     """
     check_supported(model)
     attention_modules = {a.module for a in attention_layouts(model)}
     best: list[nn.Module] = []
-    for module in model.modules():
+    for name, module in language_model(model).named_modules():
+        if any(word in name.lower() for word in TOWER_WORDS):
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > len(best):
             if all(sum(m in attention_modules for m in block.modules()) == 1 for block in module):
                 best = list(module)
+    if best:
+        from .support import check_blocks
+
+        check_blocks(model, best)
     return best
 
 

@@ -39,7 +39,15 @@ from .models import AttentionLayout, attention_layouts, count_parameters, decode
 from .optim_state import replace_parameter
 from .quant import check_quantized, has_quantized_layers, width_multiple
 from .schedule import progress
-from .surgery import Replaced, declared_group, head_group, prune_items, subgroup
+from .support import (
+    normalised_channels,
+    nothing_prunable_message,
+    prunable_head_layouts,
+    unsupported_layers_message,
+    warn_normalised_ffns,
+    writes_residual,
+)
+from .surgery import Replaced, declared_group, head_group, prune_items, remove_heads, subgroup
 
 
 def selected_layer_indices(num_layers: int, config: LoRAPruneConfig) -> list[int]:
@@ -154,10 +162,7 @@ class LoRAPruner:
             )
         layers = decoder_layers(model)
         if not layers:
-            raise ValueError(
-                f"Could not find the decoder layers of {type(model).__name__}: no ModuleList of blocks with "
-                "q/k/v/o attention projections. See docs/architectures.md for supported models."
-            )
+            raise ValueError(unsupported_layers_message(model, attention_layouts(model)))
         self.layer_indices = selected_layer_indices(len(layers), self.config)
         self._selected_layers = [layers[i] for i in self.layer_indices]
         self._selected = {m for layer in self._selected_layers for m in layer.modules()}
@@ -168,8 +173,9 @@ class LoRAPruner:
         self.initial_parameters = count_parameters(model)
         self._heads = {
             a.name: _Heads(a, a.num_heads, a.num_kv_heads, list(range(a.num_heads)))
-            for a in attention_layouts(model)
-            if a.module in self._selected
+            for a in prunable_head_layouts(
+                [a for a in attention_layouts(model) if a.module in self._selected], self.config.heads_across_norms
+            )
         }
         if graph is None:
             graph = build_graph(model, self.example_inputs)
@@ -179,6 +185,8 @@ class LoRAPruner:
         for key, group in groups.items():
             width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
+        if not self._heads and not self._channels:
+            raise ValueError(nothing_prunable_message(model, self._selected_layers))
         # FFN widths stay at multiples of this: `round_to`, and 4 on 8-bit bases (cuBLASLt's int8 matmul needs it)
         self.channel_multiple = math.lcm(self.config.round_to or self._default_multiple(), width_multiple(model))
         self._layer_of_key = self._layer_of_blocks()
@@ -275,10 +283,23 @@ class LoRAPruner:
             largest = (removed_by_heads + channel_total) / total
             raise ValueError(
                 f"ratio {c.ratio} cannot be reached by {rule} (allocation={c.allocation!r}): it would remove every "
-                f"FFN channel of the {len(self._channels)} pruned FFNs; it can reach less than {largest:.3f}. Use a "
-                "lower ratio or allocation='auto'."
+                f"FFN channel of the {len(self._channels)} pruned FFNs; it can reach less than {largest:.3f}. "
+                f"{self._prunable_share()} Use a lower ratio or allocation='auto'."
             )
         return head_ratio, channel_ratio
+
+    def _prunable_share(self) -> str:
+        """What share of the pruned layers' parameters the structures this pruner removes hold (the rest: norms,
+        blocks kept whole, anything it cannot prune)."""
+        heads = sum(
+            h.initial_heads * self._head_cost(h)[0] + h.initial_kv * self._head_cost(h)[1] for h in self._heads.values()
+        )
+        channels = sum(ch.initial * ch.cost for ch in self._channels.values())
+        total = sum(self._layer_parameters.values())
+        return (
+            f"The prunable part (attention heads and FFN channels) holds {(heads + channels) / total:.1%} of the "
+            f"pruned layers' {total} parameters."
+        )
 
     def _default_multiple(self) -> int:
         """round_to=None: the largest of 64 and 8 that leaves every pruned FFN at least 32 steps of width (64 at
@@ -476,8 +497,8 @@ class LoRAPruner:
                 f"ratio {c.ratio} cannot be reached under the allocation guards (min_heads_per_group="
                 f"{c.min_heads_per_group}, min_kv_heads={c.min_kv_heads}, min_ffn_width={c.min_ffn_width}, "
                 f"max_layer_ratio={c.max_layer_ratio}, uniform={c.uniform}, widths in multiples of "
-                f"{self.channel_multiple}): the largest reachable ratio is {reachable / total:.4f}. Lower the ratio "
-                "or loosen the guards."
+                f"{self.channel_multiple}): the largest reachable ratio is {reachable / total:.4f}. "
+                f"{self._prunable_share()} Lower the ratio or loosen the guards."
             )
 
     def _allocate(self, graph, groups: dict[str, object], fraction: float) -> dict[str, list[int]]:
@@ -624,9 +645,11 @@ class LoRAPruner:
         for layer in lora_layers(self.model).values():
             lora_parts.update(m for m in layer.modules() if m is not layer and m is not base_layer(layer))
         allowed = self._selected
+        residual = {features(base_layer(a.o))[0] for a in attention_layouts(self.model)}
         roots: dict[str, nn.Linear]
         visited: set[nn.Module]
-        roots, visited = {}, set()
+        spanning: list[str]
+        roots, visited, spanning = {}, set(), []
         for m in self.model.modules():
             if not isinstance(m, nn.Linear) or m not in allowed or m in lora_parts or m in attention or m in visited:
                 continue
@@ -639,7 +662,13 @@ class LoRAPruner:
             visited.update(outs)
             if any(x not in allowed for x in outs) or any(x in attention for x in members):
                 continue
+            if not writes_residual(graph, group, residual, lora_parts):
+                continue  # not an FFN: its channels feed something other than the residual stream (a router)
+            if normalised_channels(group, self.model):
+                spanning.append(self._names[m])
+                continue
             roots[self._names[m]] = m
+        warn_normalised_ffns(spanning)
         return roots
 
     def _choose_channels(self, ch: _Channels, group, fraction: float) -> list[int]:
@@ -756,7 +785,7 @@ class LoRAPruner:
             kv_heads = [g for g, n in enumerate(by_group) if n > 0]
             if any(n not in (0, size) for n in by_group):
                 raise ValueError(f"{a.name}: query heads {ids} are not whole KV groups, which kv_groups mode removes.")
-        prune_items(graph, head_group(graph, a, positions, kv_heads), on_replaced)
+        remove_heads(graph, a, positions, kv_heads, on_replaced, across_norms=self.config.heads_across_norms)
         gone = set(ids)
         h.alive = [x for x in h.alive if x not in gone]
 

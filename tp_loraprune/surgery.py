@@ -19,6 +19,7 @@ from torch import nn
 from .conv1d import weight_dim
 from .fused import projection_items
 from .graph import pruning_fn
+from .head_parameters import remove_head_entries
 from .models import AttentionLayout
 
 # Groups built by `declared_group`: their coupling comes from the model layout, not from Torch-Pruning's
@@ -90,6 +91,28 @@ def head_group(graph: tp.DependencyGraph, a: AttentionLayout, heads: list[int], 
         if rows:
             items += projection_items(proj, direction, rows, roots)
     return declared_group(graph, items)
+
+
+def remove_heads(
+    graph: tp.DependencyGraph,
+    a: AttentionLayout,
+    heads: list[int],
+    kv_heads: list[int],
+    on_replaced: Callable[[Replaced], None],
+    *,
+    across_norms: bool = False,
+) -> None:
+    """Remove query heads and KV heads (current positions) of one block: their projection rows and columns
+    (`head_group`) and every parameter laid out by heads (`AttentionLayout.extras`: per-head norms, per-head
+    scalars; with `across_norms`, also the removed heads' entries of norms spanning all heads)."""
+    extras, num_heads, num_kv = a.extras(), a.num_heads, a.num_kv_heads
+    prune_items(graph, head_group(graph, a, heads, kv_heads), on_replaced)
+
+    def report(module: nn.Module, attr: str, old: nn.Parameter, new: nn.Parameter, keep: torch.Tensor) -> None:
+        on_replaced(Replaced(module, attr, old, new, "out", 0, keep))
+
+    entries = extras.entries + (extras.spanning if across_norms else ())
+    remove_head_entries(entries, num_heads, num_kv, heads, kv_heads, report)
 
 
 def subgroup(group, root_positions: Iterable[int]):

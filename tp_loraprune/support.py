@@ -1,0 +1,299 @@
+"""What LoRAPruner refuses, and the words it refuses with: checked before anything is traced or changed.
+
+A model is refused with a ValueError that names its class, the module at fault and what is unsupported:
+
+* mixture-of-experts blocks (`moe_blocks`: not supported yet);
+* fused q/k/v or gate/up projections whose row layout is not declared (`tp_loraprune.fused`);
+* attention blocks holding parts that cannot be paired with heads (`tp_loraprune.head_parameters`), or whose
+  projections disagree on the head count;
+* models without a list of repeated blocks that each hold exactly one known attention block
+  (`unsupported_layers_message`): multi-head latent attention (DeepSeek-V2/V3), hybrid attention / state-space
+  or recurrent stacks, cross-attention, attention layouts of unknown names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+DOCS = "See docs/architectures.md for the supported families."
+# projections that mark multi-head latent attention (keys and values from one shared low-rank projection)
+MLA_NAMES = ("kv_a_proj_with_mqa", "kv_b_proj", "kv_a_proj")
+# what a block's sequence mixer is called when it is not attention (state-space, recurrent, convolution)
+MIXER_WORDS = ("mamba", "mixer", "ssm", "recurrent", "rnn", "conv", "lstm", "linear_attn", "rwkv", "retention")
+# class-name words of token mixers that are not attention (transformers' Conv1D, GPT-2's linear, is not one)
+MIXER_CLASS_WORDS = ("mamba", "mixer", "ssm", "recurrent", "rnn", "lstm", "rwkv", "retention", "shortconv", "deltanet")
+
+
+def shown(name: str) -> str:
+    """A module name as the user's model knows it (without PEFT's wrapper prefix)."""
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The class of the model under a PEFT wrapper (e.g. "MixtralForCausalLM", not "PeftModelForCausalLM")."""
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every mixture-of-experts block: a module with a child named `experts` (a list
+    of expert MLPs, or transformers 5's expert weights stacked in 3-D parameters) or a child whose class is named
+    as experts (GraniteMoe's `ParallelExperts`)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "experts", None), nn.Module)
+        or any("Experts" in type(c).__name__ for c in m.children())
+    ]
+
+
+def check_moe(model: nn.Module) -> None:
+    """Refuse mixture-of-experts models (their expert FFNs are not pruned yet)."""
+    blocks = moe_blocks(model)
+    if blocks:
+        (name, block), more = blocks[0], len(blocks) - 1
+        raise ValueError(
+            f"{model_class_name(model)}: {type(block).__name__} experts are not supported yet (at "
+            f"{shown(name)!r}{f' and {more} more' if more else ''}): tp_loraprune prunes dense FFNs and attention "
+            f"heads; mixture-of-experts blocks are refused before anything changes. {DOCS}"
+        )
+
+
+# attention classes whose heads are not independent, by what ties them together
+ENTANGLED_HEADS: dict[str, str] = {
+    "DiffLlamaAttention": "differential attention subtracts attention maps computed with the two halves of the "
+    "KV heads, so heads are used in pairs",
+}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a ValueError, before any tracing or weight change, for what LoRAPruner cannot prune correctly."""
+    from .models import attention_layouts, check_fused
+
+    check_moe(model)
+    check_fused(model)
+    for a in attention_layouts(model):
+        where = f"{shown(a.name)!r} ({type(a.module).__name__})"
+        entangled = ENTANGLED_HEADS.get(type(a.module).__name__)
+        if entangled:
+            raise ValueError(
+                f"{model_class_name(model)}: the attention block {where} cannot lose single heads: {entangled}. {DOCS}"
+            )
+        problem = a.inconsistency()
+        if problem:
+            raise ValueError(f"{model_class_name(model)}: the attention block {where} {problem}. {DOCS}")
+        extras = a.extras()
+        if extras.unexplained:
+            parts = ", ".join(extras.unexplained[:3]) + (" ..." if len(extras.unexplained) > 3 else "")
+            raise ValueError(
+                f"{model_class_name(model)}: the attention block {where} holds parts outside its q/k/v/output "
+                f"projections that tp_loraprune cannot pair with heads: {parts}. Removing a head would leave them "
+                f"misaligned, so the model is refused. {DOCS}"
+            )
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The longest ModuleList of modules with parameters in the model's language model (its repeated blocks), by
+    qualified name."""
+    from .models import TOWER_WORDS, language_model
+
+    inside = set(language_model(model).modules())
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if m not in inside or any(word in name.lower() for word in TOWER_WORDS):
+            continue
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and all(any(True for _ in b.parameters()) for b in m):
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    return best
+
+
+def _attention_like(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sub-modules of a block (or the block itself, name "") named or typed as attention and holding projections,
+    outermost only."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in block.named_modules():
+        words = f"{name.rsplit('.', 1)[-1]} {type(m).__name__}".lower()
+        if ("attn" in words or "attention" in words) and not any(f == "" or name.startswith(f + ".") for f, _ in found):
+            if any(_is_projection(c) for c in m.modules() if c is not m):
+                found.append((name, m))
+    return found
+
+
+def _mixers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sub-modules of a block that mix tokens without attention (by class name: Mamba, SSM, recurrent, ...)."""
+    return [
+        (name, m)
+        for name, m in block.named_modules()
+        if name and any(w in type(m).__name__.lower() for w in MIXER_CLASS_WORDS)
+    ]
+
+
+def check_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Refuse decoder blocks that mix tokens with something besides their attention block (Falcon-H1 runs Mamba
+    beside attention in every layer): its channels are neither heads nor FFN channels."""
+    names = {m: n for n, m in model.named_modules()}
+    for block in blocks:
+        mixers = _mixers(block)
+        if mixers:
+            name, m = mixers[0]
+            raise ValueError(
+                f"{model_class_name(model)}: the block {shown(names[block])!r} ({type(block).__name__}) runs "
+                f"{type(m).__name__} at {shown(f'{names[block]}.{name}')!r} beside its attention: layers that mix "
+                f"tokens with a state-space, recurrent or convolution module (hybrid models) are not supported. {DOCS}"
+            )
+
+
+def _linear_children(module: nn.Module) -> str:
+    from .lora import lora_layers
+
+    lora = lora_layers(module)
+    parts = {m for layer in lora.values() for m in layer.modules() if m is not layer}
+    names = [n for n, m in module.named_modules() if n and m not in parts and _is_projection(m)]
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "none"
+
+
+def _is_projection(m: nn.Module) -> bool:
+    from .conv1d import is_linear_like
+    from .lora import is_lora_layer
+
+    return is_lora_layer(m) or is_linear_like(m)
+
+
+def unsupported_layers_message(model: nn.Module, layouts: list) -> str:
+    """Why no list of blocks with one known attention block each was found: the family, the module, the reason."""
+    cls = model_class_name(model)
+    found = _blocks(model)
+    if found is None:
+        return f"{cls} has no ModuleList of repeated blocks (decoder layers), which LoRAPruner prunes. {DOCS}"
+    list_name, blocks = found
+    known = {a.module for a in layouts}
+    for i, block in enumerate(blocks):
+        where = f"{shown(f'{list_name}.{i}')!r} ({type(block).__name__})"
+        inside = [m for m in block.modules() if m in known]
+        if len(inside) > 1:
+            names = [shown(a.name) for a in layouts if a.module in inside]
+            return (
+                f"{cls}: the block {where} holds {len(inside)} attention blocks ({', '.join(names)}); several "
+                f"attention modules per layer (cross-attention, encoder-decoder layers) are not supported. {DOCS}"
+            )
+        if inside:
+            continue
+        attention = _attention_like(block)
+        for name, m in attention:
+            mla = [n for n in MLA_NAMES if isinstance(getattr(m, n, None), nn.Module)]
+            if mla:
+                at = shown(f"{list_name}.{i}.{name}" if name else f"{list_name}.{i}")
+                return (
+                    f"{cls}: {type(m).__name__} at {at!r} is multi-head latent attention "
+                    f"(MLA: keys and values come from one shared low-rank projection, {mla[0]}), which tp_loraprune "
+                    f"cannot prune by heads; MLA models are not supported. {DOCS}"
+                )
+        if attention:
+            name, m = attention[0]
+            at = shown(f"{list_name}.{i}.{name}" if name else f"{list_name}.{i}")
+            return (
+                f"{cls}: the attention block {type(m).__name__} at {at!r} has "
+                f"projections ({_linear_children(m)}) that are neither separate q/k/v/output projections of a known "
+                f"name (q_proj/k_proj/v_proj with o_proj, out_proj or dense) nor a declared fused layout, so its "
+                f"heads cannot be found. {DOCS}"
+            )
+        mixers = [
+            f"{type(m).__name__} at {shown(f'{list_name}.{i}.{n}')!r}"
+            for n, m in block.named_children()
+            if any(w in f"{n} {type(m).__name__}".lower() for w in MIXER_WORDS)
+        ]
+        what = mixers[0] if mixers else f"children {', '.join(n for n, _ in block.named_children())}"
+        return (
+            f"{cls}: the block {where} has no attention block ({what}): models whose layers mix tokens without "
+            f"attention (state-space, recurrent, convolution or linear-attention layers, alone or in a hybrid "
+            f"stack) are not supported. {DOCS}"
+        )
+    return f"{cls}: no list of blocks with one attention block each was found (checked {shown(list_name)!r}). {DOCS}"
+
+
+def prunable_head_layouts(layouts: list, across_norms: bool) -> list:
+    """The attention blocks (AttentionLayouts) whose heads are pruned: not those where a norm spans all heads
+    (removing a head would renormalise the others), unless `across_norms`; one warning names the ones kept."""
+    import warnings
+
+    kept = [a for a in layouts if a.extras().spanning and not across_norms]
+    if kept:
+        a = kept[0]
+        names = ", ".join(f"{e.name} ({e.per} heads × head_dim)" for e in a.extras().spanning)
+        more = f" and {len(kept) - 1} more blocks" if len(kept) > 1 else ""
+        warnings.warn(
+            f"{shown(a.name)} ({type(a.module).__name__}){more}: {names} normalise all heads together, so removing a "
+            "head is not exact; these blocks keep their heads and only FFN channels are pruned there. Pass "
+            "heads_across_norms=True to prune them anyway (the error this costs is measured in "
+            "docs/architectures.md).",
+            stacklevel=3,
+        )
+    return [a for a in layouts if a not in kept]
+
+
+def normalised_channels(group, model: nn.Module) -> list[str]:
+    """What makes removing a channel group's channels inexact: a norm inside the group (BitNet's `ffn_sub_norm` over
+    the FFN's intermediate channels changes its statistic when channels go), or an FFN whose activation depends on
+    statistics over all its channels (Gemma 3n's `activation_sparsity`, a cutoff from their mean and std)."""
+    parents = {c: m for m in model.modules() for c in m.children()}
+    sparse = {
+        f"{type(parents[dep.target.module]).__name__}.activation_sparsity"
+        for dep, _ in group
+        if getattr(parents.get(dep.target.module), "activation_sparsity", 0)
+    }
+    owners = {
+        id(p): (f"{n}.{a}" if n else a, m)
+        for n, m in model.named_modules()
+        for a, p in m.named_parameters(recurse=False)
+    }
+    found = []
+    for dep, _ in group:
+        target = dep.target.module
+        name, owner = owners.get(id(target), ("", target)) if isinstance(target, nn.Parameter) else ("", target)
+        if isinstance(owner, nn.Module) and "norm" in type(owner).__name__.lower():
+            found.append(shown(name) or type(owner).__name__)
+    return found + sorted(sparse)
+
+
+def warn_normalised_ffns(roots: list[str]) -> None:
+    """One warning for the FFNs left whole because a norm spans their channels."""
+    import warnings
+
+    if roots:
+        more = f" and {len(roots) - 1} more" if len(roots) > 1 else ""
+        warnings.warn(
+            f"{shown(roots[0])}{more}: a norm normalises this FFN's intermediate channels together, so removing "
+            "channels is not exact; these FFNs keep their width.",
+            stacklevel=4,
+        )
+
+
+def nothing_prunable_message(model: nn.Module, layers: list[nn.Module]) -> str:
+    """The refusal for a model whose selected layers hold no head and no FFN channel that can be removed exactly."""
+    names = {m: n for n, m in model.named_modules()}
+    first = shown(names[layers[0]]) if layers else "?"
+    return (
+        f"{model_class_name(model)}: nothing in the {len(layers)} selected decoder layers (from {first!r}, "
+        f"{type(layers[0]).__name__ if layers else '?'}) can be removed exactly: no attention block whose heads can "
+        "go and no FFN whose channels can (see the warnings above for the blocks kept whole). "
+        f"{DOCS}"
+    )
+
+
+def writes_residual(graph, group, residual: set[int], lora_parts: set[nn.Module]) -> bool:
+    """Whether every layer (LoRA factors aside) that takes a channel group's channels as input writes a width of the
+    residual stream: an FFN's down projection does; Gemma 3n's AltUp router feeds a small coefficient layer."""
+    from .conv1d import features, is_linear_like
+
+    return all(
+        features(m)[0] in residual
+        for dep, _ in group
+        if isinstance(m := dep.target.module, nn.Module)
+        and is_linear_like(m)
+        and m not in lora_parts
+        and graph.is_in_channel_pruning_fn(dep.handler)
+    )
