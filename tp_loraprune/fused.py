@@ -8,17 +8,22 @@ so it is declared per attention / MLP class (verified against transformers 5.24)
   slices q with `config.num_attention_heads`, so a layer with its own head count gets a `LayerConfig`.
 * `GPT2Attention.c_attn` (a Conv1D): output columns [q | k | v], split with `split_size`.
 * `GPTNeoXAttention.query_key_value`: rows interleaved per head, head h owns [q_h | k_h | v_h] =
-  rows [3·d·h, 3·d·(h+1)) (the forward views the output as (..., heads, 3·d) and chunks the last dim).
+  rows [3·d·h, 3·d·(h+1)) (the forward views the output as (..., heads, 3·d) and chunks the last dim);
+  `PersimmonAttention` (and Fuyu's language model) the same.
+* `FalconAttention.query_key_value`: [q | k | v] blocks with multi-query (one KV head), interleaved per head
+  without it, and per KV group ([q of the group's heads | k | v]) with `new_decoder_architecture`; refused with
+  ALiBi. `GPTBigCodeAttention.c_attn` (StarCoder): blocks with multi-query, per head without.
 * `Phi3MLP.gate_up_proj` (and GLM's `GlmMLP` / `Glm4MLP`, the same code): rows [gate | up] (chunked in two),
   so FFN channel c owns rows c and I + c.
 * `GPT2MLP.c_fc` → `c_proj`: plain Conv1D FFN, declared because the graph discovery only walks nn.Linear.
 
-Any other class with a fused child (Falcon, Bloom, MPT `Wqkv`, Baichuan `W_pack`, ...) is refused by
-`tp_loraprune.models.check_supported`.
+Any other class with a fused child (Bloom and MPT, whose ALiBi biases follow the head index, CodeGen, Baichuan
+`W_pack`, ...) is refused by `tp_loraprune.models.check_supported`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -33,14 +38,15 @@ class FusedQKV:
     """How one attention class packs q, k and v into a single projection.
 
     order: "blocks" = [q of all heads | k of all KV heads | v of all KV heads]; "per_head" = for each head,
-        its q, k and v rows next to each other (multi-head attention only).
+        its q, k and v rows next to each other (multi-head attention only); "per_group" = for each KV group, the
+        q rows of its query heads, then its k and v rows (Falcon's new decoder architecture).
     config_heads: the forward reads `self.config.num_attention_heads` (Phi-3), so a pruned layer needs a
         config of its own (`LayerConfig`).
     """
 
     qkv: str  # child name of the fused projection
     o: str  # child name of the output projection
-    order: Literal["blocks", "per_head"]
+    order: Literal["blocks", "per_head", "per_group"]
     config_heads: bool = False
 
     def rows(
@@ -52,6 +58,13 @@ class FusedQKV:
             k = [3 * d * g + d + j for g in kv_heads for j in range(d)]
             v = [3 * d * g + 2 * d + j for g in kv_heads for j in range(d)]
             return q, k, v
+        if self.order == "per_group":
+            size = num_heads // num_kv_heads  # query heads per group; a group holds size + 2 head-sized blocks
+            block = (size + 2) * d
+            q = [block * (h // size) + (h % size) * d + j for h in heads for j in range(d)]
+            k = [block * g + size * d + j for g in kv_heads for j in range(d)]
+            v = [block * g + (size + 1) * d + j for g in kv_heads for j in range(d)]
+            return q, k, v
         k_start, v_start = num_heads * d, (num_heads + num_kv_heads) * d
         q = [h * d + j for h in heads for j in range(d)]
         k = [k_start + g * d + j for g in kv_heads for j in range(d)]
@@ -59,11 +72,34 @@ class FusedQKV:
         return q, k, v
 
 
-# attention class name → its fused layout
-FUSED_ATTENTION: dict[str, FusedQKV] = {
+def _falcon(module: nn.Module) -> FusedQKV | None:
+    """Falcon packs q/k/v three ways (`FalconAttention._split_heads`); with ALiBi, whose per-head slopes follow
+    the head index and count, no head can be removed exactly."""
+    if getattr(getattr(module, "config", None), "alibi", False):
+        return None
+    if getattr(module, "new_decoder_architecture", False):
+        return FusedQKV("query_key_value", "dense", "per_group")
+    return FusedQKV("query_key_value", "dense", "blocks" if getattr(module, "multi_query", False) else "per_head")
+
+
+def _gpt_bigcode(module: nn.Module) -> FusedQKV:
+    """GPTBigCode (StarCoder): multi-query packs [q | k | v] in blocks, multi-head interleaves per head."""
+    return FusedQKV("c_attn", "c_proj", "blocks" if getattr(module, "multi_query", False) else "per_head")
+
+
+# attention class name → its fused layout, or a function of the module giving it (None: no known layout)
+FUSED_ATTENTION: dict[str, FusedQKV | Callable[[nn.Module], FusedQKV | None]] = {
     "Phi3Attention": FusedQKV("qkv_proj", "o_proj", "blocks", config_heads=True),
     "GPT2Attention": FusedQKV("c_attn", "c_proj", "blocks"),
     "GPTNeoXAttention": FusedQKV("query_key_value", "dense", "per_head"),
+    "PersimmonAttention": FusedQKV("query_key_value", "dense", "per_head"),  # also Fuyu's language model
+    "FalconAttention": _falcon,
+    "GPTBigCodeAttention": _gpt_bigcode,
+}
+# fused attention classes refused for another reason than their row layout
+FUSED_REFUSED: dict[str, str] = {
+    "BloomAttention": "ALiBi position biases are computed per head from the head index and the head count",
+    "MptAttention": "ALiBi position biases are computed per head from the head index and the head count",
 }
 
 # MLP class name → (up projection, down projection, number of stacked row blocks in the up projection)
@@ -78,6 +114,8 @@ DECLARED_FFN: dict[str, tuple[str, str, int]] = {
 def fused_attention_spec(module: nn.Module) -> FusedQKV | None:
     """The fused layout of an attention module, or None when its class is not a known fused layout."""
     spec = FUSED_ATTENTION.get(type(module).__name__)
+    if spec is not None and not isinstance(spec, FusedQKV):
+        spec = spec(module)
     if spec is None or getattr(module, "q_attn", None) is not None:  # GPT-2 cross-attention: c_attn is k|v only
         return None
     if not all(isinstance(getattr(module, n, None), nn.Module) for n in (spec.qkv, spec.o)):

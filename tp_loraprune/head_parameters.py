@@ -10,10 +10,11 @@ with H query heads, K KV heads and head size d:
 * a `ModuleList` of H (or K) modules: one module per head, e.g. StableLM's `qk_layernorm`
   (`q_layernorm.norms`, a LayerNorm(d) per head);
 * a vector of shape (d,): shared by every head (Qwen3 / Gemma 3 `q_norm`, Phi `q_layernorm`), left as it is;
-* a vector of shape (H·d,) or (K·d,): one entry per channel of the projection. In a norm (a module whose class
-  name contains "Norm") it **spans all heads**: OLMo 2 / OLMo 3 normalise the whole q (and k) projection with
-  one RMS before splitting it into heads, so removing a head changes how the remaining ones are normalised and
-  cannot be exact (`spanning`). Outside a norm it is sliced with its heads' channels.
+* a vector of shape (H·d,) or (K·d,) in a norm (a module whose class name contains "Norm"): it **spans all
+  heads**. OLMo 2 / OLMo 3 normalise the whole q (and k) projection with one RMS before splitting it into heads,
+  so removing a head changes how the remaining ones are normalised and cannot be exact (`spanning`). Outside a
+  norm such a vector is ambiguous (a bias of the hidden-size output has the same shape when H·d = hidden) and
+  is not guessed.
 
 Anything else in that module (another linear layer, a parameter of another shape) is `unexplained`: pairing
 it with heads is not known, so `tp_loraprune.support.check_supported` refuses the model.
@@ -91,9 +92,8 @@ def head_extras(owner: nn.Module, projections: Iterable[nn.Module], heads: int, 
                 continue  # shared by every head
             if shape and shape[0] in (heads, kv_heads) and shape[1:] in ((), (d,)):
                 entries.append(HeadEntries(where, module, attr, "q" if shape[0] == heads else "kv", 1))
-            elif shape in ((heads * d,), (kv_heads * d,)):
-                entry = HeadEntries(where, module, attr, "q" if shape[0] == heads * d else "kv", d)
-                (spanning if _is_norm(module) else entries).append(entry)
+            elif shape in ((heads * d,), (kv_heads * d,)) and _is_norm(module):
+                spanning.append(HeadEntries(where, module, attr, "q" if shape[0] == heads * d else "kv", d))
             else:
                 unexplained.append(f"{where} (a {type(module).__name__} parameter of shape {shape})")
     return HeadExtras(tuple(entries), tuple(spanning), tuple(unexplained))

@@ -9,7 +9,7 @@ from typing import Any, cast
 from torch import nn
 
 from .conv1d import features, is_linear_like
-from .fused import DECLARED_FFN, FUSED_ATTENTION, FusedQKV, fused_attention_spec, set_layer_heads
+from .fused import DECLARED_FFN, FUSED_ATTENTION, FUSED_REFUSED, FusedQKV, fused_attention_spec, set_layer_heads
 from .head_parameters import HeadExtras, head_extras
 from .lora import base_layer
 from .quant import quantization
@@ -199,10 +199,15 @@ def check_fused(model: nn.Module) -> None:
     fused = unsupported_fused_modules(model)
     if fused:
         (where, owner), more = fused[0], f" (and {len(fused) - 1} more)" if len(fused) > 1 else ""
-        known = ", ".join(f"{cls}.{spec.qkv}" for cls, spec in FUSED_ATTENTION.items())
+        known = ", ".join(f"{c}.{v.qkv}" if isinstance(v, FusedQKV) else c for c, v in FUSED_ATTENTION.items())
         known_ffn = ", ".join(f"{cls}.{up}" for cls, (up, _, _) in DECLARED_FFN.items())
         from .support import model_class_name, shown
 
+        if owner in FUSED_REFUSED:
+            raise ValueError(
+                f"{model_class_name(model)}: the attention block {owner} at {shown(where.rpartition('.')[0])!r} "
+                f"cannot lose heads exactly: {FUSED_REFUSED[owner]}. See docs/architectures.md."
+            )
         raise ValueError(
             f"{model_class_name(model)} has a fused q/k/v projection at {shown(where)!r}{more} in {owner}, whose row "
             "layout tp_loraprune does not know: one linear layer holds several heads' rows, and removing a head needs "

@@ -648,7 +648,7 @@ class LoRAPruner:
         residual = {features(base_layer(a.o))[0] for a in attention_layouts(self.model)}
         roots: dict[str, nn.Linear]
         visited: set[nn.Module]
-        spanning: list[str]
+        spanning: list[tuple[str, list[str]]]
         roots, visited, spanning = {}, set(), []
         for m in self.model.modules():
             if not isinstance(m, nn.Linear) or m not in allowed or m in lora_parts or m in attention or m in visited:
@@ -664,8 +664,9 @@ class LoRAPruner:
                 continue
             if not writes_residual(graph, group, residual, lora_parts):
                 continue  # not an FFN: its channels feed something other than the residual stream (a router)
-            if normalised_channels(group, self.model):
-                spanning.append(self._names[m])
+            reasons = normalised_channels(group, self.model)
+            if reasons:
+                spanning.append((self._names[m], reasons))
                 continue
             roots[self._names[m]] = m
         warn_normalised_ffns(spanning)

@@ -78,6 +78,13 @@ def check_supported(model: nn.Module) -> None:
     for a in attention_layouts(model):
         where = f"{shown(a.name)!r} ({type(a.module).__name__})"
         entangled = ENTANGLED_HEADS.get(type(a.module).__name__)
+        if getattr(a.module, "attention_type", None) == "block_sparse" or (
+            hasattr(a.module, "set_attention_type") and getattr(model.config, "attention_type", "") == "block_sparse"
+        ):
+            entangled = (
+                "its block-sparse attention is rebuilt from the config (original head counts) whenever the input is "
+                "shorter than its blocks; use attention_type='original_full'"
+            )
         if entangled:
             raise ValueError(
                 f"{model_class_name(model)}: the attention block {where} cannot lose single heads: {entangled}. {DOCS}"
@@ -240,11 +247,12 @@ def normalised_channels(group, model: nn.Module) -> list[str]:
     the FFN's intermediate channels changes its statistic when channels go), or an FFN whose activation depends on
     statistics over all its channels (Gemma 3n's `activation_sparsity`, a cutoff from their mean and std)."""
     parents = {c: m for m in model.modules() for c in m.children()}
-    sparse = {
-        f"{type(parents[dep.target.module]).__name__}.activation_sparsity"
-        for dep, _ in group
-        if getattr(parents.get(dep.target.module), "activation_sparsity", 0)
-    }
+    sparse = set()
+    for dep, _ in group:
+        owner = parents.get(dep.target.module)  # the MLP, or a LoRA wrapper inside it
+        for m in (owner, parents.get(owner)):
+            if getattr(m, "activation_sparsity", 0):
+                sparse.add(f"{type(m).__name__}.activation_sparsity")
     owners = {
         id(p): (f"{n}.{a}" if n else a, m)
         for n, m in model.named_modules()
@@ -259,15 +267,15 @@ def normalised_channels(group, model: nn.Module) -> list[str]:
     return found + sorted(sparse)
 
 
-def warn_normalised_ffns(roots: list[str]) -> None:
-    """One warning for the FFNs left whole because a norm spans their channels."""
+def warn_normalised_ffns(kept: list[tuple[str, list[str]]]) -> None:
+    """One warning for the FFNs left whole (root name, what spans their channels: `normalised_channels`)."""
     import warnings
 
-    if roots:
-        more = f" and {len(roots) - 1} more" if len(roots) > 1 else ""
+    if kept:
+        (root, reasons), more = kept[0], f" and {len(kept) - 1} more" if len(kept) > 1 else ""
         warnings.warn(
-            f"{shown(roots[0])}{more}: a norm normalises this FFN's intermediate channels together, so removing "
-            "channels is not exact; these FFNs keep their width.",
+            f"{shown(root)}{more}: {', '.join(reasons)} act on all of this FFN's intermediate channels together, so "
+            "removing channels is not exact; these FFNs keep their width.",
             stacklevel=4,
         )
 
