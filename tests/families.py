@@ -10,6 +10,7 @@ hybrid model stays hybrid. `FAMILY_OVERRIDES` holds the few settings the generic
 from __future__ import annotations
 
 import random
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ SIZES: dict[str, int] = {
     # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...)
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
     "qk_head_dim": 8, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4,
+    "hidden_size_per_layer_input": 8,  # Gemma 3n / Gemma 4 per-layer embeddings
     # state-space and linear-attention blocks
     **dict.fromkeys(["mamba_d_state", "state_size", "ssm_state_size"], 8),
     **dict.fromkeys(["mamba_n_heads", "n_mamba_heads", "mamba_num_heads", "linear_num_heads"], 4),
@@ -78,7 +80,7 @@ KV_HEAD_ATTRIBUTES = (
     "num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "num_query_groups", "multi_query_group_num",
 )  # fmt: skip
 LENGTH_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx")  # shrunk to 128
-VOCAB_ATTRIBUTES = ("vocab_size",)
+VOCAB_ATTRIBUTES = ("vocab_size", "vocab_size_per_layer_input")
 
 QWEN4_INDEXER = {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
                  "indexer_compress_ratio": 2}  # fmt: skip
@@ -121,8 +123,16 @@ FAMILY_OVERRIDES: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Family:
+    """One causal-LM class of a model type, optionally with config settings on top of its tiny config."""
+
     model_type: str
     class_name: str
+    settings: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings)
+        return f"{self.model_type} ({extra})" if extra else self.model_type
 
 
 def causal_lm_families() -> list[Family]:
@@ -130,6 +140,34 @@ def causal_lm_families() -> list[Family]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return [Family(t, c) for t, c in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())]
+
+
+# settings that change how heads are laid out or normalised, walked besides each family's default config
+VARIANT_SETTINGS: dict[str, list[dict]] = {
+    "cohere": [{"use_qk_norm": True}],  # per-head q/k norm weights (heads, head_dim)
+    "stablelm": [{"qk_layernorm": True}],  # a list of per-head LayerNorms
+    "phi": [{"qk_layernorm": True}],  # q/k LayerNorm over head_dim, shared by every head
+    "olmo2": [{"num_key_value_heads": KV_HEADS}],  # q_norm over all heads, k_norm over all KV heads
+    "falcon": [
+        {"new_decoder_architecture": True, "num_kv_heads": KV_HEADS},  # q/k/v packed per KV group
+        {"multi_query": False},  # q/k/v interleaved per head
+        {"alibi": True},
+    ],
+    "gpt_bigcode": [{"multi_query": False}],
+    "lfm2": [{"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2}],  # convolution + attention
+    "big_bird": [{"attention_type": "original_full"}],
+}
+
+
+def walked_families() -> list[Family]:
+    """`causal_lm_families` with the VARIANT_SETTINGS of each (those of installed model types)."""
+    out = []
+    for f in causal_lm_families():
+        out.append(f)
+        out += [
+            Family(f.model_type, f.class_name, tuple(sorted(v.items()))) for v in VARIANT_SETTINGS.get(f.model_type, [])
+        ]
+    return out
 
 
 def _config_fields(config) -> dict:
@@ -150,7 +188,8 @@ def _kept_layers(config, default_layers: int | None) -> list[int]:
                     first.setdefault(kind, i)
                 except TypeError:  # unhashable entries (per-layer dicts)
                     break
-            keep.update(first.values())
+            if len(first) <= 4:  # a few kinds of layers, not a list of layer indices
+                keep.update(first.values())
     return sorted(keep)[:MAX_LAYERS]
 
 
@@ -204,12 +243,13 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-def tiny_config(model_type: str):
-    """The family's default config made tiny (raises whatever the config class raises when it cannot be)."""
+def tiny_config(model_type: str, settings: dict | None = None):
+    """The family's default config made tiny, plus `settings` (raises what the config class raises when it cannot
+    be)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    family = FAMILY_OVERRIDES.get(model_type, {})
+    family = {**FAMILY_OVERRIDES.get(model_type, {}), **(settings or {})}
     n_layers = next((family[a] for a in LAYER_ATTRIBUTES if a in family), None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,7 +266,7 @@ def build_tiny(family: Family, seed: int = 0):
     """The family's causal-LM class on its tiny config, fp32, in train mode."""
     import transformers
 
-    config = tiny_config(family.model_type)
+    config = tiny_config(family.model_type, dict(family.settings))
     cls = getattr(transformers, family.class_name)
     sub = [v for v in vars(config).values() if isinstance(v, cls.config_class)]
     if not isinstance(config, cls.config_class) and sub:  # e.g. Emu3ForCausalLM takes the text sub-config
@@ -361,6 +401,22 @@ def _copy(family: Family, model):
         return twin
 
 
+def _from_pruner(w: warnings.WarningMessage) -> bool:
+    """A warning of tp_loraprune (raised inside the package, or pointing at its caller here)."""
+    import os
+
+    import tp_loraprune
+
+    return issubclass(w.category, UserWarning) and (
+        w.filename.startswith(os.path.dirname(tp_loraprune.__file__)) or w.filename == __file__
+    )
+
+
+def _first_sentence(text: str) -> str:
+    head, sep, _ = text.partition(". ")
+    return head + ("." if sep else "")
+
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -467,7 +523,7 @@ def classify(family: Family, tmp_dir) -> Outcome:
             return Outcome("refused", str(e))
         except Exception as e:  # noqa: BLE001 - every other failure is a crash of the pruner
             raise Misclassified(f"{family.class_name} crashed while pruning: {type(e).__name__}: {e}") from e
-    notes = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
+    notes = sorted({_first_sentence(str(w.message)) for w in caught if _from_pruner(w)})
     events = [e for e in (first, second) if e is not None]
     if not events:
         raise Misclassified(f"{family.class_name}: the pruner accepted the model but removed nothing")
@@ -488,7 +544,8 @@ def classify(family: Family, tmp_dir) -> Outcome:
     if diff > tolerance:
         raise Misclassified(f"{family.class_name}: pruned logits differ from the masked dense model by {diff:.3g}")
     try:
-        path = save_pruned(model, tmp_dir / family.model_type)  # merges LoRA into the model it was given
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", family.name)
+        path = save_pruned(model, tmp_dir / slug)  # merges LoRA into the model it was given
         merged_logits = logits(model.get_base_model())
         loaded = logits(load_pruned(path))
     except Exception as e:  # noqa: BLE001
@@ -502,3 +559,39 @@ def classify(family: Family, tmp_dir) -> Outcome:
     kinds = sorted({"heads" if k in pruner._heads else "FFN channels" for e in events for k in e["removed"]})
     detail = " + ".join(reversed(kinds))
     return Outcome("exact", detail + "".join(f"; {n}" for n in notes))
+
+
+# ---------------------------------------------------------------------------------------------- the docs table
+TABLE_START = "<!-- family table: generated by benchmarks/family_table.py; do not edit by hand -->"
+TABLE_END = "<!-- end of family table -->"
+TABLE_HEADER = "| family | class | result | what is pruned / why not |\n|---|---|---|---|"
+
+
+def table_row(family: Family, outcome: Outcome) -> str:
+    """The docs table's row for one family: its name, class, outcome and detail (refusals: their first sentence)."""
+    detail = outcome.detail if outcome.kind == "exact" else _first_sentence(outcome.detail)
+    cells = [family.name, f"`{family.class_name}`", outcome.kind, detail.replace("|", "\\|").replace("\n", " ")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(rows: list[str]) -> str:
+    import transformers
+
+    return "\n".join(
+        [TABLE_START, f"Classified with transformers {transformers.__version__}.", "", TABLE_HEADER, *rows, TABLE_END]
+    )
+
+
+def read_table(text: str) -> tuple[str, dict[str, str]]:
+    """(transformers version, family name → row) of the table inside a document."""
+    inside = text[text.index(TABLE_START) : text.index(TABLE_END)]
+    version = re.search(r"Classified with transformers (\S+)\.", inside).group(1)
+    rows = {}
+    for line in inside.splitlines():
+        if line.startswith("| ") and not line.startswith(("| family ", "|---")):
+            rows[line[2:].split(" | ", 1)[0]] = line
+    return version, rows
+
+
+def replace_table(text: str, new_table: str) -> str:
+    return text[: text.index(TABLE_START)] + new_table + text[text.index(TABLE_END) + len(TABLE_END) :]

@@ -350,6 +350,9 @@ def load_pruned(
         old = params[name]
         module = model.get_submodule(owner) if owner else model
         setattr(module, attr, nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=old.requires_grad))
+        normalized = getattr(module, "normalized_shape", None)  # torch's LayerNorm checks its input by it
+        if isinstance(normalized, tuple) and len(normalized) == len(shape):
+            module.normalized_shape = tuple(shape)
     sync_attention_attributes(model)
     sync_config(model)
     load_model(model, str(path / WEIGHTS), strict=True)

@@ -93,11 +93,13 @@ FUSED_ATTENTION: dict[str, FusedQKV | Callable[[nn.Module], FusedQKV | None]] = 
     "GPT2Attention": FusedQKV("c_attn", "c_proj", "blocks"),
     "GPTNeoXAttention": FusedQKV("query_key_value", "dense", "per_head"),
     "PersimmonAttention": FusedQKV("query_key_value", "dense", "per_head"),  # also Fuyu's language model
+    "Phi4MultimodalAttention": FusedQKV("qkv_proj", "o_proj", "blocks", config_heads=True),  # Phi-3's code
     "FalconAttention": _falcon,
     "GPTBigCodeAttention": _gpt_bigcode,
 }
 # fused attention classes refused for another reason than their row layout
 FUSED_REFUSED: dict[str, str] = {
+    "FalconAttention": "with alibi=True, ALiBi position biases are computed per head from the head index and count",
     "BloomAttention": "ALiBi position biases are computed per head from the head index and the head count",
     "MptAttention": "ALiBi position biases are computed per head from the head index and the head count",
 }
@@ -105,6 +107,8 @@ FUSED_REFUSED: dict[str, str] = {
 # MLP class name → (up projection, down projection, number of stacked row blocks in the up projection)
 DECLARED_FFN: dict[str, tuple[str, str, int]] = {
     "Phi3MLP": ("gate_up_proj", "down_proj", 2),
+    "Phi4MultimodalMLP": ("gate_up_proj", "down_proj", 2),
+    "ModernBertDecoderMLP": ("Wi", "Wo", 2),  # [input | gate], chunked in two
     "GlmMLP": ("gate_up_proj", "down_proj", 2),
     "Glm4MLP": ("gate_up_proj", "down_proj", 2),
     "GPT2MLP": ("c_fc", "c_proj", 1),

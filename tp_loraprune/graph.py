@@ -70,14 +70,18 @@ def model_output(out):
 def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
     """A short batch of token ids on the model's device, enough to trace the graph.
 
-    Vision models (a config with `image_size` and `num_channels`, e.g. ViT) get one image of
-    `pixel_values` instead, passed positionally like the token ids.
+    Vision models (a forward taking `pixel_values` first and a config with `image_size` and `num_channels`, e.g.
+    ViT) get one image of `pixel_values` instead, passed positionally like the token ids.
     """
+    import inspect
+
     param = next(model.parameters())
     device = param.device
     config = getattr(model, "config", None)
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if isinstance(channels, int) and size is not None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    first = next(iter(inspect.signature(base.forward).parameters), None)
+    if isinstance(channels, int) and size is not None and first == "pixel_values":
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return torch.linspace(-1, 1, channels * h * w, device=device, dtype=param.dtype).view(1, channels, h, w)
     vocab = getattr(config, "vocab_size", 100) or 100

@@ -19,6 +19,7 @@ ATTENTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # LLaMA, Mistral, Qwen2/3, Gemma, OPT uses out_proj below
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT
     ("q_proj", "k_proj", "v_proj", "dense"),  # Phi
+    ("q_proj", "k_proj", "v_proj", "Wo"),  # ModernBERT decoder
 )
 
 # Dotted paths relative to the attention module, for layouts that split q/k/v and o into sub-modules.
@@ -30,7 +31,7 @@ ATTENTION_PATHS: tuple[tuple[str, str, str, str], ...] = (
 # Child names of fused projections: one linear holds several heads' q, k and v rows (or an FFN's gate and up
 # rows). Only the classes in `tp_loraprune.fused` have a known row layout; other owners are refused.
 FUSED_QKV_NAMES: tuple[str, ...] = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack")
-FUSED_FFN_NAMES: tuple[str, ...] = ("gate_up_proj",)
+FUSED_FFN_NAMES: tuple[str, ...] = ("gate_up_proj", "Wi")
 
 # (up, down) projections of an FFN relative to its owner, and the config attributes holding its width.
 FFN_PATHS: tuple[tuple[str, str], ...] = (
@@ -38,6 +39,7 @@ FFN_PATHS: tuple[tuple[str, str], ...] = (
     ("fc1", "fc2"),  # OPT decoder layer
     ("intermediate.dense", "output.dense"),  # BERT layer
     ("gate_up_proj", "down_proj"),  # Phi-3 (gate and up rows fused)
+    ("Wi", "Wo"),  # ModernBERT decoder (input and gate rows fused)
     ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX
     ("c_fc", "c_proj"),  # GPT-2 (Conv1D)
 )
@@ -177,9 +179,13 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
 
 
 def unsupported_fused_modules(model: nn.Module) -> list[tuple[str, str]]:
-    """(qualified name, owner class) of fused projections whose owner has no declared row layout."""
+    """(qualified name, owner class) of fused projections whose owner has no declared row layout, in the language
+    model (the towers of other modalities are never pruned)."""
     found = []
+    inside = set(language_model(model).modules())
     for name, module in model.named_modules():
+        if module not in inside or any(word in name.lower() for word in TOWER_WORDS):
+            continue
         known = fused_attention_spec(module) is not None or type(module).__name__ in DECLARED_FFN
         for child in FUSED_QKV_NAMES + FUSED_FFN_NAMES:
             if not known and isinstance(getattr(module, child, None), nn.Module):

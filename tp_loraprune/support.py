@@ -13,6 +13,7 @@ A model is refused with a ValueError that names its class, the module at fault a
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 from torch import nn
@@ -21,10 +22,9 @@ PEFT_PREFIX = "base_model.model."
 DOCS = "See docs/architectures.md for the supported families."
 # projections that mark multi-head latent attention (keys and values from one shared low-rank projection)
 MLA_NAMES = ("kv_a_proj_with_mqa", "kv_b_proj", "kv_a_proj")
-# what a block's sequence mixer is called when it is not attention (state-space, recurrent, convolution)
-MIXER_WORDS = ("mamba", "mixer", "ssm", "recurrent", "rnn", "conv", "lstm", "linear_attn", "rwkv", "retention")
-# class-name words of token mixers that are not attention (transformers' Conv1D, GPT-2's linear, is not one)
-MIXER_CLASS_WORDS = ("mamba", "mixer", "ssm", "recurrent", "rnn", "lstm", "rwkv", "retention", "shortconv", "deltanet")
+# words (of a class name split at its capitals, or of a module name split at "_") that name a token mixer other
+# than attention: state-space, recurrent or convolution layers (GPT-2's `Conv1D` is a linear layer, not one)
+MIXER_WORDS = ("mamba", "mixer", "ssm", "recurrent", "rnn", "lstm", "rwkv", "retention", "shortconv", "deltanet")
 
 
 def shown(name: str) -> str:
@@ -130,13 +130,22 @@ def _attention_like(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _words(name: str) -> set[str]:
+    """The words of a class name ("FalconH1Mixer" → falcon, h1, mixer; "Lfm2ShortConv" adds shortconv) or module
+    name ("linear_attn" → linear, attn)."""
+    parts = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+", name)]
+    return set(parts) | {a + b for a, b in zip(parts, parts[1:], strict=False)}
+
+
+def _is_mixer(name: str, module: nn.Module) -> bool:
+    """A module that mixes tokens without attention, by its class or child name (norms named after one are not)."""
+    cls = type(module).__name__
+    return "norm" not in cls.lower() and bool((_words(cls) | _words(name.rsplit(".", 1)[-1])) & set(MIXER_WORDS))
+
+
 def _mixers(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Sub-modules of a block that mix tokens without attention (by class name: Mamba, SSM, recurrent, ...)."""
-    return [
-        (name, m)
-        for name, m in block.named_modules()
-        if name and any(w in type(m).__name__.lower() for w in MIXER_CLASS_WORDS)
-    ]
+    """Sub-modules of a block that mix tokens without attention (Mamba, SSM, recurrent, short convolution, ...)."""
+    return [(name, m) for name, m in block.named_modules() if name and _is_mixer(name, m)]
 
 
 def check_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
@@ -199,6 +208,13 @@ def unsupported_layers_message(model: nn.Module, layouts: list) -> str:
                     f"(MLA: keys and values come from one shared low-rank projection, {mla[0]}), which tp_loraprune "
                     f"cannot prune by heads; MLA models are not supported. {DOCS}"
                 )
+        bare = [(n, m) for n, m in block.named_modules() if n and _words(n.rsplit(".", 1)[-1]) & {"attn", "attention"}]
+        if not attention and bare:
+            name, m = bare[0]
+            return (
+                f"{cls}: the attention block {type(m).__name__} at {shown(f'{list_name}.{i}.{name}')!r} holds its "
+                "projections as bare parameters, not linear layers, so its heads cannot be pruned. " + DOCS
+            )
         if attention:
             name, m = attention[0]
             at = shown(f"{list_name}.{i}.{name}" if name else f"{list_name}.{i}")
@@ -208,11 +224,7 @@ def unsupported_layers_message(model: nn.Module, layouts: list) -> str:
                 f"name (q_proj/k_proj/v_proj with o_proj, out_proj or dense) nor a declared fused layout, so its "
                 f"heads cannot be found. {DOCS}"
             )
-        mixers = [
-            f"{type(m).__name__} at {shown(f'{list_name}.{i}.{n}')!r}"
-            for n, m in block.named_children()
-            if any(w in f"{n} {type(m).__name__}".lower() for w in MIXER_WORDS)
-        ]
+        mixers = [f"{type(m).__name__} at {shown(f'{list_name}.{i}.{n}')!r}" for n, m in _mixers(block)]
         what = mixers[0] if mixers else f"children {', '.join(n for n, _ in block.named_children())}"
         return (
             f"{cls}: the block {where} has no attention block ({what}): models whose layers mix tokens without "
@@ -230,7 +242,7 @@ def prunable_head_layouts(layouts: list, across_norms: bool) -> list:
     kept = [a for a in layouts if a.extras().spanning and not across_norms]
     if kept:
         a = kept[0]
-        names = ", ".join(f"{e.name} ({e.per} heads × head_dim)" for e in a.extras().spanning)
+        names = " and ".join(e.name for e in a.extras().spanning)
         more = f" and {len(kept) - 1} more blocks" if len(kept) > 1 else ""
         warnings.warn(
             f"{shown(a.name)} ({type(a.module).__name__}){more}: {names} normalise all heads together, so removing a "
