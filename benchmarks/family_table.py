@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from families import Misclassified, classify, read_table, replace_table, table, table_row, walked_families  # noqa: E402
+from families import CannotBuild, Misclassified, classify, read_table, replace_table, table, table_row, walked_families  # noqa: E402
 
 DOC = ROOT / "docs" / "architectures.md"
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         for family in walked_families():
             try:
                 rows.append(table_row(family, classify(family, Path(tmp))))
-            except Misclassified as e:
+            except (Misclassified, CannotBuild) as e:  # CannotBuild: add the family to CANNOT_BUILD with why
                 failures.append(f"{family.name}: {e}")
             print(f"{family.name}: {rows[-1] if rows else ''}"[:160], file=sys.stderr)
     print(f"{len(rows)} families classified in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -96,10 +96,10 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "falcon_h1": {"mamba_d_ssm": 64},
-    "gemma3n_text": {"num_kv_shared_layers": 0, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB,
-                     "laurel_rank": 4},
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "gemma3n_text": {"num_kv_shared_layers": 0, "laurel_rank": 4},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "gptj": {"rotary_dim": 4},
+    "jamba": {"use_mamba_kernels": False},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "mamba2": {"head_dim": 16, "n_groups": 1},
@@ -110,11 +110,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
         for name in ("qwen4_exp", "qwen4_exp_text")
     },
     "recurrent_gemma": {"num_hidden_layers": 3, "lru_width": HIDDEN},
-    "reformer": {"is_decoder": True, "axial_pos_embds": False, "attn_layers": ["local", "lsh"],
-                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "num_buckets": 2},
-    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": LAYERS},
     "zamba": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
-              "attention_hidden_size": 2 * HIDDEN, "attention_head_dim": 16},
+              "attention_hidden_size": 2 * HIDDEN, "attention_head_dim": 16, "use_mamba_kernels": False},
     "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
                "attention_hidden_size": 2 * HIDDEN, "attention_head_dim": 16, "hybrid_layer_ids": [1, 3]},
     "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 16},
@@ -176,7 +173,8 @@ def _config_fields(config) -> dict:
 
 def _kept_layers(config, default_layers: int | None) -> list[int]:
     """Indices of the layers to keep: the first LAYERS, plus the first layer of every kind a per-layer list
-    (`layer_types`, `mlp_layer_types`, ...) names, at most MAX_LAYERS."""
+    (`layer_types`, `mlp_layer_types`, ...) names, at most MAX_LAYERS (a list of more than four distinct values
+    holds layer indices, not kinds)."""
     if not default_layers:
         return list(range(LAYERS))
     keep = set(range(min(LAYERS, default_layers)))
@@ -300,7 +298,7 @@ AFTER_BUILD = {"xmod": lambda model: model.set_default_language("en_XX")}
 
 
 # ---------------------------------------------------------------------------------------------- classification
-LENGTH = 8  # tokens per sequence (a multiple of Reformer's chunk length)
+LENGTH = 8  # tokens per sequence
 MERGE_TOLERANCE = 10  # W + s·B·A folded into one weight rounds differently: looser than ATOL in deep stacks
 ATOL = 1e-5  # fp32: pruned vs masked, and saved vs loaded, relative to the largest logit when above 1
 
@@ -312,6 +310,11 @@ class Outcome:
 
     kind: str
     detail: str
+
+
+class CannotBuild(Exception):
+    """The walk could not build, wrap or run the family tiny (before the pruner is involved): a family to add to
+    CANNOT_BUILD with its reason, or a transformers version whose configs the shrink rules do not fit."""
 
 
 class Misclassified(AssertionError):
@@ -500,11 +503,14 @@ def classify(family: Family, tmp_dir, **settings) -> Outcome:
 
     if family.model_type in CANNOT_BUILD:
         return Outcome("skipped", CANNOT_BUILD[family.model_type])
-    base = build_tiny(family)
-    randomize_norms_and_biases(base)
-    model = with_lora(base)
-    backward(model, seed=0)
-    before, state = _copy(family, model), _state(model)
+    try:
+        base = build_tiny(family)
+        randomize_norms_and_biases(base)
+        model = with_lora(base)
+        backward(model, seed=0)
+        before, state = _copy(family, model), _state(model)
+    except Exception as e:  # noqa: BLE001 - anything before the pruner runs is the walk's, not the pruner's
+        raise CannotBuild(f"{family.name}: {type(e).__name__}: {_first_sentence(str(e))}") from e
     config = LoRAPruneConfig(**{"head_ratio": 0.5, "channel_ratio": 0.5, "skip_first": 0.0, "skip_last": 0, **settings})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from families import classify, read_table, table_row, walked_families
+from families import CannotBuild, classify, read_table, table_row, walked_families
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 FAMILIES = walked_families()
@@ -37,7 +37,12 @@ def _table_is_for_this_transformers() -> bool:
 
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
 def test_family_is_exact_or_refused_clearly(family, tmp_path):
-    outcome = classify(family, tmp_path)  # raises Misclassified for anything else
+    try:
+        outcome = classify(family, tmp_path)  # raises Misclassified for anything else
+    except CannotBuild as e:
+        if _table_is_for_this_transformers():  # the committed table says this family builds
+            raise
+        pytest.skip(f"cannot be built tiny on this transformers: {e}")
     if _table_is_for_this_transformers():
         row = _committed()[1].get(family.name)
         assert row == table_row(family, outcome), "regenerate it: python benchmarks/family_table.py"
@@ -71,6 +76,6 @@ def test_moe_blocks_are_refused_before_anything_is_traced(monkeypatch):
     monkeypatch.setattr(pruner_module, "build_graph", no_tracing)
     model = with_lora(build_tiny(Family("mixtral", "MixtralForCausalLM")))
     backward(model, seed=0)
-    match = r"^MixtralForCausalLM: MixtralSparseMoeBlock experts are not supported yet \(at 'model.layers.0.mlp' and 1"
+    match = r"^MixtralForCausalLM: MixtralSparseMoeBlock experts are not supported yet \(at 'model.layers.0.(mlp|block_sparse_moe)'"
     with pytest.raises(ValueError, match=match):
         LoRAPruner(model, LoRAPruneConfig(ratio=0.2))

@@ -118,9 +118,15 @@ def _model_class(manifest: dict):
 
 
 def _reference_model(config, auto_class: str, model_class: str = "") -> nn.Module:
+    """The model `config` describes, built on the meta device (on the CPU for classes whose construction reads
+    tensor values, e.g. Apertus' XIELU activation on transformers 4)."""
     cls = _model_class({"auto_class": auto_class, "model_class": model_class})
-    with torch.device("meta"):
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    try:
+        with torch.device("meta"):
+            return build(config)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        return build(config)
 
 
 def save_pruned(
@@ -355,7 +361,19 @@ def load_pruned(
             module.normalized_shape = tuple(shape)
     sync_attention_attributes(model)
     sync_config(model)
+    model = model.to(dtype or _saved_float_dtype(path / WEIGHTS))  # parameters built in another dtype would round
     load_model(model, str(path / WEIGHTS), strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
     return model.to(device).eval()
+
+
+def _saved_float_dtype(weights: Path) -> torch.dtype:
+    """The floating dtype most of a safetensors file's tensors are stored in (read from its header)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with safe_open(str(weights), framework="pt") as f:
+        kinds = Counter(f.get_slice(k).get_dtype() for k in f.keys())
+    floats = [(n, k) for k, n in kinds.items() if k in names]
+    return names[max(floats)[1]] if floats else torch.float32

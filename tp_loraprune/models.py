@@ -238,6 +238,7 @@ def sync_attention_attributes(model: nn.Module, layouts: list[AttentionLayout] |
                 ("all_head_size", a.num_heads * a.head_dim),
                 ("split_size", a.num_heads * a.head_dim),  # GPT-2: c_attn's output is split in three of this width
                 ("embed_dim", a.num_heads * a.head_dim),  # XGLM: the attention output is reshaped to this width
+                ("hidden_size", a.num_heads * a.head_dim),  # the same in transformers 4 (StableLM, Open-LLaMA)
                 ("num_kv_heads", a.num_kv_heads),  # Falcon
             ):
                 if hasattr(module, attr):
@@ -306,8 +307,10 @@ def sync_config(model: nn.Module) -> bool:
     if config is None:
         return True
     config = text_config(config)
-    layouts = [a for a in attention_layouts(model) if a.module in set(language_model(model).modules())]
-    sync_attention_attributes(model, attention_layouts(model))
+    every = attention_layouts(model)
+    sync_attention_attributes(model, every)
+    inside = set(language_model(model).modules())
+    layouts = [a for a in every if a.module in inside]  # the text decoder's heads go into the (text) config
     uniform = True
     if layouts:
         heads = {(a.num_heads, a.num_kv_heads) for a in layouts}
