@@ -193,7 +193,7 @@ def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def _list_lengths(model: nn.Module) -> dict[str, int]:
+def _list_lengths(model: nn.Module) -> dict[str, int]:  # ModuleList lengths by qualified name
     return {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
 
 
@@ -221,7 +221,8 @@ def _write_model(
         # per-head q/k norms) that differ from what the config builds
         lengths = _list_lengths(built)
         manifest["list_lengths"] = {n: k for n, k in _list_lengths(model).items() if lengths.get(n, k) != k}
-        linear_params = {f"{n}.{a}" for n in manifest["linear_shapes"] for a in ("weight", "bias")}
+        linear_shapes = cast(dict, manifest["linear_shapes"])
+        linear_params = {f"{n}.{a}" for n in linear_shapes for a in ("weight", "bias")}
         shapes = _parameter_shapes(built)
         manifest["parameter_shapes"] = {
             n: s for n, s in _parameter_shapes(model).items() if n not in linear_params and shapes.get(n) != s
@@ -337,10 +338,10 @@ def load_pruned(
     config = transformers.AutoConfig.from_pretrained(path)
     model = auto.from_config(config) if hasattr(auto, "from_config") else auto._from_config(config)
     for name, length in manifest.get("list_lengths", {}).items():
-        modules = cast(nn.ModuleList, dict(model.named_modules()).get(name))
-        if not isinstance(modules, nn.ModuleList) or length > len(modules):
+        listed = dict(model.named_modules()).get(name)
+        if not isinstance(listed, nn.ModuleList) or length > len(listed):
             raise ValueError(f"{manifest_file} shortens {name!r} to {length}, which is not a longer ModuleList.")
-        del modules[length:]
+        del listed[length:]
     modules = dict(model.named_modules())
     for name, (out_features, in_features) in manifest["linear_shapes"].items():
         if not is_linear_like(modules.get(name, nn.Identity())):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch_pruning as tp
@@ -79,7 +79,7 @@ def example_input_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
     device = param.device
     config = getattr(model, "config", None)
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     first = next(iter(inspect.signature(base.forward).parameters), None)
     if isinstance(channels, int) and size is not None and first == "pixel_values":
         h, w = (size, size) if isinstance(size, int) else tuple(size)

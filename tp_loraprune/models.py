@@ -363,7 +363,7 @@ def language_model(model: nn.Module) -> nn.Module:
     or audio towers have attention blocks too), else the model itself."""
     base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        decoder = base.get_decoder()
+        decoder = cast(Any, base).get_decoder()
     except Exception:  # noqa: BLE001 - models without a decoder lookup (encoders, older transformers)
         return model
     inside = isinstance(decoder, nn.Module) and any(m is decoder for m in model.modules())

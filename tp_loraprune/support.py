@@ -1,14 +1,19 @@
-"""What LoRAPruner refuses, and the words it refuses with: checked before anything is traced or changed.
+"""What LoRAPruner prunes, what it keeps whole and what it refuses, and the words it says it with.
 
-A model is refused with a ValueError that names its class, the module at fault and what is unsupported:
+Refusals are ValueErrors raised before anything is traced or changed, naming the model's class, the module at
+fault and what is unsupported:
 
-* mixture-of-experts blocks (`moe_blocks`: not supported yet);
-* fused q/k/v or gate/up projections whose row layout is not declared (`tp_loraprune.fused`);
-* attention blocks holding parts that cannot be paired with heads (`tp_loraprune.head_parameters`), or whose
-  projections disagree on the head count;
-* models without a list of repeated blocks that each hold exactly one known attention block
-  (`unsupported_layers_message`): multi-head latent attention (DeepSeek-V2/V3), hybrid attention / state-space
-  or recurrent stacks, cross-attention, attention layouts of unknown names.
+* mixture-of-experts blocks (`moe_blocks` / `check_moe`: not supported yet; the one place MoE support replaces);
+* fused q/k/v or gate/up projections whose row layout is not declared, and ALiBi attention (`tp_loraprune.fused`);
+* attention blocks holding parts that cannot be paired with heads (`tp_loraprune.head_parameters`), projections
+  that are not whole heads, or heads that are not independent (`ENTANGLED_HEADS`, block-sparse attention);
+* models without a list of repeated blocks that each hold exactly one known attention block and no other token
+  mixer (`unsupported_layers_message`, `check_blocks`): multi-head latent attention, hybrid attention /
+  state-space or recurrent stacks, cross-attention, attention layouts of unknown names;
+* models with nothing that can be removed exactly in the selected layers (`nothing_prunable_message`).
+
+Kept whole, with a warning: attention blocks whose q/k norm spans all heads (`prunable_head_layouts`, OLMo 2) and
+FFNs whose channels are normalised or thresholded together (`normalised_channels`, BitNet, Gemma 3n).
 """
 
 from __future__ import annotations
@@ -71,15 +76,19 @@ ENTANGLED_HEADS: dict[str, str] = {
 
 def check_supported(model: nn.Module) -> None:
     """Raise a ValueError, before any tracing or weight change, for what LoRAPruner cannot prune correctly."""
-    from .models import attention_layouts, check_fused
+    from .models import TOWER_WORDS, attention_layouts, check_fused, language_model
 
     check_moe(model)
     check_fused(model)
+    inside = set(language_model(model).modules())
+    sparse = getattr(getattr(model, "config", None), "attention_type", "") == "block_sparse"
     for a in attention_layouts(model):
+        if a.module not in inside or any(word in a.name.lower() for word in TOWER_WORDS):
+            continue  # the towers of other modalities are never pruned
         where = f"{shown(a.name)!r} ({type(a.module).__name__})"
         entangled = ENTANGLED_HEADS.get(type(a.module).__name__)
         if getattr(a.module, "attention_type", None) == "block_sparse" or (
-            hasattr(a.module, "set_attention_type") and getattr(model.config, "attention_type", "") == "block_sparse"
+            hasattr(a.module, "set_attention_type") and sparse
         ):
             entangled = (
                 "its block-sparse attention is rebuilt from the config (original head counts) whenever the input is "
@@ -258,11 +267,11 @@ def normalised_channels(group, model: nn.Module) -> list[str]:
     """What makes removing a channel group's channels inexact: a norm inside the group (BitNet's `ffn_sub_norm` over
     the FFN's intermediate channels changes its statistic when channels go), or an FFN whose activation depends on
     statistics over all its channels (Gemma 3n's `activation_sparsity`, a cutoff from their mean and std)."""
-    parents = {c: m for m in model.modules() for c in m.children()}
+    parents: dict[nn.Module, nn.Module] = {c: m for m in model.modules() for c in m.children()}
     sparse = set()
     for dep, _ in group:
         owner = parents.get(dep.target.module)  # the MLP, or a LoRA wrapper inside it
-        for m in (owner, parents.get(owner)):
+        for m in (owner, parents.get(owner) if owner is not None else None):
             if getattr(m, "activation_sparsity", 0):
                 sparse.add(f"{type(m).__name__}.activation_sparsity")
     owners = {
