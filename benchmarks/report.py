@@ -558,71 +558,160 @@ def plots(rows: list[dict]) -> list[str]:
     return made
 
 
-ALLOCATION_FILES = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
+ALLOCATION_FILE = "quality_allocation_h200.json"  # every cell, 3 ratios, 3 seeds of SEEDED cells, 12 workers
+ALLOCATION_MMLU_FILE = "quality_allocation_mmlu_h200.json"  # dense and three 20% cells again, with MMLU
+# an earlier run of the same cells (same protocol and seed): fills zero-shot where the 12-worker run ran out of
+# GPU memory in lm-eval, only for runs whose perplexity it reproduced exactly
+ALLOCATION_EARLIER = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
 ALLOCATION_LABELS = {
+    "lp-default": "LoRAPrune, the defaults (auto, uniform, `round_to=None`: 8 here)",
+    "lp-uniform": "LoRAPrune, auto, uniform widths, round_to=1",
     "lp-auto": "LoRAPrune, auto, per-layer widths (`uniform=False`)",
-    "lp-uniform": "LoRAPrune, auto, uniform widths (the default's allocation, run with round_to=1)",
     "lp-auto-cap": "LoRAPrune, auto, per-layer, `max_layer_ratio` = ratio + 0.2",
     "lp-ffn_only": "LoRAPrune, ffn_only",
     "lp-fixed": "LoRAPrune, fixed (the old rule)",
     "taylor-auto": "Taylor (full gradients), auto, per-layer",
-    "taylor-fixed": "Taylor (full gradients), fixed",
     "taylor-ffn_only": "Taylor (full gradients), ffn_only",
+    "taylor-fixed": "Taylor (full gradients), fixed",
 }
 
 
+def _load_runs(name: str) -> list[dict]:
+    path = RESULTS / name
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
 def allocation_rows() -> list[dict]:
-    """The allocation table's runs, and the Taylor fixed-rule rows of the methods table (same protocol and
-    seed; the dense row of both runs is identical, 30.223)."""
-    rows = []
-    for name in ALLOCATION_FILES:
-        path = RESULTS / name
-        if path.exists():
-            rows += [dict(r, source=name) for r in json.loads(path.read_text())["runs"]]
-    cells = {r["name"].split("@")[0] for r in rows}
-    if "taylor-fixed" not in cells:
-        rows += [
-            dict(r, name=f"taylor-fixed@{r['ratio']}/s0", source=r["source"])
-            for r in quality_rows()
-            if r["method"] == "taylor" and not r.get("config") and r["seed"] == 0 and r.get("steps", 100) == 100
-        ]
+    """The allocation table's runs; zero-shot and MMLU filled in from the reruns where the main run lacks them
+    (`zero_shot_source` says from where)."""
+    rows = [dict(r) for r in _load_runs(ALLOCATION_FILE)]
+    again = {r["name"]: r for r in _load_runs(ALLOCATION_MMLU_FILE)}
+    earlier = {r["name"]: r for name in ALLOCATION_EARLIER for r in _load_runs(name)}
+    if "dense" not in {r["name"] for r in rows} and "dense" in again:
+        rows.insert(0, dict(again["dense"], zero_shot_source=ALLOCATION_MMLU_FILE))
+    for r in rows:
+        twin = again.get(r["name"])
+        if twin is not None and "mmlu" in twin:
+            r["mmlu"] = twin["mmlu"]
+        if "zero_shot" in r:
+            continue
+        for source, other in ((ALLOCATION_MMLU_FILE, twin), ("earlier run", earlier.get(r["name"]))):
+            if other is not None and "zero_shot" in other and other["wikitext2_ppl"] == r["wikitext2_ppl"]:
+                r["zero_shot"], r["zero_shot_source"] = other["zero_shot"], source
+                break
     return rows
+
+
+def _mean_and_range(values: list[float], digits: int = 1) -> str:
+    """'41.8' for one value, '41.8 (41.6–42.2)' for several: mean, then min–max over seeds."""
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt(m, digits)
+    return f"{fmt(m, digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+
+
+def _cell_runs(rows: list[dict], cell: str, ratio: float) -> list[dict]:
+    return [r for r in rows if r["name"].startswith(f"{cell}@{ratio}/")]
+
+
+def _cell_mean(rows: list[dict], cell: str, ratio: float, key: str = "wikitext2_ppl") -> float | None:
+    values = [r[key] for r in _cell_runs(rows, cell, ratio) if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def allocation_table() -> str:
     rows = allocation_rows()
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and r["source"] in ALLOCATION_FILES})
-    head = "| allocation | " + " | ".join(
-        f"{int(q * 100)}%: WikiText-2 / PTB (512) | {int(q * 100)}%: WikiText-2 / PTB (128) | {int(q * 100)}%: 0-shot"
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    head = "| allocation | seeds | " + " | ".join(
+        f"{int(q * 100)}%: WikiText-2 (512) | {int(q * 100)}%: PTB (512) | {int(q * 100)}%: WikiText-2 / PTB (128) "
+        f"| {int(q * 100)}%: 0-shot"
         for q in ratios
     )
-    lines = [head + " |", "|" + "---|" * (1 + 3 * len(ratios))]
+    lines = [head + " |", "|" + "---|" * (2 + 4 * len(ratios))]
     if dense:
         cells = [
-            f"{fmt(dense['wikitext2_ppl'])} / {fmt(dense['ptb_ppl'])} | {fmt(dense.get('wikitext2_ppl_128'))} / "
+            f"{fmt(dense['wikitext2_ppl'])} | {fmt(dense['ptb_ppl'])} | {fmt(dense.get('wikitext2_ppl_128'))} / "
             f"{fmt(dense.get('ptb_ppl_128'))} | {_zs_mean(dense)}"
         ] * len(ratios)
-        lines.append(f"| dense ({dense['parameters'] / 1e6:.1f}M) | " + " | ".join(cells) + " |")
+        lines.append(f"| dense ({dense['parameters'] / 1e6:.1f}M) | – | " + " | ".join(cells) + " |")
     for cell, label in ALLOCATION_LABELS.items():
-        cols = []
+        cols, seeds = [], set()
         for q in ratios:
-            r = next((r for r in rows if r["name"] == f"{cell}@{q}/s0"), None)
-            if r is None:
-                cols.append("not run | | ")
+            runs = _cell_runs(rows, cell, q)
+            if not runs:
+                cols.append("not run | | | ")
                 continue
-            short = (
-                f"{fmt(r.get('wikitext2_ppl_128'))} / {fmt(r.get('ptb_ppl_128'))}" if "wikitext2_ppl_128" in r else "–"
-            )
-            cols.append(f"{fmt(r['wikitext2_ppl'])} / {fmt(r['ptb_ppl'])} | {short} | {_zs_mean(r)}")
-        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+            seeds.add(len(runs))
+            zs = [100 * r["zero_shot"]["mean"] for r in runs if "mean" in (r.get("zero_shot") or {})]
+            wiki, ptb = (_mean_and_range([r[k] for r in runs]) for k in ("wikitext2_ppl", "ptb_ppl"))
+            short = " / ".join(fmt(_cell_mean(rows, cell, q, k)) for k in ("wikitext2_ppl_128", "ptb_ppl_128"))
+            cols.append(f"{wiki} | {ptb} | {short} | {_mean_and_range(zs)}")
+        n = "/".join(str(k) for k in sorted(seeds, reverse=True))
+        lines.append(f"| {label} | {n} | " + " | ".join(cols) + " |")
     params = {q: sorted({r["parameters"] for r in rows if r["ratio"] == q and r["method"] != "dense"}) for q in ratios}
+    filled = sum(1 for r in rows if r.get("zero_shot_source"))
     lines.append("")
     lines.append(
-        "Parameters per ratio (every row within 0.05% of the others): "
+        "Mean over seeds, (min–max) where there are several; the (128) and 0-shot columns are means. Parameters per "
+        "ratio (every row within 0.3% of the others): "
         + "; ".join(f"{int(q * 100)}%: {p[0] / 1e6:.2f}M–{p[-1] / 1e6:.2f}M" for q, p in params.items())
-        + ". Taylor fixed rows: `quality_gpu_2.json` (earlier session, same protocol and seed; the dense row is the "
-        "same 30.22 / 60.08)."
+        + f". `{ALLOCATION_FILE}`; the 12 concurrent workers ran lm-eval out of GPU memory on some runs, whose "
+        f"zero-shot ({filled} runs) comes from a rerun (`{ALLOCATION_MMLU_FILE}`) or an earlier run of the same "
+        "cell that reproduced its perplexity exactly; a 0-shot mean over fewer seeds than the row has is one of those "
+        "gaps."
+    )
+    return "\n".join(lines)
+
+
+def allocation_standing_table() -> str:
+    """Ratios of WikiText-2 perplexity (seed means): the allocation against the fixed rules, and LoRAPrune
+    against Taylor under each allocation."""
+    rows = allocation_rows()
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    pairs = [
+        ("LoRAPrune defaults vs LoRAPrune fixed", "lp-default", "lp-fixed"),
+        ("LoRAPrune defaults vs LoRAPrune ffn_only", "lp-default", "lp-ffn_only"),
+        ("LoRAPrune auto uniform (round_to=1) vs LoRAPrune ffn_only", "lp-uniform", "lp-ffn_only"),
+        ("LoRAPrune auto per-layer vs auto uniform", "lp-auto", "lp-uniform"),
+        ("LoRAPrune defaults vs Taylor fixed (target ≤ 0.80)", "lp-default", "taylor-fixed"),
+        ("LoRAPrune auto per-layer vs Taylor auto per-layer", "lp-auto", "taylor-auto"),
+        ("LoRAPrune ffn_only vs Taylor ffn_only", "lp-ffn_only", "taylor-ffn_only"),
+        ("LoRAPrune fixed vs Taylor fixed", "lp-fixed", "taylor-fixed"),
+    ]
+    lines = ["| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
+    lines.append("|" + "---|" * (1 + len(ratios)))
+    for label, a, b in pairs:
+        cols = []
+        for q in ratios:
+            x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
+            cols.append(f"{x / y:.2f}×" if x and y else "–")
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def allocation_extra_table() -> str:
+    """The longer budget, instruction data and MMLU rows of the allocation plan (20%)."""
+    rows = allocation_rows()
+    lines = [
+        "| run (20%, seed 0) | steps | fine-tune data | WikiText-2 / PTB (512) | WikiText-2 / PTB (128) | 0-shot "
+        "| MMLU (5-shot) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    picked = [r for r in rows if r["name"] == "dense" or "mmlu" in r or "steps@" in r["name"] or "alpaca" in r["name"]]
+    for r in picked:
+        data = "Alpaca-cleaned" if "alpaca" in r["name"] else ("–" if r["method"] == "dense" else "C4")
+        mmlu = r.get("mmlu", {}).get("mean")
+        lines.append(
+            f"| {r['name']} | {r.get('steps', '–')} | {data} | {fmt(r['wikitext2_ppl'])} / {fmt(r['ptb_ppl'])} | "
+            f"{fmt(r.get('wikitext2_ppl_128'))} / {fmt(r.get('ptb_ppl_128'))} | {_zs_mean(r)} | "
+            f"{fmt(100 * mmlu, 1) if mmlu is not None else '–'} |"
+        )
+    lines.append(
+        "\nMMLU: 10 questions per subject (570), 5-shot, `lm-eval` on the local copy; at 135M parameters every row is "
+        "within a few points of chance (25%), so MMLU cannot rank these models."
     )
     return "\n".join(lines)
 
@@ -729,9 +818,10 @@ def default_speed_table() -> str:
         'eager, fastest of 5. Decode: 128 greedy tokens after 16, `cache_implementation="static"` (transformers '
         "compiles the decode step), median of 3 after 2 warm-ups. LoRA scores come from one backward on random "
         "tokens, so which kind the allocation removes is arbitrary here; at random weights it removed FFN "
-        "channels only. The auto and ffn_only rows have (nearly) the same shapes, so their differences (up to 20% in "
-        "decode) are this measurement's run-to-run spread; decode stays far below the weight-bandwidth bound "
-        "(about 350 tok/s dense), so it is still partly launch-bound. Command: `python benchmarks/efficiency.py --skip steps,init --ratios 0.2,0.5 "
+        "channels only. The auto and ffn_only rows have (nearly) the same shapes, so their differences "
+        "(up to 20% in decode) are this measurement's run-to-run spread; decode stays far below the "
+        "weight-bandwidth bound (about 350 tok/s dense), so it is still partly launch-bound. Command: "
+        "`python benchmarks/efficiency.py --skip steps,init --ratios 0.2,0.5 "
         "--allocations auto,ffn_only --multiples 64 --uniform 1 --decode 128 --decode-mode static --out ...`."
     )
     return "\n".join(lines)
@@ -746,6 +836,14 @@ def main() -> int:
         "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
         "",
         allocation_table(),
+        "",
+        "Where LoRAPrune stands (ratios of the seed means above; below 1 means the first is better):",
+        "",
+        allocation_standing_table(),
+        "",
+        "### Allocation: a longer budget, instruction data, MMLU (20%)",
+        "",
+        allocation_extra_table(),
         "",
         "### Are head and channel scores on one scale? Predicted vs measured one-shot damage",
         "",
