@@ -130,7 +130,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the fine-tune"
     )
     t.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="recompute activations in backward (less memory)",
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     t.add_argument(
@@ -270,7 +273,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--resume",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="continue from the checkpoint in --checkpoint-dir (start at step 0 if there is none yet); the result "
         "is the same as an uninterrupted run with the same arguments",
     )
@@ -340,6 +344,56 @@ def _resumes(ckpt: Path | None, resume: bool, verbose: bool) -> bool:
     return True
 
 
+# flag dest → (section, field) of the settings a checkpoint records (checkpoint.checkpoint_settings)
+_CHECKPOINTED_FLAGS = {
+    **{
+        dest: ("config", dest)
+        for dest in (
+            "ratio head_ratio channel_ratio head_mode prune_every schedule ranking allocation uniform "
+            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable"
+        ).split()
+    },
+    "steps": ("config", "total_steps"),
+    **{
+        dest: ("train", dest)
+        for dest in (
+            "lr batch_size grad_accum block_size lora_r lora_alpha lora_dropout target_modules warmup_ratio "
+            "lora_init precision gradient_checkpointing seed"
+        ).split()
+    },
+}
+
+
+def _take_checkpoint_settings(args: argparse.Namespace, ckpt: Path | None) -> None:
+    """--resume: the flags this command leaves unset take the values the checkpoint was written with, so the
+    same command resumes a run even when defaults changed since (settings a checkpoint predates take the value
+    that reproduces it, checkpoint.LEGACY_SETTINGS). Flags that are set must match the checkpoint."""
+    from .checkpoint import checkpoint_settings, has_checkpoint
+
+    if ckpt is None or not args.resume or not has_checkpoint(ckpt):
+        return
+    try:
+        saved = checkpoint_settings(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    taken = []
+    for dest, (section, key) in _CHECKPOINTED_FLAGS.items():
+        if dest in getattr(args, "given_flags", ()) or key not in saved[section]:
+            continue
+        value = saved[section][key]
+        if dest == "target_modules" and isinstance(value, list):
+            value = ",".join(value)
+        unchanged = value == getattr(args, dest) or (
+            dest == "lora_alpha" and args.lora_alpha is None and value == 2 * args.lora_r
+        )
+        if not unchanged:
+            setattr(args, dest, value)
+            flag = dest.replace("_", "-")
+            taken.append(f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}")
+    if taken:
+        print(f"resuming with the checkpoint's values of flags this command leaves out: {' '.join(taken)}", flush=True)
+
+
 def _save(model, out: Path, tokenizer, ckpt: Path | None, **kwargs) -> Path:
     """save_pruned to `out`; if that fails, to a rescue directory, saying where the model and checkpoint are."""
     import tempfile
@@ -407,6 +461,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{out} already holds the finished model: nothing to resume", flush=True)
         _remove_checkpoints(ckpt)
         return 0
+    _take_checkpoint_settings(args, ckpt)
     _check_out(out)
     _check_writable(out, ckpt)
     try:
@@ -649,7 +704,8 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--servable",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="prune every decoder layer to the same widths (no skipped first/last layers), so --out is a plain "
         "checkpoint that transformers' from_pretrained and llama.cpp (after `export --gguf`) load",
     )
@@ -829,6 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     _add_checkpoint_args(p)
     _add_serving_args(p)
+    _add_config_arg(p)
     p.set_defaults(func=cmd_prune)
     e = sub.add_parser(
         "eval",
@@ -855,13 +912,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--output", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    _add_config_arg(e)
     e.set_defaults(func=cmd_eval)
     _add_export_parser(sub)
     return parser
 
 
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML or JSON file of flag values (keys: the flag names, e.g. lora-r or lora_r); flags on the command "
+        "line override it",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with the values of a --config file under it; `given_flags` holds the dests the
+    command line or the file set (the others are defaults)."""
+    from .cli_config import given_on_command_line, read_config_file, subcommand_parser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_on_command_line(build_parser, argv)
+    if getattr(args, "config", None):
+        sub = subcommand_parser(parser, args.command)
+        try:
+            values = read_config_file(args.config, sub)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+        given |= set(values)
+    args.given_flags = given
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if getattr(args, "quantize", None) != "4bit":
         _quiet()
     return args.func(args)
