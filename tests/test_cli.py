@@ -191,8 +191,40 @@ def test_eval_takes_data_dir_batch_size_and_writes_json(tmp_path, monkeypatch, c
     argv += ["--ppl", "wikitext2", "--seq-len", "64", "--max-windows", "3", "--batch-size", "2"]
     assert cli.main([*argv, "--output", str(result)]) == 0
     saved = json.loads(result.read_text())
-    assert saved["seq_len"] == 64 and saved["wikitext2_ppl"] > 1
-    assert f"written to {result}" in capsys.readouterr().out
+    assert saved["seq_len"] == 64 and saved["wikitext2_ppl"] > 1 and saved["max_windows"] == 3
+    model = _tiny_model_and_tokenizer()[0]
+    assert saved["parameters"] == sum(p.numel() for p in model.parameters()) and saved["macs_per_token"] > 0
+    text = capsys.readouterr().out
+    assert f"written to {result}" in text
+    header, rule, row, note = text.splitlines()[-5:-1]  # after the progress output, before "written to"
+    assert header == "| model | params (M) | GMACs/token | WikiText-2 ppl |" and rule == "|---|---|---|---|"
+    assert (
+        row == f"| {argv[2]} | {saved['parameters'] / 1e6:.1f} | {saved['macs_per_token'] / 1e9:.3f} | "
+        f"{saved['wikitext2_ppl']:.1f} |"
+    )
+    assert note == "perplexity: the first 3 windows of 64 tokens of each test set"
+
+
+def test_eval_table_has_the_columns_and_formats_of_the_benchmark_table():
+    from pathlib import Path
+
+    results = {"model": "m", "parameters": 116_200_000, "macs_per_token": 115_000_000, "seq_len": 512}
+    results |= {"wikitext2_ppl": 55.514, "ptb_ppl": 80.06, "max_windows": None, "zero_shot_limit": 100}
+    results["zero_shot"] = {"piqa_local": 0.6049, "arc_easy_local": 0.4449, "mean": 0.5249}
+    tasks = ["piqa_local", "arc_easy_local"]
+    lines = cli.eval_table(results, ["wikitext2", "ptb"], tasks).splitlines()
+    assert (
+        lines[0] == "| model | params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | piqa | arc-easy | zero-shot mean |"
+    )
+    assert lines[2] == "| m | 116.2 | 0.115 | 55.5 | 80.1 | 60 | 44 | 52.5 |"
+    assert lines[3] == (
+        "perplexity: every window of 512 tokens of each test set; zero-shot: lm-eval accuracy in %, 100 examples per "
+        "task"
+    )
+    benchmarks = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    main_table = next(line for line in benchmarks.splitlines() if line.startswith("| ratio | method | params (M)"))
+    columns = "| params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | piqa | hellaswag | wino | arc-easy |"
+    assert columns in main_table and "| zero-shot mean |" in main_table  # the same columns, made by the same code
 
 
 def test_eval_refuses_a_missing_data_folder_naming_it_once_and_the_flag(tmp_path, no_model, monkeypatch):

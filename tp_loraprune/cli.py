@@ -195,6 +195,15 @@ def _check_device(spec: str) -> None:
         raise SystemExit(f"error: --device {spec}: not supported here; use cpu, cuda, cuda:N or mps.")
 
 
+def _check_bitsandbytes(kind: str, device: str) -> None:
+    from .quant import require_bitsandbytes
+
+    try:
+        require_bitsandbytes(kind, device, loader=True)
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def _check_model(spec: str | None) -> None:
     from .loading import check_model_spec
 
@@ -506,6 +515,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     _removes_something(args)
     _check_device(args.device)
+    if args.quantize:
+        _check_bitsandbytes(args.quantize, args.device)
     wikitext = _wikitext(args)
     try:
         documents = read_text_documents(args.data)
@@ -524,7 +535,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(
             args.model, quantize=args.quantize, device=device, dtype=dtype if args.quantize else torch.float32
         )
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     try:
         blocks = token_blocks(
@@ -853,12 +864,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    text = json.dumps(results, indent=2)
-    print(text)
+    results = _with_size(results, model, args)
+    print(eval_table(results, ppl, tasks or []))
     if output is not None:
-        output.write_text(text + "\n", encoding="utf-8")
+        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"written to {output}")
     return 0
+
+
+def _with_size(results: dict, model, args: argparse.Namespace) -> dict:
+    """`evaluate`'s results with the model, its size and the protocol, as `--output` writes them."""
+    from .models import count_parameters
+    from .results import macs_per_token
+
+    protocol = {"max_windows": args.max_windows, "zero_shot_limit": args.limit}
+    size = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, args.seq_len)}
+    return {"model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)", **size, **results, **protocol}
+
+
+def eval_table(results: dict, ppl_sets: list[str], tasks: list[str]) -> str:
+    """What `tp-loraprune eval` prints: the benchmark table's columns (docs/benchmarks.md) for one model, and how
+    the numbers were measured."""
+    from .results import SIZE_HEADER, markdown_table, quality_cells, quality_header, size_cells
+
+    header = ["model", *SIZE_HEADER, *quality_header(ppl_sets, tasks)]
+    row = [results["model"], *size_cells(results["parameters"], results["macs_per_token"])]
+    table = markdown_table(header, [row + quality_cells(results, ppl_sets, tasks)])
+    notes = []
+    if ppl_sets:
+        windows = "every window" if results["max_windows"] is None else f"the first {results['max_windows']} windows"
+        notes.append(f"perplexity: {windows} of {results['seq_len']} tokens of each test set")
+    if tasks:
+        limit = results["zero_shot_limit"]
+        notes.append(
+            f"zero-shot: lm-eval accuracy in %, {'every example' if limit is None else f'{limit} examples'} per task"
+        )
+    return table + ("\n" + "; ".join(notes) if notes else "")
 
 
 def _quiet() -> None:
@@ -890,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model",
-        description="Perplexity (WikiText-2, PTB) and lm-eval zero-shot accuracy of a model, as JSON.",
+        description="Perplexity (WikiText-2, PTB) and lm-eval zero-shot accuracy of a model, printed as a row of "
+        "the benchmark table (docs/benchmarks.md); --output also writes them as JSON.",
         formatter_class=_Formatter,
     )
     e.add_argument(

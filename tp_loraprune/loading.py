@@ -200,7 +200,7 @@ def load_model_and_tokenizer(
 
     quantization: dict = {}
     if quantize is not None:
-        quantization = {"quantization_config": bnb_config(quantize, dtype), "device_map": device}
+        quantization = {"quantization_config": bnb_config(quantize, dtype, device=device), "device_map": device}
     path = smollm2_gguf() if spec is None else Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
