@@ -36,7 +36,10 @@ def _load(path: Path) -> Any:
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
+        try:
+            import yaml  # PyYAML, a dependency of transformers
+        except ImportError:
+            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use .json.") from None
 
         try:
             return yaml.safe_load(text)
@@ -62,6 +65,7 @@ def _value(action: argparse.Action, value: Any) -> Any:
         return None
     if action.type is None and isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # comma-separated flags
+    converted: Any
     if action.type is None:
         if not isinstance(value, str):
             raise ValueError(f"takes a string, got {value!r}")
