@@ -39,7 +39,7 @@ def _load(path: Path) -> Any:
         try:
             import yaml  # PyYAML, a dependency of transformers
         except ImportError:
-            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use .json.") from None
+            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or use .json") from None
 
         try:
             return yaml.safe_load(text)
