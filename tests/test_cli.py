@@ -202,7 +202,7 @@ def test_eval_takes_data_dir_batch_size_and_writes_json(tmp_path, monkeypatch, c
         row == f"| {argv[2]} | {saved['parameters'] / 1e6:.1f} | {saved['macs_per_token'] / 1e9:.3f} | "
         f"{saved['wikitext2_ppl']:.1f} |"
     )
-    assert note == "perplexity: the first 3 windows of 64 tokens of each test set"
+    assert note == "perplexity: the first 3 windows of 64 tokens of each test set; weights in float32"
 
 
 def test_eval_table_has_the_columns_and_formats_of_the_benchmark_table():
@@ -210,6 +210,7 @@ def test_eval_table_has_the_columns_and_formats_of_the_benchmark_table():
 
     results = {"model": "m", "parameters": 116_200_000, "macs_per_token": 115_000_000, "seq_len": 512}
     results |= {"wikitext2_ppl": 55.514, "ptb_ppl": 80.06, "max_windows": None, "zero_shot_limit": 100}
+    results["dtype"] = "bfloat16"
     results["zero_shot"] = {"piqa_local": 0.6049, "arc_easy_local": 0.4449, "mean": 0.5249}
     tasks = ["piqa_local", "arc_easy_local"]
     lines = cli.eval_table(results, ["wikitext2", "ptb"], tasks).splitlines()
@@ -218,8 +219,8 @@ def test_eval_table_has_the_columns_and_formats_of_the_benchmark_table():
     )
     assert lines[2] == "| m | 116.2 | 0.115 | 55.5 | 80.1 | 60 | 44 | 52.5 |"
     assert lines[3] == (
-        "perplexity: every window of 512 tokens of each test set; zero-shot: lm-eval accuracy in %, 100 examples per "
-        "task"
+        "perplexity: every window of 512 tokens of each test set; weights in bfloat16; zero-shot: lm-eval accuracy "
+        "in %, 100 examples per task"
     )
     benchmarks = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     main_table = next(line for line in benchmarks.splitlines() if line.startswith("| ratio | method | params (M)"))

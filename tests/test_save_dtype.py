@@ -145,3 +145,22 @@ def test_cli_saves_in_the_stored_dtype_and_reports_the_weights_as_saved(tmp_path
         d: json.loads((tmp_path / d / "report.json").read_text())["heldout_perplexity_after"] for d in ("auto", "fp32")
     }
     assert after["auto"] != after["fp32"] and after["auto"] == pytest.approx(after["fp32"], rel=2e-2)
+
+
+def test_eval_computes_in_float32_unless_asked_for_the_saved_dtype(tmp_path, capsys):
+    from test_cli import _data_dir
+
+    from tp_loraprune import cli
+
+    model = merge_lora(pruned(LoRAPruneConfig(ratio=0.3, layers=[1])))
+    out = save_pruned(model, tmp_path / "m", tiny_tokenizer(), dtype="bfloat16")
+    argv = ["eval", "--model", str(out), "--data-dir", str(_data_dir(tmp_path)), "--ppl", "wikitext2"]
+    argv += ["--seq-len", "32", "--max-windows", "2"]
+    results = {}
+    for dtype in ("float32", "auto"):
+        assert cli.main([*argv, "--dtype", dtype, "--output", str(tmp_path / f"{dtype}.json")]) == 0
+        results[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert results["float32"]["dtype"] == "float32" and results["auto"]["dtype"] == "bfloat16"
+    assert "weights in bfloat16" in capsys.readouterr().out
+    ppl = {d: r["wikitext2_ppl"] for d, r in results.items()}  # the same weights, computed in another precision
+    assert ppl["auto"] == pytest.approx(ppl["float32"], rel=2e-2)

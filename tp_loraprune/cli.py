@@ -838,14 +838,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         try:
-            model = load_pruned(path, device=args.device)
+            model = load_pruned(path, dtype=_eval_dtype(args.dtype, None), device=args.device)
         except ValueError as e:  # an incomplete or damaged save: the message names the file
             raise SystemExit(f"error: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         _check_model(args.model)
         try:
-            model, tokenizer = load_model_and_tokenizer(args.model)
+            dtype = _eval_dtype(args.dtype, args.model)
+            model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         model.to(args.device)
@@ -872,12 +873,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dtype(choice: str, source):
+    """The dtype `eval --dtype` loads in; auto: as stored (None for a pruned directory: its saved dtype)."""
+    import torch
+
+    from .export import SAVE_DTYPES as DTYPES
+    from .loading import stored_dtype
+
+    if choice != "auto":
+        return DTYPES[choice]
+    return None if source is None else stored_dtype(source) or torch.float32
+
+
 def _with_size(results: dict, model, args: argparse.Namespace) -> dict:
     """`evaluate`'s results with the model, its size and the protocol, as `--output` writes them."""
     from .models import count_parameters
     from .results import macs_per_token
 
-    protocol = {"max_windows": args.max_windows, "zero_shot_limit": args.limit}
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+    protocol = {"max_windows": args.max_windows, "zero_shot_limit": args.limit, "dtype": dtype}
     size = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, args.seq_len)}
     return {"model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)", **size, **results, **protocol}
 
@@ -894,12 +908,13 @@ def eval_table(results: dict, ppl_sets: list[str], tasks: list[str]) -> str:
     if ppl_sets:
         windows = "every window" if results["max_windows"] is None else f"the first {results['max_windows']} windows"
         notes.append(f"perplexity: {windows} of {results['seq_len']} tokens of each test set")
+    notes.append(f"weights in {results['dtype']}")
     if tasks:
         limit = results["zero_shot_limit"]
         notes.append(
             f"zero-shot: lm-eval accuracy in %, {'every example' if limit is None else f'{limit} examples'} per task"
         )
-    return table + ("\n" + "; ".join(notes) if notes else "")
+    return table + "\n" + "; ".join(notes)
 
 
 def _quiet() -> None:
@@ -954,6 +969,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--output", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="dtype the model is loaded and evaluated in; auto: as stored (a pruned directory: its saved dtype). "
+        "float32 compares a bfloat16 save and its float32 base on equal terms",
+    )
     _add_config_arg(e)
     e.set_defaults(func=cmd_eval)
     _add_export_parser(sub)
