@@ -34,6 +34,7 @@ from tp_loraprune.export import merge_lora  # noqa: E402
 from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
 from tp_loraprune.models import count_parameters  # noqa: E402
 from tp_loraprune.quant import quantize_model  # noqa: E402
+from tp_loraprune.results import macs_per_token  # noqa: E402
 from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
 
 PRESETS = {
@@ -152,16 +153,6 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     row.update(evaluate_model(merged, tokenizer, args, mmlu=mmlu))
     del merged, model
     return row
-
-
-def macs_per_token(model, seq_len: int) -> int:
-    """Multiply-accumulates per token of a causal LM at `seq_len`: every linear layer (in × out) plus attention's
-    two matmuls (q·k and p·v, heads × head_dim per attended position, (seq_len + 1) / 2 positions on average)."""
-    from tp_loraprune.models import attention_layouts
-
-    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    attention = sum(2 * a.num_heads * a.head_dim * (seq_len + 1) // 2 for a in attention_layouts(model))
-    return linear + attention
 
 
 def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:

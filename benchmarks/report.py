@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tp_loraprune.eval import ZERO_SHOT_TASKS
+from tp_loraprune.results import SIZE_HEADER, fmt, markdown_table, quality_cells, quality_header, size_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,10 +65,6 @@ def macs_by_parameters() -> dict[int, int]:
             if r.get("macs_per_token"):
                 table[r["parameters"]] = r["macs_per_token"]
     return table
-
-
-def fmt(x, digits=1):
-    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def _pissa(r: dict) -> bool:
@@ -148,33 +145,25 @@ def criterion_damage_table() -> str:
 
 
 def quality_table(rows: list[dict]) -> str:
+    """The main table: every method at every ratio, in the columns `tp-loraprune eval` prints
+    (`tp_loraprune.results`), between the run's ratio / method and its cost."""
     main = [r for r in rows if not r.get("config") and r["seed"] == 0 and r.get("steps", 100) == 100]
     main.sort(key=lambda r: (r["ratio"], METHOD_ORDER.index(r["method"])))
-    short = {t: t.replace("_local", "").replace("arc_", "arc-").replace("winogrande", "wino") for t in TASKS}
-    head = (
-        "| ratio | method | params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | "
-        + " | ".join(short[t] for t in TASKS)
-        + " | zero-shot mean | prune+FT s | peak GiB | card |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in main:
-        zs = r.get("zero_shot", {})
-        cells = [
+    ppl_sets = ("wikitext2", "ptb")
+    header = ["ratio", "method", *SIZE_HEADER, *quality_header(ppl_sets, TASKS), "prune+FT s", "peak GiB", "card"]
+    table = [
+        [
             f"{r['ratio']:.0%}",
             r["method"],
-            fmt(r["parameters"] / 1e6, 1),
-            fmt(r["macs_per_token"] / 1e9 if r.get("macs_per_token") else None, 3),
-            fmt(r.get("wikitext2_ppl")),
-            fmt(r.get("ptb_ppl")),
-        ] + [fmt(100 * zs[t], 0) if t in zs else "–" for t in TASKS]
-        cells += [
-            fmt(100 * zs["mean"], 1) if "mean" in zs else "–",
+            *size_cells(r["parameters"], r.get("macs_per_token")),
+            *quality_cells(r, ppl_sets, TASKS),
             fmt(r.get("prune_and_finetune_s"), 0),
             fmt(r.get("peak_gib"), 2),
             r.get("card", "–"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r in main
+    ]
+    return markdown_table(header, table)
 
 
 def _zs_mean(r: dict) -> str:

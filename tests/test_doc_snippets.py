@@ -55,9 +55,22 @@ def _text_file(tmp_path: Path) -> str:
 
 # (page, index among its python blocks) → (text substitutions, namespace builder(tmp_path) -> dict)
 CASES = {
-    ("api.md", 0): (  # also checked in depth by test_metapruner.py
+    ("api.md", 0): (
+        [
+            ("load_model_and_tokenizer()", "load_model_and_tokenizer(TINY)"),
+            ("total_steps=40, prune_every=4", "total_steps=8, prune_every=2"),
+            ("block_size=256", "block_size=32"),
+        ],
+        lambda tmp: {"TINY": _tiny_dir(tmp)},
+    ),
+    ("api.md", 1): ([], lambda tmp: {"peft_model": wrap_peft(build_llama()), "loader": _loader(30)}),
+    ("api.md", 2): (  # also checked in depth by test_metapruner.py
         [],
         lambda tmp: {"model": wrap_peft(build_llama()), "batches": [b["input_ids"] for b in _loader(3)]},
+    ),
+    ("api.md", 3): (
+        [("seq_len=512", "seq_len=64"), ("block_size=256", "block_size=32")],
+        lambda tmp: {"model": _tiny_model(tmp), "tokenizer": tiny_tokenizer()},
     ),
     ("quickstart.md", 1): (
         [],

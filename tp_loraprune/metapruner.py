@@ -216,12 +216,17 @@ class LoRAMetaPruner(tp.pruner.BasePruner):  # BasePruner is MetaPruner (its 1.6
     def step(self, interactive: bool = False) -> dict | None:
         """Prune to the next scheduled ratio and repair the model; returns what was removed (or None).
 
-        `interactive=True` is refused: the groups are removed and the model repaired in this one call.
+        `interactive=True` is refused (nothing is pruned, no step is used): Torch-Pruning would hand out groups to
+        prune one by one, and a PEFT model pruned group by group is left with stale LoRA shapes, optimizer state and
+        head counts; here the removal and that repair happen in one call.
         """
         if interactive:
             raise ValueError(
-                "LoRAMetaPruner.step(interactive=True) is not supported: removing a group and repairing the "
-                "PEFT model afterwards happen in one call. Call `pruner.step()`."
+                "LoRAMetaPruner.step(interactive=True) is not supported: pruning Torch-Pruning's groups one by one "
+                "would leave the PEFT model unrepaired (LoRA shapes, optimizer state, head counts), so removal and "
+                "repair happen in one call. Call `pruner.step()`; it returns what it removed (all steps: "
+                "`pruner.events`). To remove structures you chose, use `pruner.engine.replay([{'removed': "
+                "{structure key: original ids}}])`. Nothing was pruned."
             )
         self.current_step += 1
         if self.current_step > self.iterative_steps:
