@@ -816,15 +816,60 @@ def default_speed_table() -> str:
     return "\n".join(lines)
 
 
+def allocation_plot() -> str | None:
+    """WikiText-2 perplexity against the pruned fraction for every allocation cell, seed ranges as bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = allocation_rows()
+    if not rows:
+        return None
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {"lp": "-", "taylor": ":"}
+    for cell in ("lp-default", "lp-ffn_only", "lp-auto", "lp-fixed", "taylor-auto", "taylor-ffn_only", "taylor-fixed"):
+        xs, ys, lo, hi = [], [], [], []
+        for q in ratios:
+            values = [r["wikitext2_ppl"] for r in _cell_runs(rows, cell, q)]
+            if values:
+                m = sum(values) / len(values)
+                xs.append(100 * q)
+                ys.append(m)
+                lo.append(m - min(values))
+                hi.append(max(values) - m)
+        if xs:
+            label = ALLOCATION_LABELS[cell].replace("`", "")
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linestyle=styles[cell.split("-")[0]], label=label)
+    if dense:
+        ax.axhline(dense["wikitext2_ppl"], color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xticks([100 * q for q in ratios])
+    ax.set_xlabel("% of the pruned layers' parameters removed")
+    ax.set_ylabel("WikiText-2 perplexity (512)")
+    ax.set_title("Allocation on SmolLM2-135M: LoRAPrune (solid) vs Taylor (dotted), 100 steps, H200")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "img" / "allocation.png", dpi=110)
+    plt.close(fig)
+    return "img/allocation.png"
+
+
 def main() -> int:
     rows = quality_rows()
     out = ROOT / "docs" / "benchmarks.md"
-    made = plots(rows)
+    made = plots(rows) + [p for p in [allocation_plot()] if p]
     text = [
         BEGIN,
         "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
         "",
         allocation_table(),
+        "",
+        "![WikiText-2 perplexity per allocation and ratio](img/allocation.png)",
         "",
         "Where LoRAPrune stands (ratios of the seed means above; below 1 means the first is better):",
         "",
