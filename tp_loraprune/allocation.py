@@ -59,7 +59,9 @@ def channel_units(
     A unit saves `cost` parameters per channel, or `saved(width before, width after)`. A width that is not a
     multiple of `multiple` first drops to the multiple below it."""
     scores = scores.double().cpu()
-    order = torch.argsort(scores, stable=True).tolist()
+    ranked = torch.argsort(scores, stable=True)
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.double), torch.cumsum(scores[ranked], 0)]).tolist()
+    order = ranked.tolist()
     width = len(order)
     floor = max(-(-min_width // multiple) * multiple, multiple)
     units, start = [], 0
@@ -67,7 +69,8 @@ def channel_units(
     while width - start - size >= floor:
         taken = order[start : start + size]
         c = saved(width - start, width - start - size) if saved else size * cost
-        units.append(Unit(float(scores[taken].sum()), c, {key: tuple(sorted(taken))}, {layer: c}))
+        score = cumulative[start + size] - cumulative[start]
+        units.append(Unit(score, c, {key: tuple(sorted(taken))}, {layer: c}))
         start += size
         size = multiple
     return Block(key, "channels", tuple(units))

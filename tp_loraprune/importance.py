@@ -25,6 +25,7 @@ from torch import nn
 
 from .graph import Direction, pruning_direction
 from .group_check import GroupChecker
+from .indices import index_tensor
 from .kernels import channel_scores
 from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
 from .scores import ScoreKind, l2_normalized
@@ -36,12 +37,12 @@ def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Te
     if len(idxs) != len(root_idxs):
         raise ValueError(f"a group item has {len(idxs)} indices but {len(root_idxs)} root indices.")
     if None not in root_idxs:
-        return (torch.tensor(idxs), torch.tensor(root_idxs)) if idxs else None
+        return (index_tensor(idxs), index_tensor(cast(list[int], root_idxs))) if idxs else None
     pairs = [(j, r) for j, r in zip(idxs, root_idxs, strict=True) if r is not None]
     if not pairs:
         return None
     rows, roots = zip(*pairs, strict=True)
-    return torch.tensor(rows), torch.tensor(roots)
+    return index_tensor(rows), index_tensor(roots)
 
 
 class LoRAGuidedImportance(tp.importance.Importance):

@@ -74,6 +74,7 @@ class _Heads:
     initial_heads: int
     initial_kv: int
     alive: list[int] = field(default_factory=list)
+    cost: tuple[int, int] | None = None  # parameters per query head and per KV head (`LoRAPruner._head_cost`)
 
     @property
     def initial_group_size(self) -> int:
@@ -244,11 +245,15 @@ class LoRAPruner:
                 )
 
     def _head_cost(self, h: _Heads) -> tuple[int, int]:
-        """Base parameters removed with one query head, and with one KV head (k and v rows)."""
-        q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
-        d = h.layout.head_dim
-        row = lambda m: features(m)[1] + (1 if getattr(m, "bias", None) is not None else 0)  # noqa: E731
-        return d * (row(q) + features(o)[0]), d * (row(k) + row(v))
+        """Base parameters removed with one query head, and with one KV head (k and v rows). Pruning heads never
+        changes a row's length, so it is computed once per block."""
+        cached = h.cost
+        if cached is None:
+            q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
+            d = h.layout.head_dim
+            row = lambda m: features(m)[1] + (1 if getattr(m, "bias", None) is not None else 0)  # noqa: E731
+            cached = h.cost = (d * (row(q) + features(o)[0]), d * (row(k) + row(v)))
+        return cached
 
     def _resolve_ratios(self) -> tuple[float, float]:
         c = self.config
