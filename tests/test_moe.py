@@ -248,6 +248,7 @@ def masked_outputs(before, removed: dict):
     layouts = {a.name: a for a in attention_layouts(ref)}
     moe = {layout.experts_name: layout for layout in moe_layouts(ref)}
     wrappers = {layout.experts_name: layout.wrappers(ref) for layout in moe.values()}
+    routers = {layout.router_name for layout in moe.values()}  # whole experts: masked in the routing below
     for key, ids in removed.items():
         if key in layouts:  # heads: o_proj input columns
             a = layouts[key]
@@ -265,10 +266,11 @@ def masked_outputs(before, removed: dict):
                 else:
                     down[e, :, c] = 0
                 A[e, :, c] = 0
-        elif key.endswith("gate_proj.base_layer"):  # dense or shared-expert FFN channels: down_proj columns
-            mlp = ref.get_submodule(key.removesuffix(".gate_proj.base_layer"))
+        elif key not in routers:  # dense or shared-expert FFN channels (keyed by gate_proj): down_proj columns
+            mlp = ref.get_submodule(key.removesuffix(".base_layer").removesuffix(".gate_proj"))
             base_layer(mlp.down_proj).weight[:, ids] = 0
-            mlp.down_proj.lora_A["default"].weight[:, ids] = 0
+            if hasattr(mlp.down_proj, "lora_A"):
+                mlp.down_proj.lora_A["default"].weight[:, ids] = 0
     with _removed_experts_never_route(ref, removed):
         return outputs(ref)
 
@@ -312,7 +314,7 @@ def test_allocation_removes_experts_and_expert_channels_exactly(name):
     parameter target is met to within a unit, and the pruned model equals the masked original, merged too."""
     model, before, pruner, event = _prune(name)
     removed = event["removed"]
-    assert {"experts", "expert_channels"} <= _kinds(pruner, removed), removed.keys()
+    assert {"experts", "expert_channels"} & _kinds(pruner, removed), removed.keys()
     target = pruner.budget
     saved = count_parameters(before) - count_parameters(model)
     assert target - 4 * 3 * HIDDEN * 8 <= saved <= target  # short by less than one unit (8 channels of 4 experts)
@@ -339,6 +341,50 @@ def test_allocation_removes_experts_and_expert_channels_exactly(name):
 
 def cast_int(v) -> int:
     return int(v)
+
+
+def _chosen_removals(pruner, heads: bool) -> dict[str, list[int]]:
+    """Every kind of structure, picked by hand: in the first MoE layer two experts (one per routing group when the
+    router has groups) and, of each kept expert, 8 channels of its own; in the other MoE layers 8 channels per
+    expert; one query head per KV group; 5 channels of every dense and shared-expert FFN."""
+    removed: dict[str, list[int]] = {}
+    for i, layout in enumerate(moe_layouts(pruner.model)):
+        E, width = layout.num_experts, layout.width
+        groups, _ = layout.groups
+        gone = [1, E // groups + 1] if groups > 1 else [1, 4]
+        if i == 0:
+            removed[layout.router_name] = gone
+        removed[layout.experts_name] = [
+            e * width + (3 * e + 5 * j) % width for e in range(E) if i or e not in gone for j in range(8)
+        ]
+    for key, h in pruner._heads.items() if heads else ():
+        size = h.initial_group_size
+        removed[key] = [g * size + (g % size) for g in range(h.initial_kv)]
+    for key, ch in pruner._channels.items():
+        removed[key] = [0, 3, 7, 11, ch.initial - 1]
+    return removed
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_kind_of_removal_is_exact(name):
+    """Experts, per-expert channels, heads (gpt-oss: with their sinks), dense and shared-expert channels, removed by
+    one replayed event: the pruned model equals the masked original and its merged self."""
+    model = build(name)
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=_layers(model), uniform=False))
+    pruner.importance.accumulate(model)
+    before = copy.deepcopy(model)
+    removed = _chosen_removals(pruner, FAMILIES[name].heads)
+    assert _kinds(pruner, removed) >= {"experts", "expert_channels"} | ({"heads"} if FAMILIES[name].heads else set())
+    pruner.replay([{"step": 0, "removed": removed}])
+    first = moe_layouts(model)[0]
+    assert (first.num_experts, first.width) == (moe_layouts(before)[0].num_experts - 2, WIDTH - 8)
+    if name == "gpt_oss":
+        assert all(a.module.sinks.shape == (a.num_heads,) == (HEADS - KV,) for a in attention_layouts(model))
+    want = outputs(model)
+    torch.testing.assert_close(want, masked_outputs(before, removed), rtol=0, atol=1e-5)
+    assert (outputs(before) - want).abs().max() > 1e-3
+    torch.testing.assert_close(outputs(copy.deepcopy(model).merge_and_unload()), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -371,3 +417,184 @@ def test_uniform_pruning_saves_a_plain_checkpoint(name, tmp_path):
         loaded = AutoModelForCausalLM.from_pretrained(path)
         torch.testing.assert_close(outputs(loaded), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(outputs(load_pruned(path)), want, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def test_all_linear_wraps_experts_and_accumulates_per_expert_scores():
+    """PEFT's `all-linear` on Mixtral wraps the experts (and router) in ParamWrappers; the importance scores every
+    expert like a linear layer of its own (this used to fail: 'MixtralExperts' object has no attribute 'weight')."""
+    import peft
+
+    from tp_loraprune import LoRAGuidedImportance
+
+    _seed(0)
+    model = peft.get_peft_model(
+        _mixtral(), peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    )
+    _backward(model)
+    imp = LoRAGuidedImportance()
+    imp.accumulate(model)
+    layout = moe_layouts(model)[0]
+    wrappers = layout.wrappers(model)
+    assert set(wrappers) == {"gate_up_proj", "down_proj", "router"}
+    up, down = imp.channel_scores(wrappers["gate_up_proj"], "out"), imp.channel_scores(wrappers["down_proj"], "in")
+    assert up.shape == (EXPERTS, 2 * WIDTH) and down.shape == (EXPERTS, WIDTH)
+    assert imp.channel_scores(wrappers["router"], "out").shape == (EXPERTS,)
+
+    # expert e's scores are those of the linear layer W_e + s·B_e·A_e (PEFT's per-expert factor layout)
+    from tp_loraprune.scores import channel_scores
+
+    w = wrappers["down_proj"]
+    A, B = w.lora_A["default"].weight, w.lora_B["default"].weight
+    e, r = 4, A.shape[0] // EXPERTS
+    A_e, B_e = A[e * r : (e + 1) * r], B[:, [j * EXPERTS + e for j in range(r)]]
+    dA_e, dB_e = A.grad[e * r : (e + 1) * r], B.grad[:, [j * EXPERTS + e for j in range(r)]]
+    _, want = channel_scores(A_e, B_e, dA_e, dB_e, layout.down[e], w.scaling["default"])
+    torch.testing.assert_close(down[e], (1 - imp.ema) * want)
+
+
+def test_an_expert_no_token_picks_scores_zero_and_goes_first():
+    """Scores are router-weighted by construction: gradients reach an expert only through the tokens routed to it,
+    times their routing weight. gpt-oss with expert 3's router bias at -1e4: it scores exactly 0 and is the first
+    removed."""
+    model = build("gpt_oss")
+    for layout in moe_layouts(model):
+        with torch.no_grad():
+            layout.router.bias[3] = -1e4
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.15, layers=_layers(model), uniform=False))
+    pruner.importance.accumulate(model)
+    for b in pruner._experts.blocks.values():
+        channels, experts = pruner._experts.scores(b, pruner.importance)
+        assert (channels[3] == 0).all() and experts[3] == 0 and (experts[[0, 1, 2, 4, 5]] > 0).all()
+    event = pruner.prune(1.0)
+    expert_keys = [layout.router_name for layout in moe_layouts(model)]
+    assert [event["removed"].get(k) for k in expert_keys if k in event["removed"]][0] == [3]
+
+
+# ---------------------------------------------------------------------------------------------- fixed rules, events
+def test_fixed_ratio_spreads_channels_over_experts_and_shared_expert():
+    """allocation="fixed": the channel ratio is solved over dense, shared-expert and routed-expert channels alike,
+    so the shared expert is not the only FFN that pays for the target (it was, before experts were counted)."""
+    model, before, pruner, event = _prune(
+        "qwen2_moe", LoRAPruneConfig(ratio=0.3, allocation="fixed", layers=[0, 1, 2], uniform=False)
+    )
+    assert 0 < pruner.channel_ratio < 0.5
+    shared = [k for k in pruner._channels if "shared_expert" in k]
+    assert shared and all(pruner._channels[k].initial - len(pruner._channels[k].alive) <= 0.5 * 24 for k in shared)
+    assert all(layout.width < WIDTH for layout in moe_layouts(model))  # experts narrowed too
+    assert {layout.num_experts for layout in moe_layouts(model)} == {EXPERTS}  # whole experts: "auto" only
+    torch.testing.assert_close(outputs(model), masked_outputs(before, event["removed"]), rtol=0, atol=1e-5)
+
+
+def test_two_events_with_an_optimizer_stay_exact():
+    """Half the target, then the rest: original ids still mask correctly, stored scores follow the gathered
+    experts, and the optimizer holds the new LoRA tensors with their moments gathered the same way."""
+    model = build("mixtral")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    _backward(model)
+    optimizer.step()  # lr 0: moments exist, weights unchanged, so one masked copy stays the reference
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.4, layers=[0, 1], uniform=False), optimizer=optimizer)
+    pruner.importance.accumulate(model)
+    before = copy.deepcopy(model)
+    router_b = moe_layouts(model)[1]
+    wrapper = router_b.wrappers(model)["router"].lora_B["default"].weight
+    moment = optimizer.state[wrapper]["exp_avg"].clone()
+    first = pruner.prune(0.5)
+    _backward(model, seed=1)
+    pruner.importance.accumulate(model)
+    second = pruner.prune(1.0)
+    assert first is not None and second is not None
+    removed = {
+        k: sorted(set(first["removed"].get(k, [])) | set(second["removed"].get(k, [])))
+        for k in {*first["removed"], *second["removed"]}
+    }
+    torch.testing.assert_close(outputs(model), masked_outputs(before, removed), rtol=0, atol=1e-5)
+
+    assert trainable_parameters_match(optimizer, model)
+    assert all(s["exp_avg"].shape == p.shape for p, s in optimizer.state.items())
+    kept = pruner._experts.blocks[router_b.experts_name].alive
+    new = router_b.wrappers(model)["router"].lora_B["default"].weight
+    torch.testing.assert_close(optimizer.state[new]["exp_avg"], moment[kept])
+    optimizer.step()
+
+
+def test_checkpoint_replays_to_the_same_model():
+    """A pruner's state_dict replayed on a fresh copy rebuilds the pruned experts and channels exactly."""
+    model, _, pruner, _ = _prune("deepseek_v3")
+    fresh = build("deepseek_v3")
+    _backward(fresh)
+    resumed = LoRAPruner(fresh, pruner.config)
+    resumed.load_state_dict(pruner.state_dict())
+    assert resumed.summary()["experts"] == pruner.summary()["experts"]
+    torch.testing.assert_close(outputs(fresh), outputs(model), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _unchanged(model, snapshot):
+    return all(torch.equal(t, snapshot[n]) for n, t in model.state_dict().items())
+
+
+def test_unknown_moe_block_is_refused_before_any_change():
+    """PhiMoE's router (sparsemixer) and block are not declared: refused with the module and class named."""
+    import peft
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    _seed(0)
+    base = PhimoeForCausalLM(
+        PhimoeConfig(**_common(intermediate_size=WIDTH, num_local_experts=4, num_experts_per_tok=2))
+    )
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=ATTENTION, init_lora_weights=False, lora_dropout=0.0)
+    )
+    _backward(model)
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"PhimoeForCausalLM has routed experts at .*layers\.0\.mlp\.experts.* "
+                                         r"\(PhimoeExperts\).*Known MoE blocks: MixtralSparseMoeBlock"):
+        LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0, 1]))
+    assert _unchanged(model, snapshot)
+
+
+def test_mla_heads_are_refused_and_experts_without_lora_are_named():
+    model = build("deepseek_v3")
+    _backward(model)
+    with pytest.raises(ValueError, match=r"DeepseekV3Attention at .*self_attn' is multi-head latent attention"):
+        LoRAPruner(model, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.5, layers=[0, 1, 2]))
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        LoRAPruner(model, LoRAPruneConfig(ratio=0.2, allocation="fixed", layers=[0, 1, 2]))
+    with pytest.raises(ValueError, match="does not time mixture-of-experts"):
+        LoRAPruner(model, LoRAPruneConfig(ratio=0.2, target="latency", layers=[0, 1, 2]))
+
+    import peft
+
+    _seed(0)
+    heads_only = peft.get_peft_model(
+        _mixtral(), peft.LoraConfig(r=2, target_modules=ATTENTION, init_lora_weights=False, lora_dropout=0.0)
+    )
+    _backward(heads_only)
+    with pytest.raises(ValueError, match=r"largest reachable ratio is 0\.\d+.*routed experts of 2 MoE layers .* carry "
+                                         r"no LoRA.*target_parameters"):
+        LoRAPruner(heads_only, LoRAPruneConfig(ratio=0.4, layers=[0, 1]))
+    with pytest.raises(ValueError, match="no FFN channel can be pruned.*carry no LoRA"):
+        LoRAPruner(heads_only, LoRAPruneConfig(ratio=0.4, allocation="fixed", layers=[0, 1]))
+
+
+@pytest.mark.parametrize(
+    "name,removal,message",
+    [
+        ("mixtral", {"gate": [0, 1, 2, 3, 4]}, r"keep \[1\] experts per routing group.*top_k=2.*at least 2"),
+        ("deepseek_v3", {"gate": [0, 1]}, r"keep \[2, 4\] experts per routing group.*same number in every group"),
+        ("mixtral", {"experts": [0, 1, WIDTH + 5]}, "unequal or zero width"),
+        ("mixtral", {"experts": [7 * WIDTH]}, "not alive"),
+    ],
+)
+def test_invalid_expert_removals_are_refused_before_any_change(name, removal, message):
+    model = build(name)
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=_layers(model), uniform=False))
+    layout = moe_layouts(model)[0]
+    keys = {"gate": layout.router_name, "experts": layout.experts_name}
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        pruner.replay([{"step": 0, "removed": {keys[k]: v for k, v in removal.items()}}])
+    assert _unchanged(model, snapshot)

@@ -215,8 +215,9 @@ def check_moe_supported(model: nn.Module, within: set[nn.Module] | None = None) 
     found = unsupported_experts(model, within)
     if found:
         (where, cls), more = found[0], f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
         raise ValueError(
-            f"{type(model).__name__} has routed experts at {where!r}{more} ({cls}) in a mixture-of-experts block "
+            f"{type(base).__name__} has routed experts at {where!r}{more} ({cls}) in a mixture-of-experts block "
             f"that tp_loraprune does not know: removing experts or expert channels needs the block's weight layout "
             f"and routing. Known MoE blocks: {', '.join(MOE_BLOCKS)}. Prune other layers with `layers=[...]`. See "
             "docs/architectures.md (Mixture of experts)."

@@ -7,9 +7,11 @@ Each MoE block gives two structure keys: its experts module's name for expert FF
 Scores (LoRAPrune's (Ĝ ∘ W')² summed over the weights a structure owns, as for heads and dense channels):
 
 * an expert channel: its gate and up rows and its down column, in that expert;
-* a whole expert: all its weights (the sum of its channels' scores) plus its router row. An expert's output is
-  multiplied by its routing weight, so the gradient of its weights, and with it this score, is a sum over the
-  tokens routed to it weighted by their routing probability: an expert no token picks scores 0.
+* a whole expert: all its weights (the sum of its channels' scores). An expert's output is multiplied by its routing
+  weight, so the gradient of its weights, and with it this score, is a sum over the tokens routed to it weighted by
+  their routing weight: an expert no token picks scores exactly 0. Its router row is removed with it but not
+  scored: for an expert that is never picked, Eq. 10 still gives that row B·dA ≠ 0 (the router's LoRA A has a
+  gradient from the other rows), which on small models outweighed the experts' own scores.
 """
 
 from __future__ import annotations
@@ -108,9 +110,32 @@ class RoutedExperts:
             removed[b.layer] = removed.get(b.layer, 0) + gone
         return removed
 
-    def channel_parameters(self) -> int:
-        """Base parameters of all expert channels, unpruned (what a channel ratio applies to)."""
-        return sum(b.initial_experts * b.initial_width * b.layout.channel_cost for b in self.blocks.values())
+    def channel_parameters(self, importance) -> int:
+        """Base parameters of the expert channels that can be scored, unpruned (what a channel ratio applies to)."""
+        return sum(
+            b.initial_experts * b.initial_width * b.layout.channel_cost
+            for b in self.blocks.values()
+            if self._scorable(b, importance)[0]
+        )
+
+    def _scorable(self, b: _Routed, importance) -> tuple[bool, bool]:
+        """Whether LoRA scores (its channels, its whole experts) of a block."""
+        if getattr(importance, "channel_scores", None) is None:
+            return False, False
+        wrappers = b.layout.wrappers(self.model)
+        channels = GATE_UP in wrappers or DOWN in wrappers
+        return channels, channels
+
+    def unscorable_hint(self, importance) -> str:
+        """A sentence naming the MoE layers whose experts nothing scores ('' when every one is scored)."""
+        names = [b.layout.name for b in self.blocks.values() if not self._scorable(b, importance)[1]]
+        if not names:
+            return ""
+        return (
+            f" The routed experts of {len(names)} MoE layers (e.g. {names[0]!r}) carry no LoRA, so they cannot be "
+            "scored or pruned: add peft.LoraConfig(..., target_parameters=['gate_up_proj', 'down_proj']) "
+            "(docs/architectures.md, Mixture of experts)."
+        )
 
     # ------------------------------------------------------------------ scores and units
     def scores(self, b: _Routed, importance) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -122,13 +147,7 @@ class RoutedExperts:
         up = read(wrappers[GATE_UP], "out") if GATE_UP in wrappers else None
         down = read(wrappers[DOWN], "in") if DOWN in wrappers else None
         channels = routed_channel_scores(b.layout, up, down)
-        router = read(wrappers["router"], "out") if "router" in wrappers else None
-        if channels is None and router is None:
-            return None, None
-        experts = channels.sum(1) if channels is not None else torch.zeros(len(b.alive))
-        if router is not None:
-            experts = experts + router.float().cpu()
-        return channels, experts
+        return (channels, channels.sum(1)) if channels is not None else (None, None)
 
     @staticmethod
     def width_multiple(multiple: int) -> int:
@@ -142,10 +161,17 @@ class RoutedExperts:
         units = []
         for key, b in self.blocks.items():
             E, width = len(b.alive), b.width
-            channels, experts = self.scores(b, importance) if scored else (torch.zeros(E, width), torch.zeros(E))
+            if scored:
+                channels, experts = self.scores(b, importance)
+            else:  # the reach of the target: what the scores will be able to choose from
+                can_channels, can_experts = self._scorable(b, importance)
+                channels = torch.zeros(E, width) if can_channels else None
+                experts = torch.zeros(E) if can_experts else None
+                if experts is None:
+                    continue
             if experts is None:
                 warnings.warn(
-                    f"{b.layout.name}: no LoRA layer on its experts or router, so its experts cannot be scored; left "
+                    f"{b.layout.name}: no LoRA layer on its experts, so they cannot be scored; left "
                     "unpruned. Add LoRA on them: peft.LoraConfig(..., target_parameters=['gate_up_proj', "
                     "'down_proj']) (docs/architectures.md, Mixture of experts).",
                     stacklevel=4,

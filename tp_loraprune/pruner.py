@@ -302,10 +302,17 @@ class LoRAPruner:
             q_heads, kv_heads = self._kept_heads(h, 1.0)
             per_q, per_kv = self._head_cost(h)
             removed_by_heads += (h.initial_heads - q_heads) * per_q + (h.initial_kv - kv_heads) * per_kv
-        channel_total = sum(ch.initial * ch.cost for ch in self._channels.values()) + self._experts.channel_parameters()
+        channel_total = sum(ch.initial * ch.cost for ch in self._channels.values())
+        channel_total += self._experts.channel_parameters(self.importance)
         needed = c.ratio * total - removed_by_heads
-        if channel_total == 0 or needed <= 0:
+        if needed <= 0:
             return head_ratio, 0.0
+        if channel_total == 0:
+            raise ValueError(
+                f"ratio {c.ratio} cannot be reached (allocation={c.allocation!r}): heads remove "
+                f"{removed_by_heads / total:.3f} of the pruned layers' parameters and no FFN channel can be pruned."
+                f"{self._experts.unscorable_hint(self.importance)}"
+            )
         channel_ratio = needed / channel_total
         if channel_ratio >= 1.0:
             rule = "FFN channels alone" if c.allocation == "ffn_only" else "heads at the ratio and FFN channels"
@@ -527,7 +534,7 @@ class LoRAPruner:
                 f"{c.min_heads_per_group}, min_kv_heads={c.min_kv_heads}, min_ffn_width={c.min_ffn_width}, "
                 f"max_layer_ratio={c.max_layer_ratio}, uniform={c.uniform}, widths in multiples of "
                 f"{self.channel_multiple}): the largest reachable ratio is {reachable / total:.4f}. Lower the ratio "
-                "or loosen the guards."
+                f"or loosen the guards.{self._experts.unscorable_hint(self.importance)}"
             )
 
     def _allocate(self, graph, groups: dict[str, object], fraction: float) -> dict[str, list[int]]:
