@@ -598,3 +598,39 @@ def test_invalid_expert_removals_are_refused_before_any_change(name, removal, me
     with pytest.raises(ValueError, match=message):
         pruner.replay([{"step": 0, "removed": {keys[k]: v for k, v in removal.items()}}])
     assert _unchanged(model, snapshot)
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+def test_prune_runs_a_moe_model_end_to_end():
+    """tp_loraprune.prune on a plain Mixtral: LoRA goes on the experts too (target_parameters), the run prunes
+    experts inside the fine-tune and returns the merged model."""
+    from tp_loraprune import TrainConfig, prune
+
+    blocks = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
+    config = LoRAPruneConfig(ratio=0.3, layers=[0, 1], total_steps=8, prune_every=2, uniform=False)
+    train = TrainConfig(lr=1e-2, batch_size=2, block_size=12, lora_r=2, lora_dropout=0.0, progress=False)
+    _seed(0)
+    dense = _mixtral()
+    n = count_parameters(dense)
+    result = prune(dense, None, blocks, config, train)
+    assert any(".mlp.experts" in k or ".mlp.gate" in k for e in result.events for k in e["removed"])
+    assert count_parameters(result.model) < 0.8 * n
+    assert not any("lora_" in name for name, _ in result.model.named_parameters())
+
+    with pytest.raises(ValueError, match=r"lora_dropout=0.05.*mixture-of-experts.*ParamWrapper"):
+        prune(_mixtral(), None, blocks, config, TrainConfig(progress=False))
+
+
+def test_layer_widths_show_experts():
+    from tp_loraprune.widths import format_table, layer_widths
+
+    model = build("qwen2_moe")
+    before = layer_widths(model)
+    _backward(model)
+    pruner = LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0, 1, 2], uniform=False))
+    pruner.importance.accumulate(model)
+    pruner.replay([{"step": 0, "removed": _chosen_removals(pruner, heads=True)}])
+    after = layer_widths(model)
+    assert [(r["experts"], r["expert_ffn"]) for r in after] == [(EXPERTS - 2, WIDTH - 8), (None, None), (EXPERTS, 16)]
+    table = format_table(before, after)
+    assert "experts (ffn)" in table and f"{EXPERTS}->{EXPERTS - 2} ({WIDTH}->{WIDTH - 8})" in table

@@ -34,8 +34,10 @@ from torch import nn
 
 from .lora import active_adapter, base_layer, is_lora_layer
 
-# The routed-expert parameters: fused gate/up projection and down projection of every expert.
+# The routed-expert parameters: fused gate/up projection and down projection of every expert (what PEFT's
+# `target_parameters` names to put LoRA on them).
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
+EXPERT_PARAMETERS = (GATE_UP, DOWN)
 
 # Expert FFN widths stay multiples of this: transformers' default experts kernel (`grouped_mm`) needs 16-byte
 # strides, so a width that is not a multiple of 4 fails in fp32 ("strides should be multiple of 16 bytes"), and
