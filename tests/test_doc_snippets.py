@@ -86,7 +86,32 @@ CASES = {
         [("torch.bfloat16", "torch.float32")],
         lambda tmp: {"path": _tiny_dir(tmp)},
     ),
+    ("architectures.md", 0): (
+        [],
+        lambda tmp: {"moe_model": _tiny_mixtral(), "loader": _loader(40), "tokenizer": tiny_tokenizer()},
+    ),
 }
+
+
+def _tiny_mixtral():
+    """A tiny Mixtral (6 experts of width 24, top-2) in fp32."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
+    return MixtralForCausalLM(config)
 
 
 ONLY_SETUP = {("distributed.md", 1)}  # builds the pruner; its loop is a comment
