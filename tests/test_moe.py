@@ -60,8 +60,9 @@ def _mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     return MixtralForCausalLM(
-        MixtralConfig(**_common(head_dim=HEAD_DIM, intermediate_size=WIDTH, num_local_experts=EXPERTS,
-                                num_experts_per_tok=TOP_K))
+        MixtralConfig(
+            **_common(head_dim=HEAD_DIM, intermediate_size=WIDTH, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+        )
     )
 
 
@@ -88,8 +89,13 @@ def _qwen3_moe():  # per-head q/k norms, renormalised top-k
 
     return Qwen3MoeForCausalLM(
         Qwen3MoeConfig(
-            **_common(head_dim=HEAD_DIM, moe_intermediate_size=WIDTH, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-                      norm_topk_prob=True)
+            **_common(
+                head_dim=HEAD_DIM,
+                moe_intermediate_size=WIDTH,
+                num_experts=EXPERTS,
+                num_experts_per_tok=TOP_K,
+                norm_topk_prob=True,
+            )
         )
     )
 
@@ -107,9 +113,15 @@ def _gpt_oss():  # attention sinks, router bias, transposed interleaved experts 
 
     return GptOssForCausalLM(
         GptOssConfig(
-            **_common(head_dim=HEAD_DIM, intermediate_size=WIDTH, num_local_experts=EXPERTS,
-                      num_experts_per_tok=TOP_K, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                      swiglu_limit=1.0)
+            **_common(
+                head_dim=HEAD_DIM,
+                intermediate_size=WIDTH,
+                num_local_experts=EXPERTS,
+                num_experts_per_tok=TOP_K,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+                swiglu_limit=1.0,
+            )
         )
     )
 
@@ -411,8 +423,9 @@ def test_uniform_pruning_saves_a_plain_checkpoint(name, tmp_path):
     assert len({(layout.num_experts, layout.width) for layout in layouts}) == 1
     want = outputs(model)
     path = save_pruned(model, tmp_path / "pruned")
-    assert json.loads((path / "tp_loraprune.json").read_text())["layout"] == ("per_layer" if name == "deepseek_v3"
-                                                                              else "uniform")
+    assert json.loads((path / "tp_loraprune.json").read_text())["layout"] == (
+        "per_layer" if name == "deepseek_v3" else "uniform"
+    )
     if name != "deepseek_v3":  # its config derives the shared width from the experts' width, which moved
         loaded = AutoModelForCausalLM.from_pretrained(path)
         torch.testing.assert_close(outputs(loaded), want, rtol=0, atol=1e-5)
@@ -549,8 +562,11 @@ def test_unknown_moe_block_is_refused_before_any_change():
     )
     _backward(model)
     snapshot = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"PhimoeForCausalLM has routed experts at .*layers\.0\.mlp\.experts.* "
-                                         r"\(PhimoeExperts\).*Known MoE blocks: MixtralSparseMoeBlock"):
+    with pytest.raises(
+        ValueError,
+        match=r"PhimoeForCausalLM has routed experts at .*layers\.0\.mlp\.experts.* "
+        r"\(PhimoeExperts\).*Known MoE blocks: MixtralSparseMoeBlock",
+    ):
         LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0, 1]))
     assert _unchanged(model, snapshot)
 
@@ -572,8 +588,11 @@ def test_mla_heads_are_refused_and_experts_without_lora_are_named():
         _mixtral(), peft.LoraConfig(r=2, target_modules=ATTENTION, init_lora_weights=False, lora_dropout=0.0)
     )
     _backward(heads_only)
-    with pytest.raises(ValueError, match=r"largest reachable ratio is 0\.\d+.*routed experts of 2 MoE layers .* carry "
-                                         r"no LoRA.*target_parameters"):
+    with pytest.raises(
+        ValueError,
+        match=r"largest reachable ratio is 0\.\d+.*routed experts of 2 MoE layers .* carry "
+        r"no LoRA.*target_parameters",
+    ):
         LoRAPruner(heads_only, LoRAPruneConfig(ratio=0.4, layers=[0, 1]))
     with pytest.raises(ValueError, match="no FFN channel can be pruned.*carry no LoRA"):
         LoRAPruner(heads_only, LoRAPruneConfig(ratio=0.4, allocation="fixed", layers=[0, 1]))

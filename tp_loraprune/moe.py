@@ -75,7 +75,11 @@ MOE_BLOCKS: dict[str, MoESpec] = {
     "OlmoeSparseMoeBlock": MoESpec("gate", "num_experts", "intermediate_size"),
     "GptOssMLP": MoESpec("router", "num_local_experts", "intermediate_size"),
     "DeepseekV3MoE": MoESpec(
-        "gate", "n_routed_experts", "moe_intermediate_size", "shared_experts", shared_multiplier="n_shared_experts",
+        "gate",
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "shared_experts",
+        shared_multiplier="n_shared_experts",
         grouped=True,
     ),
 }
@@ -157,10 +161,11 @@ class MoELayout:
         down_bias = getattr(self.experts, "down_proj_bias", None)
         return cost + (int(down_bias.shape[1]) if down_bias is not None else 0)
 
-    def wrappers(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The LoRA ParamWrappers on this block's parameters: keys "gate_up_proj", "down_proj", "router"."""
+    def wrappers(self, model: nn.Module, lora: list[nn.Module] | None = None) -> dict[str, nn.Module]:
+        """The LoRA ParamWrappers on this block's parameters: keys "gate_up_proj", "down_proj", "router" (`lora`:
+        the model's LoRA layers, when the caller has them)."""
         found = {}
-        for layer in _lora_modules(model):
+        for layer in lora_modules(model) if lora is None else lora:
             target, name = base_layer(layer), getattr(layer, "parameter_name", None)
             if target is self.experts and name in (GATE_UP, DOWN):
                 found[name] = layer
@@ -169,7 +174,7 @@ class MoELayout:
         return found
 
 
-def _lora_modules(model: nn.Module) -> list[nn.Module]:
+def lora_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_lora_layer(m)]
 
 
@@ -393,10 +398,16 @@ def prune_routed(
     scores: list[ScoreTransform] = []
     if GATE_UP in wrappers:
         _replace_factors(wrappers[GATE_UP], factor_a(None), factor_b(rows), replaced)
-        scores += [ScoreTransform(wrappers[GATE_UP], "out", columns(rows)), ScoreTransform(wrappers[GATE_UP], "in", select)]
+        scores += [
+            ScoreTransform(wrappers[GATE_UP], "out", columns(rows)),
+            ScoreTransform(wrappers[GATE_UP], "in", select),
+        ]
     if DOWN in wrappers:
         _replace_factors(wrappers[DOWN], factor_a(channels), factor_b(None), replaced)
-        scores += [ScoreTransform(wrappers[DOWN], "in", columns(channels)), ScoreTransform(wrappers[DOWN], "out", select)]
+        scores += [
+            ScoreTransform(wrappers[DOWN], "in", columns(channels)),
+            ScoreTransform(wrappers[DOWN], "out", select),
+        ]
     if "router" in wrappers:  # a 2-D ParamWrapper on the router weight (E, H): B's rows are the experts
         for b in cast(Any, wrappers["router"]).lora_B.values():
             _replace(b, "weight", select, replaced)
@@ -450,9 +461,9 @@ def sync_moe_config(model: nn.Module) -> bool:
         by_attr.setdefault(spec.count, set()).add(layout.num_experts)
         by_attr.setdefault(spec.width, set()).add(layout.width)
         if layout.shared is not None:
-            shared = int(cast(Any, layout.shared).down_proj.weight.shape[1]) if hasattr(
-                layout.shared, "down_proj"
-            ) else None
+            shared = (
+                int(cast(Any, layout.shared).down_proj.weight.shape[1]) if hasattr(layout.shared, "down_proj") else None
+            )
             if spec.shared_width is not None and shared is not None:
                 by_attr.setdefault(spec.shared_width, set()).add(shared)
             elif spec.shared_multiplier is not None and shared is not None:
@@ -472,4 +483,3 @@ def sync_moe_config(model: nn.Module) -> bool:
             setattr(config, attr, value)
         return False
     return uniform
-

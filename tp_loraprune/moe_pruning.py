@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from . import allocation
-from .moe import DOWN, EXPERT_WIDTH_MULTIPLE, GATE_UP, MoELayout, moe_layouts, prune_routed, routed_channel_scores
+from .moe import (
+    DOWN,
+    EXPERT_WIDTH_MULTIPLE,
+    GATE_UP,
+    MoELayout,
+    lora_modules,
+    moe_layouts,
+    prune_routed,
+    routed_channel_scores,
+)
 from .optim_state import replace_parameter_by
 
 
@@ -40,6 +49,7 @@ class _Routed:
     initial_width: int
     alive: list[int] = field(default_factory=list)
     channels: dict[int, list[int]] = field(default_factory=dict)
+    wrappers: dict[str, nn.Module] = field(default_factory=dict)  # its LoRA ParamWrappers (moe.MoELayout.wrappers)
 
     @property
     def width(self) -> int:
@@ -61,12 +71,19 @@ class RoutedExperts:
         self.model = model
         self.blocks: dict[str, _Routed] = {}
         self.router_keys: dict[str, str] = {}  # router key → channel key of the same block
+        lora = lora_modules(model)
         for layout in moe_layouts(model):
             if layout.block not in layer_of:
                 continue
             E, width = layout.num_experts, layout.width
             self.blocks[layout.experts_name] = _Routed(
-                layout, layer_of[layout.block], E, width, list(range(E)), {e: list(range(width)) for e in range(E)}
+                layout,
+                layer_of[layout.block],
+                E,
+                width,
+                list(range(E)),
+                {e: list(range(width)) for e in range(E)},
+                layout.wrappers(model, lora),
             )
             self.router_keys[layout.router_name] = layout.experts_name
 
@@ -122,8 +139,7 @@ class RoutedExperts:
         """Whether LoRA scores (its channels, its whole experts) of a block."""
         if getattr(importance, "channel_scores", None) is None:
             return False, False
-        wrappers = b.layout.wrappers(self.model)
-        channels = GATE_UP in wrappers or DOWN in wrappers
+        channels = GATE_UP in b.wrappers or DOWN in b.wrappers
         return channels, channels
 
     def unscorable_hint(self, importance) -> str:
@@ -143,7 +159,7 @@ class RoutedExperts:
         read = getattr(importance, "channel_scores", None)
         if read is None:  # not a LoRA-guided importance: nothing scores experts
             return None, None
-        wrappers = b.layout.wrappers(self.model)
+        wrappers = b.wrappers
         up = read(wrappers[GATE_UP], "out") if GATE_UP in wrappers else None
         down = read(wrappers[DOWN], "in") if DOWN in wrappers else None
         channels = routed_channel_scores(b.layout, up, down)
@@ -262,7 +278,7 @@ class RoutedExperts:
         kept_channels = [[p for p, c in enumerate(b.channels[e]) if c not in by_expert[e]] for e in kept]
         replaced, score_transforms = prune_routed(
             b.layout,
-            b.layout.wrappers(self.model),
+            b.wrappers,
             torch.tensor([b.alive.index(e) for e in kept]),
             torch.tensor(kept_channels, dtype=torch.long).view(len(kept), -1),
         )

@@ -33,8 +33,8 @@ from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
 from .fused import declared_ffns
 from .graph import build_graph, example_input_ids, pruning_fn, release_trace
-from .importance import Direction, LoRAGuidedImportance
 from .head_parameters import remove_head_parameters
+from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_b_is_zero, lora_layers, sync_lora_features
 from .mla import mla_modules
 from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
@@ -167,7 +167,8 @@ class LoRAPruner:
         self._selected = {m for layer in self._selected_layers for m in layer.modules()}
         check_moe_supported(model, self._selected)
         self._experts = RoutedExperts(
-            model, {m: i for i, layer in zip(self.layer_indices, self._selected_layers, strict=True) for m in layer.modules()}
+            model,
+            {m: i for i, layer in zip(self.layer_indices, self._selected_layers, strict=True) for m in layer.modules()},
         )
         self._names = {m: n for n, m in model.named_modules()}
         self.step_count = 0
@@ -495,7 +496,7 @@ class LoRAPruner:
                 min_width,
                 partial(self._saved_channels, ch),
             )
-            # shared experts of MoE layers are a kind of their own: uniform=True keeps them one width, not the dense FFNs'
+            # MoE shared experts are a kind of their own: uniform=True keeps them one width, not the dense FFNs'
             blocks.append(replace(block, kind="shared_channels") if key in self._shared_keys else block)
         blocks += self._experts.units(self.importance, self.channel_multiple, max(c.min_ffn_width, 1), scored)
         if c.uniform:
@@ -585,7 +586,10 @@ class LoRAPruner:
         if not self.auto:
             for key, h in self._heads.items():
                 removed[key] = self._choose_heads(graph, h, fraction)
-            ratio, multiple = (self.channel_ratio or 0.0) * fraction, self._experts.width_multiple(self.channel_multiple)
+            ratio, multiple = (
+                (self.channel_ratio or 0.0) * fraction,
+                self._experts.width_multiple(self.channel_multiple),
+            )
             removed.update(
                 self._experts.choose_channels(lambda width: _keep_count(width, ratio, multiple), self.importance)
             )

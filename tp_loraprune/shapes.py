@@ -19,9 +19,7 @@ def changed_tensor_shapes(model: nn.Module, reference: nn.Module) -> dict[str, l
     """Parameters and buffers of `model` outside linear layers whose shape differs from `reference` (the model its
     config builds), by qualified name. Linear layers are recorded by their features instead."""
     expected = {
-        f"{m}.{n}" if m else n: list(t.shape)
-        for m, module in reference.named_modules()
-        for n, t in _tensors(module)
+        f"{m}.{n}" if m else n: list(t.shape) for m, module in reference.named_modules() for n, t in _tensors(module)
     }
     changed = {}
     for m, module in model.named_modules():
@@ -43,6 +41,10 @@ def reshape_tensors(model: nn.Module, shapes: dict[str, list[int]], source: str)
         module = modules.get(owner)
         old = getattr(module, attr, None) if module is not None else None
         if not isinstance(old, torch.Tensor):
-            raise ValueError(f"{source} reshapes {name!r}, which is not a parameter or buffer of {type(model).__name__}.")
+            raise ValueError(
+                f"{source} reshapes {name!r}, which is not a parameter or buffer of {type(model).__name__}."
+            )
         new = torch.empty(shape, dtype=old.dtype, device=old.device)
-        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new)
+        setattr(
+            module, attr, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        )

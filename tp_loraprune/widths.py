@@ -68,7 +68,9 @@ def format_table(before: list[dict], after: list[dict]) -> str:
         line = f"{a['layer']:>5}  {heads:<14}  {ffn}"
         if experts and a.get("experts") is not None:
             count = f"{b['experts']}->{a['experts']}" if b["experts"] != a["experts"] else f"{a['experts']}"
-            width = f"{b['expert_ffn']}->{a['expert_ffn']}" if b["expert_ffn"] != a["expert_ffn"] else f"{a['expert_ffn']}"
+            width = (
+                f"{b['expert_ffn']}->{a['expert_ffn']}" if b["expert_ffn"] != a["expert_ffn"] else f"{a['expert_ffn']}"
+            )
             line = f"{line:<33}  {count} ({width})"
         lines.append(line)
     return "\n".join(lines)
