@@ -28,6 +28,22 @@ from tp_loraprune.models import attention_layouts, count_parameters
 from tp_loraprune.moe import moe_layouts
 from tp_loraprune.optim_state import trainable_parameters_match
 
+
+def _stacked_experts_supported() -> bool:
+    """transformers 5 stacks experts as 3-D parameters; PEFT puts LoRA on them through `target_parameters`."""
+    import dataclasses
+
+    import peft
+    import transformers
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    return int(transformers.__version__.split(".")[0]) >= 5 and "target_parameters" in fields
+
+
+pytestmark = pytest.mark.skipif(
+    not _stacked_experts_supported(), reason="needs transformers >= 5 and peft with target_parameters (>= 0.17)"
+)
+
 VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, EXPERTS, TOP_K, WIDTH = 64, 32, 4, 2, 8, 6, 2, 24
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -566,6 +582,29 @@ def test_unknown_moe_block_is_refused_before_any_change():
         ValueError,
         match=r"PhimoeForCausalLM has routed experts at .*layers\.0\.mlp\.experts.* "
         r"\(PhimoeExperts\).*Known MoE blocks: MixtralSparseMoeBlock",
+    ):
+        LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0, 1]))
+    assert _unchanged(model, snapshot)
+
+
+def test_a_declared_block_in_another_layout_is_refused():
+    """A Mixtral block whose experts are separate MLP modules (transformers 4's layout) is refused, not pruned as
+    unrelated FFNs and a router of unknown coupling."""
+    import peft
+    from torch import nn
+
+    _seed(0)
+    base = _mixtral()
+    for layer in base.model.layers:
+        layer.mlp.experts = nn.ModuleList(nn.Linear(HIDDEN, HIDDEN) for _ in range(EXPERTS))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=ATTENTION, init_lora_weights=False, lora_dropout=0.0)
+    )
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"MixtralForCausalLM has a MixtralSparseMoeBlock at .*layers\.0\.mlp.* without "
+        r"transformers 5's stacked experts",
     ):
         LoRAPruner(model, LoRAPruneConfig(ratio=0.2, layers=[0, 1]))
     assert _unchanged(model, snapshot)

@@ -185,17 +185,28 @@ def is_expert_wrapper(layer: nn.Module) -> bool:
 
 
 def moe_layouts(model: nn.Module) -> list[MoELayout]:
-    """Every declared MoE block of `model` (`MOE_BLOCKS`)."""
+    """Every declared MoE block of `model` (`MOE_BLOCKS`) in the layout it was declared with."""
+    return _declared_blocks(model)[0]
+
+
+def _declared_blocks(model: nn.Module) -> tuple[list[MoELayout], list[tuple[str, str]]]:
+    """(layouts of the declared MoE blocks, (name, class) of blocks of a declared class in another layout, e.g. the
+    per-expert modules of transformers 4)."""
     names = {m: n for n, m in model.named_modules()}
-    layouts = []
+    layouts, other = [], []
     for name, block in model.named_modules():
         spec = MOE_BLOCKS.get(type(block).__name__)
         if spec is None:
             continue
-        experts, router = base_layer(block.experts), base_layer(getattr(block, spec.router))
+        experts = base_layer(getattr(block, "experts", nn.Module()))
+        router = base_layer(getattr(block, spec.router, nn.Module()))
+        stacked = all(isinstance(getattr(experts, p, None), nn.Parameter) for p in EXPERT_PARAMETERS)
+        if not stacked or getattr(experts, GATE_UP).dim() != 3 or getattr(router, "weight", torch.ones(1)).dim() != 2:
+            other.append((name, type(block).__name__))
+            continue
         shared = getattr(block, spec.shared) if spec.shared else None
         layouts.append(MoELayout(name, block, spec, experts, router, shared, names[experts], names[router]))
-    return layouts
+    return layouts, other
 
 
 def _holds_experts(module: nn.Module) -> bool:
@@ -219,10 +230,20 @@ def unsupported_experts(model: nn.Module, within: set[nn.Module] | None = None) 
 def check_moe_supported(model: nn.Module, within: set[nn.Module] | None = None) -> None:
     """Raise a ValueError for expert stacks whose block is not declared (their layout or routing is unknown), and
     for a declared block whose routing cannot stay valid."""
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    other = [
+        (name, cls) for name, cls in _declared_blocks(model)[1] if within is None or model.get_submodule(name) in within
+    ]
+    if other:
+        (where, cls), more = other[0], f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise ValueError(
+            f"{type(base).__name__} has a {cls} at {where!r}{more} without transformers 5's stacked experts (3-D "
+            f"{GATE_UP} and {DOWN} parameters, a router weight): tp_loraprune prunes mixture-of-experts blocks in that "
+            "layout only (transformers >= 5). Prune other layers with `layers=[...]`."
+        )
     found = unsupported_experts(model, within)
     if found:
         (where, cls), more = found[0], f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
         raise ValueError(
             f"{type(base).__name__} has routed experts at {where!r}{more} ({cls}) in a mixture-of-experts block "
             f"that tp_loraprune does not know: removing experts or expert channels needs the block's weight layout "

@@ -152,9 +152,9 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=train.target_modules,
-        target_parameters=list(EXPERT_PARAMETERS) if experts else None,
         init_lora_weights=True if lora_init == "default" else cast(Any, lora_init),  # checked in TrainConfig
         task_type="CAUSAL_LM",
+        **({"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
     )
     with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated; not the user's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
