@@ -437,6 +437,9 @@ def test_uniform_pruning_saves_a_plain_checkpoint(name, tmp_path):
     model, _, pruner, _ = _prune(name, LoRAPruneConfig(ratio=0.4, layers=_layers(build(name))))
     layouts = moe_layouts(model)
     assert len({(layout.num_experts, layout.width) for layout in layouts}) == 1
+    if name != "deepseek_v3":  # (it has no load-balancing loss) the loss counts the experts that are left
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+        assert torch.isfinite(model(input_ids=ids, labels=ids, output_router_logits=True).aux_loss)
     want = outputs(model)
     path = save_pruned(model, tmp_path / "pruned")
     assert json.loads((path / "tp_loraprune.json").read_text())["layout"] == (
@@ -692,3 +695,27 @@ def test_layer_widths_show_experts():
     assert [(r["experts"], r["expert_ffn"]) for r in after] == [(EXPERTS - 2, WIDTH - 8), (None, None), (EXPERTS, 16)]
     table = format_table(before, after)
     assert "experts (ffn)" in table and f"{EXPERTS}->{EXPERTS - 2} ({WIDTH}->{WIDTH - 8})" in table
+
+
+# ---------------------------------------------------------------------------------------------- units (pure)
+def test_expert_channel_units_take_each_experts_own_lowest_channels():
+    from tp_loraprune.allocation import expert_channel_units
+
+    scores = torch.tensor([[5.0, 1.0, 4.0, 0.0, 9.0, 8.0], [0.0, 7.0, 1.0, 6.0, 2.0, 3.0]])
+    block = expert_channel_units("e", 3, scores, cost=10, multiple=2, min_width=2)
+    assert block.kind == "expert_channels" and len(block.units) == 2  # 6 → 4 → 2, every expert alike
+    first, second = block.units
+    assert first.removals == {"e": (1, 3, 6, 8)}  # expert 0: channels 3, 1; expert 1: channels 0, 2
+    assert (first.score, first.cost, first.layer_costs) == (2.0, 40, {3: 40})
+    assert second.removals == {"e": (0, 2, 10, 11)} and second.score == 14.0
+    odd = expert_channel_units("e", 0, scores[:, :5], cost=1, multiple=2, min_width=1)
+    assert [len(u.removals["e"]) for u in odd.units] == [2, 4]  # width 5 first drops to 4
+
+
+def test_expert_units_remove_one_expert_per_routing_group():
+    from tp_loraprune.allocation import expert_units
+
+    scores = torch.tensor([[3.0, 0.0, 2.0, 1.0], [0.5, 4.0, 6.0, 5.0]])  # 2 groups of 4 experts
+    block = expert_units("r", 1, scores, expert_cost=100, min_per_group=2)
+    assert block.kind == "experts" and [u.removals["r"] for u in block.units] == [(1, 4), (3, 5)]
+    assert [u.score for u in block.units] == [0.5, 5.0] and all(u.cost == 200 for u in block.units)

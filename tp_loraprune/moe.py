@@ -491,6 +491,12 @@ def sync_moe_config(model: nn.Module) -> bool:
                 # the config derives the shared width from the experts' width: it must still hold
                 multiplier = int(getattr(config, spec.shared_multiplier))
                 uniform &= shared == layout.width * multiplier
+    counts = {layout.num_experts for layout in layouts}
+    if len(counts) == 1:  # the *ForCausalLM's load-balancing loss (output_router_logits=True) reads its own count
+        inside = moe_block_modules(model)
+        for m in model.modules():
+            if m not in inside and hasattr(m, "num_experts") and hasattr(m, "num_experts_per_tok"):
+                cast(Any, m).num_experts = next(iter(counts))
     saved = {attr: getattr(config, attr) for attr in by_attr}
     for attr, values in by_attr.items():
         if len(values) == 1:
