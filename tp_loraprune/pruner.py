@@ -180,7 +180,7 @@ class LoRAPruner:
             for a in attention_layouts(model)
             if a.module in self._selected
         }
-        self._check_mla()
+        self._check_moe_targets()
         if graph is None:
             graph = build_graph(model, self.example_inputs)
         self._graph: tp.DependencyGraph | None = None
@@ -215,7 +215,7 @@ class LoRAPruner:
             release_trace(graph)
 
     # ------------------------------------------------------------------ targets
-    def _check_mla(self) -> None:
+    def _check_moe_targets(self) -> None:
         """Refuse a head target on layers whose attention is multi-head latent attention (its heads stay), and a
         latency target on MoE layers (not timed)."""
         c = self.config
