@@ -719,3 +719,19 @@ def test_expert_units_remove_one_expert_per_routing_group():
     block = expert_units("r", 1, scores, expert_cost=100, min_per_group=2)
     assert block.kind == "experts" and [u.removals["r"] for u in block.units] == [(1, 4), (3, 5)]
     assert [u.score for u in block.units] == [0.5, 5.0] and all(u.cost == 200 for u in block.units)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_lora_metapruner_prunes_expert_channels(name):
+    """Torch-Pruning's MetaPruner interface: `pruning_ratio` narrows every expert like a dense FFN (DeepSeek-V3's
+    MLA is passed through while Torch-Pruning traces), exactly."""
+    from tp_loraprune import LoRAMetaPruner
+
+    model = build(name)
+    _backward(model)
+    pruner = LoRAMetaPruner(model, pruning_ratio=0.5)
+    pruner.importance.accumulate(model)
+    before = copy.deepcopy(model)
+    event = pruner.step()
+    assert {layout.width for layout in moe_layouts(model)} == {WIDTH - 8}  # 24 · 0.5 rounded to multiples of 8
+    torch.testing.assert_close(outputs(model), masked_outputs(before, event["removed"]), rtol=0, atol=1e-5)
