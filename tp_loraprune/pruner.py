@@ -209,7 +209,6 @@ class LoRAPruner:
         # onto its members, later events reuse this graph (no trace, no group propagation per event).
         templates = {key: self._template(graph, groups[key]) for key in self._channel_roots}
         self._templates = {key: t for key, t in templates.items() if t is not None}
-
         if len(self._templates) == len(templates):
             self._graph = graph
             release_trace(graph)
