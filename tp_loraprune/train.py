@@ -154,7 +154,7 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
         target_modules=train.target_modules,
         init_lora_weights=True if lora_init == "default" else cast(Any, lora_init),  # checked in TrainConfig
         task_type="CAUSAL_LM",
-        **({"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
+        **cast(dict[str, Any], {"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
     )
     with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated; not the user's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
