@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_llama, save_tiny_hf, wrap_peft
+from test_moe import _mixtral as tiny_mixtral
+from test_moe import _stacked_experts_supported
 from tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +101,10 @@ CASES = {
         [("torch.bfloat16", "torch.float32")],
         lambda tmp: {"path": _tiny_dir(tmp)},
     ),
+    ("architectures.md", 0): (
+        [],
+        lambda tmp: {"moe_model": tiny_mixtral(), "loader": _loader(40), "tokenizer": tiny_tokenizer()},
+    ),
 }
 
 
@@ -139,6 +145,8 @@ def test_snippet_runs(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if case == ("quantized.md", 0):
         pytest.importorskip("bitsandbytes", reason="the quantized-base snippet needs the quant extra")
+    if case == ("architectures.md", 0) and not _stacked_experts_supported():
+        pytest.skip("the MoE snippet needs transformers >= 5 and peft with target_parameters (>= 0.17)")
     if case == ("distributed.md", 0):  # a one-rank gloo group: the snippet's DDP calls need a process group
         import torch.distributed as dist
 

@@ -113,6 +113,46 @@ def kv_group_units(
     return Block(key, "heads", tuple(units))
 
 
+def expert_channel_units(
+    key: str,
+    layer: int,
+    scores: torch.Tensor,
+    cost: int,
+    multiple: int,
+    min_width: int,
+    saved: Saving | None = None,
+) -> Block:
+    """The FFN channels of a layer's routed experts at one common width: unit k removes the next `multiple`
+    lowest-scoring channels of *every* expert (each expert its own), keeping at least `min_width` per expert.
+
+    `scores` is (experts, width) over the alive ones; positions are row-major (expert · width + channel). A unit
+    saves `cost` parameters per expert channel, or `saved(width before, width after)`. A width that is not a
+    multiple of `multiple` first drops to the multiple below it."""
+    experts, width = scores.shape
+    ranked, order = torch.sort(scores.double().cpu(), dim=1, stable=True)
+    floor = max(-(-min_width // multiple) * multiple, multiple)
+    units, start = [], 0
+    size = width % multiple or multiple
+    while width - start - size >= floor:
+        taken = order[:, start : start + size]
+        positions = tuple(sorted(e * width + int(p) for e in range(experts) for p in taken[e].tolist()))
+        c = saved(width - start, width - start - size) if saved else experts * size * cost
+        units.append(Unit(float(ranked[:, start : start + size].sum()), c, {key: positions}, {layer: c}))
+        start += size
+        size = multiple
+    return Block(key, "expert_channels", tuple(units))
+
+
+def expert_units(
+    key: str, layer: int, scores: torch.Tensor, expert_cost: int, min_per_group: int, saved: Saving | None = None
+) -> Block:
+    """Whole routed experts of a layer, `scores` (routing groups, experts per group) over the alive ones: unit k
+    removes the k-th lowest-scoring expert of every group (one expert when the router has no groups), keeping
+    `min_per_group` per group. A unit saves `expert_cost` per expert, or `saved(experts before, after)`."""
+    block = per_group_head_units(key, layer, scores, expert_cost, min_per_group, saved)
+    return Block(key, "experts", block.units)
+
+
 def merge_uniform(blocks: Iterable[Block]) -> list[Block]:
     """One block per kind whose unit k is the k-th unit of every block of that kind (chains cut to the shortest)."""
     by_kind: dict[str, list[Block]] = {}

@@ -6,7 +6,8 @@ Two on-disk formats, both safetensors plus JSON:
   normal `save_pretrained` directory that `AutoModelForCausalLM.from_pretrained` loads.
 * per-layer: layers differ (the default, since the first and last layers are left unpruned). HF configs
   have one width per attribute, so the directory holds the original config, `model.safetensors`, and
-  `tp_loraprune.json` with the shape of every linear layer that differs from the config.
+  `tp_loraprune.json` with the shape of every linear layer that differs from the config (and of every other
+  pruned tensor: expert stacks, routers, attention sinks).
   `tp_loraprune.load_pruned(path)` builds the model from the config, reshapes those layers and loads
   the weights (strict). It never unpickles anything and never enables `trust_remote_code`.
 
@@ -32,6 +33,7 @@ from .integrity import check_finite, fsync_path, read_json, records, remove_tree
 from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
 from .quant import dequantize_model, has_quantized_layers, quantization
+from .shapes import changed_tensor_shapes, reshape_tensors
 
 MANIFEST = "tp_loraprune.json"
 WEIGHTS = "model.safetensors"
@@ -253,8 +255,10 @@ def _write_model(
     else:
         from safetensors.torch import save_model
 
-        reference = _linear_shapes(_reference_model(model.config, auto_class))
+        reference_model = _reference_model(model.config, auto_class)
+        reference = _linear_shapes(reference_model)
         manifest["linear_shapes"] = {n: s for n, s in _linear_shapes(model).items() if reference.get(n) != s}
+        manifest["tensor_shapes"] = changed_tensor_shapes(model, reference_model)
         cast(Any, model).config.save_pretrained(path)
         if getattr(model, "generation_config", None) is not None:
             cast(Any, model).generation_config.save_pretrained(path)
@@ -373,6 +377,7 @@ def load_pruned(
                 f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}."
             )
         _resize_linear(modules[name], out_features, in_features)
+    reshape_tensors(model, manifest.get("tensor_shapes", {}), str(manifest_file))
     sync_attention_attributes(model)
     sync_config(model)
     load_model(model, str(path / WEIGHTS), strict=True)

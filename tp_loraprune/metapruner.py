@@ -32,6 +32,7 @@ from .config import LoRAPruneConfig
 from .graph import customized_pruners, example_input_ids, model_output, traceable
 from .importance import LoRAGuidedImportance
 from .lora import lora_layers
+from .mla import opaque_while_tracing
 from .models import decoder_layers
 from .pruner import LoRAPruner
 
@@ -180,7 +181,7 @@ class LoRAMetaPruner(tp.pruner.BasePruner):  # BasePruner is MetaPruner (its 1.6
             ranking="global" if global_pruning else "local",
             round_to=round_to or 1,
         )
-        with traceable(model), torch.enable_grad(), warnings.catch_warnings():
+        with traceable(model), opaque_while_tracing(model), torch.enable_grad(), warnings.catch_warnings():
             # the norms' weights it lists only follow the hidden size, which is never pruned
             warnings.filterwarnings("ignore", message="Unwrapped parameters")
             super().__init__(
