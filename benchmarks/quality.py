@@ -34,6 +34,7 @@ from tp_loraprune.export import merge_lora  # noqa: E402
 from tp_loraprune.loading import load_model_and_tokenizer  # noqa: E402
 from tp_loraprune.models import count_parameters  # noqa: E402
 from tp_loraprune.quant import quantize_model  # noqa: E402
+from tp_loraprune.results import macs_per_token  # noqa: E402
 from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
 
 PRESETS = {
@@ -94,6 +95,7 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     base = overrides.pop("base", "float")  # "8bit" / "4bit": LoRAPrune on a bitsandbytes base
     keep_quantized = overrides.pop("keep_quantized", False)  # merge into the quantized base instead
     steps = overrides.pop("steps", args.steps)  # a longer (or shorter) budget for this run only
+    mmlu = overrides.pop("mmlu", True)  # False: skip MMLU for this run (the allocation plan's extra seeds)
     data = overrides.pop("data", None)  # another fine-tune text for this run only (args.datasets)
     if data is not None:
         blocks = args.datasets[data]()
@@ -148,22 +150,12 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         "peak_gib": None if peak is None else round(peak, 3),
         "prune_events": events,
     }
-    row.update(evaluate_model(merged, tokenizer, args))
+    row.update(evaluate_model(merged, tokenizer, args, mmlu=mmlu))
     del merged, model
     return row
 
 
-def macs_per_token(model, seq_len: int) -> int:
-    """Multiply-accumulates per token of a causal LM at `seq_len`: every linear layer (in × out) plus attention's
-    two matmuls (q·k and p·v, heads × head_dim per attended position, (seq_len + 1) / 2 positions on average)."""
-    from tp_loraprune.models import attention_layouts
-
-    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    attention = sum(2 * a.num_heads * a.head_dim * (seq_len + 1) // 2 for a in attention_layouts(model))
-    return linear + attention
-
-
-def evaluate_model(model, tokenizer, args) -> dict:
+def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
     """Perplexity at `ppl_seq_len` (and at each of `extra_seq_lens`, e.g. 128 as LLM-Pruner), zero-shot, MMLU."""
     out = {}
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -181,7 +173,7 @@ def evaluate_model(model, tokenizer, args) -> dict:
                     ),
                     3,
                 )
-    for key, tasks, limit in (("zero_shot", None, args.zs_limit), ("mmlu", ["mmlu_local"], args.mmlu_limit)):
+    for key, tasks, limit in (("zero_shot", None, args.zs_limit), ("mmlu", ["mmlu_local"], mmlu and args.mmlu_limit)):
         if not limit:
             continue
         try:
@@ -200,6 +192,7 @@ ALLOCATION_CELLS = {
     "lp-fixed": ("loraprune", _PISSA | {"allocation": "fixed"}),
     "lp-ffn_only": ("loraprune", _PISSA | {"allocation": "ffn_only"}),
     "lp-uniform": ("loraprune", _PISSA | {"uniform": True}),
+    "lp-default": ("loraprune", {"lora_init": "pissa_niter_4"}),  # every default: uniform auto, round_to=None
     "lp-auto-cap": ("loraprune", _PISSA | {"uniform": False, "max_layer_ratio": "ratio+0.2"}),
     "taylor-auto": ("taylor", {"round_to": 1, "uniform": False}),
     "taylor-fixed": ("taylor", {"round_to": 1, "allocation": "fixed"}),
@@ -207,17 +200,23 @@ ALLOCATION_CELLS = {
 }
 
 
+# cells run at every seed: the auto allocations and their strongest fixed rival
+SEEDED_CELLS = ("lp-auto", "lp-uniform", "lp-ffn_only", "taylor-auto")
+
+
 def allocation_plan(args) -> list[tuple]:
-    """The allocation table: every cell at every ratio (auto cells at every seed), dense first; then a longer
-    budget and instruction data for LoRAPrune-auto and Taylor-auto at the first ratio."""
+    """The allocation table: every cell at every ratio (SEEDED_CELLS at every seed, MMLU at the first seed
+    only), dense first; then a longer budget and instruction data for LoRAPrune-auto and Taylor-auto at the
+    first ratio."""
     runs = [("dense", "dense", 0.0, args.seeds[0], None)]
     for ratio in args.ratios:
         for cell, (method, overrides) in ALLOCATION_CELLS.items():
-            seeds = args.seeds + args.extra_seeds if cell.endswith("auto") else args.seeds[:1]
+            seeds = args.seeds + args.extra_seeds if cell in SEEDED_CELLS else args.seeds[:1]
             if overrides.get("max_layer_ratio") == "ratio+0.2":  # no layer loses more than 20 points over the ratio
                 overrides = overrides | {"max_layer_ratio": round(min(ratio + 0.2, 1.0), 3)}
             for seed in seeds:
-                runs.append((f"{cell}@{ratio}/s{seed}", method, ratio, seed, overrides))
+                extra = {} if seed == args.seeds[0] else {"mmlu": False}
+                runs.append((f"{cell}@{ratio}/s{seed}", method, ratio, seed, overrides | extra))
     r, seed = args.ratios[0], args.seeds[0]
     for cell in ("lp-auto", "taylor-auto"):
         method, overrides = ALLOCATION_CELLS[cell]
@@ -282,6 +281,76 @@ def plan(args) -> list[tuple]:
     return runs
 
 
+def estimated_cost(run: tuple, args) -> float:
+    """Rough seconds of one run on a GPU, for balancing workers: steps, plus a fixed evaluation cost."""
+    name, method, ratio, seed, overrides = run
+    steps = 0 if method == "dense" else (overrides or {}).get("steps", args.steps)
+    return steps * 0.4 + 40.0
+
+
+def balanced_shards(runs: list[tuple], workers: int, args) -> list[list[str]]:
+    """Run names split into `workers` lists of about equal estimated cost (longest first, first seeds before
+    extra seeds, each to the least loaded worker): under a time budget, what is skipped is extra seeds."""
+    shards: list[list[str]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for run in sorted(runs, key=lambda r: (-estimated_cost(r, args), r[3] != args.seeds[0])):
+        k = load.index(min(load))
+        shards[k].append(run[0])
+        load[k] += estimated_cost(run, args)
+    return [s for s in shards if s]
+
+
+def run_in_workers(argv: list[str], args, runs: list[tuple]) -> int:
+    """The same benchmark in `args.workers` processes sharing the device (a 135M model leaves a GPU mostly idle),
+    merged into `args.out` in plan order. Timings of concurrent runs are not comparable across rows."""
+    import subprocess
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    passthrough, skip = [], False
+    for a in argv:  # drop --workers/--only/--out (and their values): each worker gets its own
+        if skip:
+            skip = False
+            continue
+        if a in ("--workers", "--only", "--out"):
+            skip = True
+            continue
+        if a.split("=")[0] in ("--workers", "--only", "--out"):
+            continue
+        passthrough.append(a)
+    shards = balanced_shards(runs, args.workers, args)
+    threads = str(max(1, (os.cpu_count() or 1) // len(shards)))
+    procs = []
+    for k, names in enumerate(shards):
+        part = out.with_suffix(f".part{k}.json")
+        log = open(out.with_suffix(f".part{k}.log"), "w")
+        cmd = [sys.executable, __file__, *passthrough, "--only", ",".join(names), "--out", str(part)]
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        procs.append((part, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        print(f"worker {k}: {len(names)} runs -> {part}", flush=True)
+    merged: dict | None = None
+    by_name, skipped = {}, []
+    for part, proc, log in procs:
+        proc.wait()
+        log.close()
+        if not part.exists():
+            print(f"{part}: no results (exit {proc.returncode}); see {part.with_suffix('.log')}", flush=True)
+            continue
+        res = json.loads(part.read_text())
+        merged = merged or {k: v for k, v in res.items() if k not in ("runs", "skipped")}
+        by_name |= {r["name"]: r for r in res["runs"]}
+        skipped += res.get("skipped", [])
+    if merged is None:
+        return 1
+    merged["settings"] = dict(merged["settings"], only=args.only, workers=len(shards))
+    merged["runs"] = [by_name[r[0]] for r in runs if r[0] in by_name]
+    merged["skipped"] = [r[0] for r in runs if r[0] not in by_name]
+    merged["total_s"] = round(time.perf_counter() - args.t_start, 1)
+    out.write_text(json.dumps(merged, indent=1))
+    print(f"{len(merged['runs'])} runs -> {out}; not run: {merged['skipped']}", flush=True)
+    return 0 if all(p.returncode == 0 for _, p, _ in procs) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="gpu")
@@ -307,8 +376,13 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override a preset value, e.g. --set steps=4 --set ratios=[0.2]",
     )
+    p.add_argument(
+        "--workers", type=int, default=1, help="run the plan in this many processes sharing the device, then merge"
+    )
     p.add_argument("--out", required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    args.t_start = time.perf_counter()
     for k, v in PRESETS[args.preset].items():
         setattr(args, k, v)
     for item in args.set:
@@ -318,8 +392,14 @@ def main(argv=None) -> int:
     args.extra_seq_lens = [int(n) for n in args.extra_seq_lens.split(",") if n]
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.data_dir = str(find_data_dir(args.data_dir)) if find_data_dir(args.data_dir) else None
+    runs = plan(args)
+    if args.only:  # those runs, in the order given
+        order = {name: i for i, name in enumerate(args.only.split(","))}
+        runs = sorted((r for r in runs if r[0] in order), key=lambda r: order[r[0]])
+    if args.workers > 1:
+        return run_in_workers(argv, args, runs)
     data = args.data or os.path.join(args.data_dir, "calibration", "c4_demo.jsonl")
-    t_start = time.perf_counter()
+    t_start = args.t_start
     dense, tokenizer = load_model_and_tokenizer(args.model)
     dense.to(args.device)
     blocks = token_blocks(read_text_documents(data), tokenizer, block_size=args.block_size)
@@ -332,12 +412,9 @@ def main(argv=None) -> int:
     }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "datasets")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "datasets", "t_start")}
     results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks), "runs": []}
-    only = set(args.only.split(",")) if args.only else None
-    for name, method, ratio, seed, overrides in plan(args):
-        if only is not None and name not in only:
-            continue
+    for name, method, ratio, seed, overrides in runs:
         if time.perf_counter() - t_start > args.time_budget:
             results.setdefault("skipped", []).append(name)
             continue

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tp_loraprune.eval import ZERO_SHOT_TASKS
+from tp_loraprune.results import SIZE_HEADER, fmt, markdown_table, quality_cells, quality_header, size_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,10 +65,6 @@ def macs_by_parameters() -> dict[int, int]:
             if r.get("macs_per_token"):
                 table[r["parameters"]] = r["macs_per_token"]
     return table
-
-
-def fmt(x, digits=1):
-    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def _pissa(r: dict) -> bool:
@@ -148,33 +145,25 @@ def criterion_damage_table() -> str:
 
 
 def quality_table(rows: list[dict]) -> str:
+    """The main table: every method at every ratio, in the columns `tp-loraprune eval` prints
+    (`tp_loraprune.results`), between the run's ratio / method and its cost."""
     main = [r for r in rows if not r.get("config") and r["seed"] == 0 and r.get("steps", 100) == 100]
     main.sort(key=lambda r: (r["ratio"], METHOD_ORDER.index(r["method"])))
-    short = {t: t.replace("_local", "").replace("arc_", "arc-").replace("winogrande", "wino") for t in TASKS}
-    head = (
-        "| ratio | method | params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | "
-        + " | ".join(short[t] for t in TASKS)
-        + " | zero-shot mean | prune+FT s | peak GiB | card |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in main:
-        zs = r.get("zero_shot", {})
-        cells = [
+    ppl_sets = ("wikitext2", "ptb")
+    header = ["ratio", "method", *SIZE_HEADER, *quality_header(ppl_sets, TASKS), "prune+FT s", "peak GiB", "card"]
+    table = [
+        [
             f"{r['ratio']:.0%}",
             r["method"],
-            fmt(r["parameters"] / 1e6, 1),
-            fmt(r["macs_per_token"] / 1e9 if r.get("macs_per_token") else None, 3),
-            fmt(r.get("wikitext2_ppl")),
-            fmt(r.get("ptb_ppl")),
-        ] + [fmt(100 * zs[t], 0) if t in zs else "–" for t in TASKS]
-        cells += [
-            fmt(100 * zs["mean"], 1) if "mean" in zs else "–",
+            *size_cells(r["parameters"], r.get("macs_per_token")),
+            *quality_cells(r, ppl_sets, TASKS),
             fmt(r.get("prune_and_finetune_s"), 0),
             fmt(r.get("peak_gib"), 2),
             r.get("card", "–"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r in main
+    ]
+    return markdown_table(header, table)
 
 
 def _zs_mean(r: dict) -> str:
@@ -558,71 +547,160 @@ def plots(rows: list[dict]) -> list[str]:
     return made
 
 
-ALLOCATION_FILES = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
+ALLOCATION_FILE = "quality_allocation_h200.json"  # every cell, 3 ratios, 3 seeds of SEEDED cells, 12 workers
+ALLOCATION_MMLU_FILE = "quality_allocation_mmlu_h200.json"  # dense and three 20% cells again, with MMLU
+# an earlier run of the same cells (same protocol and seed): fills zero-shot where the 12-worker run ran out of
+# GPU memory in lm-eval, only for runs whose perplexity it reproduced exactly
+ALLOCATION_EARLIER = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
 ALLOCATION_LABELS = {
+    "lp-default": "LoRAPrune, the defaults (auto, uniform, `round_to=None`: 8 here)",
+    "lp-uniform": "LoRAPrune, auto, uniform widths, round_to=1",
     "lp-auto": "LoRAPrune, auto, per-layer widths (`uniform=False`)",
-    "lp-uniform": "LoRAPrune, auto, uniform widths (the default's allocation, run with round_to=1)",
     "lp-auto-cap": "LoRAPrune, auto, per-layer, `max_layer_ratio` = ratio + 0.2",
     "lp-ffn_only": "LoRAPrune, ffn_only",
     "lp-fixed": "LoRAPrune, fixed (the old rule)",
     "taylor-auto": "Taylor (full gradients), auto, per-layer",
-    "taylor-fixed": "Taylor (full gradients), fixed",
     "taylor-ffn_only": "Taylor (full gradients), ffn_only",
+    "taylor-fixed": "Taylor (full gradients), fixed",
 }
 
 
+def _load_runs(name: str) -> list[dict]:
+    path = RESULTS / name
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
 def allocation_rows() -> list[dict]:
-    """The allocation table's runs, and the Taylor fixed-rule rows of the methods table (same protocol and
-    seed; the dense row of both runs is identical, 30.223)."""
-    rows = []
-    for name in ALLOCATION_FILES:
-        path = RESULTS / name
-        if path.exists():
-            rows += [dict(r, source=name) for r in json.loads(path.read_text())["runs"]]
-    cells = {r["name"].split("@")[0] for r in rows}
-    if "taylor-fixed" not in cells:
-        rows += [
-            dict(r, name=f"taylor-fixed@{r['ratio']}/s0", source=r["source"])
-            for r in quality_rows()
-            if r["method"] == "taylor" and not r.get("config") and r["seed"] == 0 and r.get("steps", 100) == 100
-        ]
+    """The allocation table's runs; zero-shot and MMLU filled in from the reruns where the main run lacks them
+    (`zero_shot_source` says from where)."""
+    rows = [dict(r) for r in _load_runs(ALLOCATION_FILE)]
+    again = {r["name"]: r for r in _load_runs(ALLOCATION_MMLU_FILE)}
+    earlier = {r["name"]: r for name in ALLOCATION_EARLIER for r in _load_runs(name)}
+    if "dense" not in {r["name"] for r in rows} and "dense" in again:
+        rows.insert(0, dict(again["dense"], zero_shot_source=ALLOCATION_MMLU_FILE))
+    for r in rows:
+        twin = again.get(r["name"])
+        if twin is not None and "mmlu" in twin:
+            r["mmlu"] = twin["mmlu"]
+        if "zero_shot" in r:
+            continue
+        for source, other in ((ALLOCATION_MMLU_FILE, twin), ("earlier run", earlier.get(r["name"]))):
+            if other is not None and "zero_shot" in other and other["wikitext2_ppl"] == r["wikitext2_ppl"]:
+                r["zero_shot"], r["zero_shot_source"] = other["zero_shot"], source
+                break
     return rows
+
+
+def _mean_and_range(values: list[float], digits: int = 1) -> str:
+    """'41.8' for one value, '41.8 (41.6–42.2)' for several: mean, then min–max over seeds."""
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt(m, digits)
+    return f"{fmt(m, digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+
+
+def _cell_runs(rows: list[dict], cell: str, ratio: float) -> list[dict]:
+    return [r for r in rows if r["name"].startswith(f"{cell}@{ratio}/")]
+
+
+def _cell_mean(rows: list[dict], cell: str, ratio: float, key: str = "wikitext2_ppl") -> float | None:
+    values = [r[key] for r in _cell_runs(rows, cell, ratio) if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def allocation_table() -> str:
     rows = allocation_rows()
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and r["source"] in ALLOCATION_FILES})
-    head = "| allocation | " + " | ".join(
-        f"{int(q * 100)}%: WikiText-2 / PTB (512) | {int(q * 100)}%: WikiText-2 / PTB (128) | {int(q * 100)}%: 0-shot"
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    head = "| allocation | seeds | " + " | ".join(
+        f"{int(q * 100)}%: WikiText-2 (512) | {int(q * 100)}%: PTB (512) | {int(q * 100)}%: WikiText-2 / PTB (128) "
+        f"| {int(q * 100)}%: 0-shot"
         for q in ratios
     )
-    lines = [head + " |", "|" + "---|" * (1 + 3 * len(ratios))]
+    lines = [head + " |", "|" + "---|" * (2 + 4 * len(ratios))]
     if dense:
         cells = [
-            f"{fmt(dense['wikitext2_ppl'])} / {fmt(dense['ptb_ppl'])} | {fmt(dense.get('wikitext2_ppl_128'))} / "
+            f"{fmt(dense['wikitext2_ppl'])} | {fmt(dense['ptb_ppl'])} | {fmt(dense.get('wikitext2_ppl_128'))} / "
             f"{fmt(dense.get('ptb_ppl_128'))} | {_zs_mean(dense)}"
         ] * len(ratios)
-        lines.append(f"| dense ({dense['parameters'] / 1e6:.1f}M) | " + " | ".join(cells) + " |")
+        lines.append(f"| dense ({dense['parameters'] / 1e6:.1f}M) | – | " + " | ".join(cells) + " |")
     for cell, label in ALLOCATION_LABELS.items():
-        cols = []
+        cols, seeds = [], set()
         for q in ratios:
-            r = next((r for r in rows if r["name"] == f"{cell}@{q}/s0"), None)
-            if r is None:
-                cols.append("not run | | ")
+            runs = _cell_runs(rows, cell, q)
+            if not runs:
+                cols.append("not run | | | ")
                 continue
-            short = (
-                f"{fmt(r.get('wikitext2_ppl_128'))} / {fmt(r.get('ptb_ppl_128'))}" if "wikitext2_ppl_128" in r else "–"
-            )
-            cols.append(f"{fmt(r['wikitext2_ppl'])} / {fmt(r['ptb_ppl'])} | {short} | {_zs_mean(r)}")
-        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+            seeds.add(len(runs))
+            zs = [100 * r["zero_shot"]["mean"] for r in runs if "mean" in (r.get("zero_shot") or {})]
+            wiki, ptb = (_mean_and_range([r[k] for r in runs]) for k in ("wikitext2_ppl", "ptb_ppl"))
+            short = " / ".join(fmt(_cell_mean(rows, cell, q, k)) for k in ("wikitext2_ppl_128", "ptb_ppl_128"))
+            cols.append(f"{wiki} | {ptb} | {short} | {_mean_and_range(zs)}")
+        n = "/".join(str(k) for k in sorted(seeds, reverse=True))
+        lines.append(f"| {label} | {n} | " + " | ".join(cols) + " |")
     params = {q: sorted({r["parameters"] for r in rows if r["ratio"] == q and r["method"] != "dense"}) for q in ratios}
+    filled = sum(1 for r in rows if r.get("zero_shot_source"))
     lines.append("")
     lines.append(
-        "Parameters per ratio (every row within 0.05% of the others): "
+        "Mean over seeds, (min–max) where there are several; the (128) and 0-shot columns are means. Parameters per "
+        "ratio (every row within 0.3% of the others): "
         + "; ".join(f"{int(q * 100)}%: {p[0] / 1e6:.2f}M–{p[-1] / 1e6:.2f}M" for q, p in params.items())
-        + ". Taylor fixed rows: `quality_gpu_2.json` (earlier session, same protocol and seed; the dense row is the "
-        "same 30.22 / 60.08)."
+        + f". `{ALLOCATION_FILE}`; the 12 concurrent workers ran lm-eval out of GPU memory on some runs, whose "
+        f"zero-shot ({filled} runs) comes from a rerun (`{ALLOCATION_MMLU_FILE}`) or an earlier run of the same "
+        "cell that reproduced its perplexity exactly; a 0-shot mean over fewer seeds than the row has is one of those "
+        "gaps."
+    )
+    return "\n".join(lines)
+
+
+def allocation_standing_table() -> str:
+    """Ratios of WikiText-2 perplexity (seed means): the allocation against the fixed rules, and LoRAPrune
+    against Taylor under each allocation."""
+    rows = allocation_rows()
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    pairs = [
+        ("LoRAPrune defaults vs LoRAPrune fixed", "lp-default", "lp-fixed"),
+        ("LoRAPrune defaults vs LoRAPrune ffn_only", "lp-default", "lp-ffn_only"),
+        ("LoRAPrune auto uniform (round_to=1) vs LoRAPrune ffn_only", "lp-uniform", "lp-ffn_only"),
+        ("LoRAPrune auto per-layer vs auto uniform", "lp-auto", "lp-uniform"),
+        ("LoRAPrune defaults vs Taylor fixed (target ≤ 0.80)", "lp-default", "taylor-fixed"),
+        ("LoRAPrune auto per-layer vs Taylor auto per-layer", "lp-auto", "taylor-auto"),
+        ("LoRAPrune ffn_only vs Taylor ffn_only", "lp-ffn_only", "taylor-ffn_only"),
+        ("LoRAPrune fixed vs Taylor fixed", "lp-fixed", "taylor-fixed"),
+    ]
+    lines = ["| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
+    lines.append("|" + "---|" * (1 + len(ratios)))
+    for label, a, b in pairs:
+        cols = []
+        for q in ratios:
+            x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
+            cols.append(f"{x / y:.2f}×" if x and y else "–")
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def allocation_extra_table() -> str:
+    """The longer budget, instruction data and MMLU rows of the allocation plan (20%)."""
+    rows = allocation_rows()
+    lines = [
+        "| run (20%, seed 0) | steps | fine-tune data | WikiText-2 / PTB (512) | WikiText-2 / PTB (128) | 0-shot "
+        "| MMLU (5-shot) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    picked = [r for r in rows if r["name"] == "dense" or "mmlu" in r or "steps@" in r["name"] or "alpaca" in r["name"]]
+    for r in picked:
+        data = "Alpaca-cleaned" if "alpaca" in r["name"] else ("–" if r["method"] == "dense" else "C4")
+        mmlu = r.get("mmlu", {}).get("mean")
+        lines.append(
+            f"| {r['name']} | {r.get('steps', '–')} | {data} | {fmt(r['wikitext2_ppl'])} / {fmt(r['ptb_ppl'])} | "
+            f"{fmt(r.get('wikitext2_ppl_128'))} / {fmt(r.get('ptb_ppl_128'))} | {_zs_mean(r)} | "
+            f"{fmt(100 * mmlu, 1) if mmlu is not None else '–'} |"
+        )
+    lines.append(
+        "\nMMLU: 10 questions per subject (570), 5-shot, `lm-eval` on the local copy; at 135M parameters every row is "
+        "within a few points of chance (25%), so MMLU cannot rank these models."
     )
     return "\n".join(lines)
 
@@ -691,19 +769,123 @@ def alignment_table() -> str:
     return "\n".join(lines)
 
 
+def llama7b_prefill_macs(ffn: int, heads: int, tokens: int = 2048) -> float:
+    """Multiply-accumulates per token of a LLaMA-7B-shaped prefill (hidden 4096, 32 layers, head size 128, MHA,
+    vocabulary 32000) with every layer at `ffn` channels and `heads` heads: projections, FFN, causal attention's
+    q·k and p·v over (tokens + 1) / 2 positions on average, and the LM head."""
+    hidden, d, layers, vocab = 4096, 128, 32, 32000
+    attention = 4 * hidden * heads * d + 2 * heads * d * (tokens + 1) / 2
+    return layers * (attention + 3 * hidden * ffn) + hidden * vocab
+
+
+def default_speed_table() -> str:
+    path = RESULTS / "efficiency_uniform_static_h200.json"
+    if not path.exists():
+        return "(no default-allocation speed results)"
+    data = json.loads(path.read_text())
+    rows = data["inference"]
+    dense = next(r for r in rows if r["ratio"] == 0)
+    dense_macs = llama7b_prefill_macs(dense["intermediate_sizes"][0], dense["q_heads"][0])
+    lines = [
+        "| ratio | allocation | FFN width | query heads | parameters | parameter ratio | prefill MAC ratio "
+        "| prefill 2048 s | prefill vs dense | decode tok/s (static cache) | decode vs dense | prune event s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        macs = llama7b_prefill_macs(r["intermediate_sizes"][0], r["q_heads"][0])
+        lines.append(
+            f"| {r['ratio']:.0%} | {_allocation_label(r) if r['ratio'] else 'dense'} | "
+            f"{r['intermediate_sizes'][0]} | {r['q_heads'][0]} | {r['parameters'] / 1e9:.2f}B | "
+            f"{dense['parameters'] / r['parameters']:.2f}× | {dense_macs / macs:.2f}× | {r['prefill_s']:.4f} | "
+            f"{dense['prefill_s'] / r['prefill_s']:.2f}× | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}× | {fmt(r['prune_event_s'], 2)} |"
+        )
+    lines.append(
+        f"\n{data['environment']['device']}, torch {data['environment']['torch']}, transformers "
+        f"{data['environment']['transformers']}, random bf16 weights, batch 1, every layer pruned, the defaults "
+        '(`allocation="auto"`, `uniform=True`, `round_to=None` = 64 at this width). Prefill: 2048 tokens, '
+        'eager, fastest of 5. Decode: 128 greedy tokens after 16, `cache_implementation="static"` (transformers '
+        "compiles the decode step), median of 3 after 2 warm-ups. LoRA scores come from one backward on random "
+        "tokens, so which kind the allocation removes is arbitrary here; at random weights it removed FFN "
+        "channels only. The auto and ffn_only rows have (nearly) the same shapes, so their differences "
+        "(up to 20% in decode) are this measurement's run-to-run spread; decode stays far below the "
+        "weight-bandwidth bound (about 350 tok/s dense), so it is still partly launch-bound. Command: "
+        "`python benchmarks/efficiency.py --skip steps,init --ratios 0.2,0.5 "
+        "--allocations auto,ffn_only --multiples 64 --uniform 1 --decode 128 --decode-mode static --out ...`."
+    )
+    return "\n".join(lines)
+
+
+def allocation_plot() -> str | None:
+    """WikiText-2 perplexity against the pruned fraction for every allocation cell, seed ranges as bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = allocation_rows()
+    if not rows:
+        return None
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0 and "@" in r["name"] and "steps" not in r["name"]})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {"lp": "-", "taylor": ":"}
+    for cell in ("lp-default", "lp-ffn_only", "lp-auto", "lp-fixed", "taylor-auto", "taylor-ffn_only", "taylor-fixed"):
+        xs, ys, lo, hi = [], [], [], []
+        for q in ratios:
+            values = [r["wikitext2_ppl"] for r in _cell_runs(rows, cell, q)]
+            if values:
+                m = sum(values) / len(values)
+                xs.append(100 * q)
+                ys.append(m)
+                lo.append(m - min(values))
+                hi.append(max(values) - m)
+        if xs:
+            label = ALLOCATION_LABELS[cell].replace("`", "")
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linestyle=styles[cell.split("-")[0]], label=label)
+    if dense:
+        ax.axhline(dense["wikitext2_ppl"], color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xticks([100 * q for q in ratios])
+    ax.set_xlabel("% of the pruned layers' parameters removed")
+    ax.set_ylabel("WikiText-2 perplexity (512)")
+    ax.set_title("Allocation on SmolLM2-135M: LoRAPrune (solid) vs Taylor (dotted), 100 steps, H200")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "img" / "allocation.png", dpi=110)
+    plt.close(fig)
+    return "img/allocation.png"
+
+
 def main() -> int:
     rows = quality_rows()
     out = ROOT / "docs" / "benchmarks.md"
-    made = plots(rows)
+    made = plots(rows) + [p for p in [allocation_plot()] if p]
     text = [
         BEGIN,
         "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
         "",
         allocation_table(),
         "",
+        "![WikiText-2 perplexity per allocation and ratio](img/allocation.png)",
+        "",
+        "Where LoRAPrune stands (ratios of the seed means above; below 1 means the first is better):",
+        "",
+        allocation_standing_table(),
+        "",
+        "### Allocation: a longer budget, instruction data, MMLU (20%)",
+        "",
+        allocation_extra_table(),
+        "",
         "### Are head and channel scores on one scale? Predicted vs measured one-shot damage",
         "",
         allocation_scale_table(),
+        "",
+        "### The default output at the LLaMA-7B shape: prefill and static-cache decode speed (H200)",
+        "",
+        default_speed_table(),
         "",
         "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
         "",

@@ -9,6 +9,7 @@ hybrid model stays hybrid. `FAMILY_OVERRIDES` holds the few settings the generic
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import warnings
@@ -125,10 +126,12 @@ class Family:
     model_type: str
     class_name: str
     settings: tuple[tuple[str, object], ...] = ()
+    pruning: tuple[tuple[str, object], ...] = ()  # LoRAPruneConfig fields instead of the walk's
 
     @property
     def name(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.settings)
+        extra += "; " * bool(extra and self.pruning) + ", ".join(f"pruned with {k}={v}" for k, v in self.pruning)
         return f"{self.model_type} ({extra})" if extra else self.model_type
 
 
@@ -156,13 +159,23 @@ VARIANT_SETTINGS: dict[str, list[dict]] = {
 }
 
 
+# pruner settings a family is walked with besides the walk's own (its refusal of those is in the table too)
+VARIANT_PRUNING: dict[str, list[dict]] = {
+    "deepseek_v3": [{"head_ratio": 0.0}],  # MLA heads are never pruned: its FFNs and experts are
+}
+
+
 def walked_families() -> list[Family]:
-    """`causal_lm_families` with the VARIANT_SETTINGS of each (those of installed model types)."""
+    """`causal_lm_families` with the VARIANT_SETTINGS and VARIANT_PRUNING of each (of installed model types)."""
     out = []
     for f in causal_lm_families():
         out.append(f)
         out += [
             Family(f.model_type, f.class_name, tuple(sorted(v.items()))) for v in VARIANT_SETTINGS.get(f.model_type, [])
+        ]
+        out += [
+            Family(f.model_type, f.class_name, pruning=tuple(sorted(v.items())))
+            for v in VARIANT_PRUNING.get(f.model_type, [])
         ]
     return out
 
@@ -338,13 +351,17 @@ def randomize_norms_and_biases(model, seed: int = 0) -> None:
 
 
 def with_lora(model, seed: int = 0):
-    """PEFT LoRA (r=2, B non-zero) on every linear layer but the LM head."""
+    """PEFT LoRA (r=2, B non-zero) on every linear layer but the LM head, and on the stacked experts of declared
+    mixture-of-experts blocks (PEFT's `target_parameters`, as `tp_loraprune.train.add_lora` does)."""
     import peft
 
     random.seed(seed)
     torch.manual_seed(seed)
+    from tp_loraprune.moe import EXPERT_PARAMETERS, moe_layouts
+
+    experts = {"target_parameters": list(EXPERT_PARAMETERS)} if moe_layouts(model) else {}  # stacked 3-D experts
     config = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=linear_names(model), init_lora_weights=False, lora_dropout=0.0
+        r=2, lora_alpha=4, target_modules=linear_names(model), init_lora_weights=False, lora_dropout=0.0, **experts
     )
     return peft.get_peft_model(model, config)
 
@@ -404,6 +421,26 @@ def _copy(family: Family, model):
         return twin
 
 
+def _kinds(pruner, events: list[dict]) -> set[str]:
+    """What the events removed: heads, (dense or shared-expert) FFN channels, expert channels, whole experts."""
+    from tp_loraprune.moe import moe_layouts
+
+    experts = {layout.experts_name for layout in moe_layouts(pruner.model)}
+    routers = {layout.router_name for layout in moe_layouts(pruner.model)}
+    kinds = set()
+    for key in (k for e in events for k in e["removed"]):
+        kinds.add(
+            "heads"
+            if key in pruner._heads
+            else "expert channels"
+            if key in experts
+            else "experts"
+            if key in routers
+            else "FFN channels"
+        )
+    return kinds
+
+
 def _from_pruner(w: warnings.WarningMessage) -> bool:
     """A warning of tp_loraprune (raised inside the package, or pointing at its caller here)."""
     import os
@@ -440,27 +477,48 @@ def names_class_and_module(message: str, model) -> bool:
     return any(c in message for c in classes) and any(f"{n}" in message for n in names)
 
 
-def _masked(before, pruned, events: list[dict]):
-    """`before` with every removed head's output-projection input columns and every removed FFN channel's
-    down-projection input columns zeroed (base weight and lora_A): the slow reference of a pruned model.
-
-    The consumers are found physically: every linear whose input shrank. A head key names an attention block
-    (its output projection); any other shrunk input belongs to the channel group of the same block (the
-    longest common name prefix)."""
-    from tp_loraprune.conv1d import features, is_conv1d
-    from tp_loraprune.lora import base_layer, lora_layers
-    from tp_loraprune.models import attention_layouts
-
+def _removed(events: list[dict]) -> dict[str, list[int]]:
     removed: dict[str, list[int]] = {}
     for event in events:
         for key, ids in event["removed"].items():
             removed.setdefault(key, []).extend(ids)
+    return removed
+
+
+def _masked(before, pruned, events: list[dict]):
+    """`before` with every removed head's output-projection input columns and every removed FFN channel's
+    down-projection input columns zeroed (base weight and lora_A), and every removed expert channel's column of its
+    expert's down projection: the slow reference of a pruned model (removed whole experts are masked in the
+    routing, `masked_logits`).
+
+    The dense consumers are found physically: every linear whose input shrank. A head key names an attention block
+    (its output projection); any other shrunk input belongs to the channel group of the same block (the longest
+    common name prefix)."""
+    from tp_loraprune.conv1d import features, is_conv1d, is_linear_like
+    from tp_loraprune.lora import base_layer, lora_layers
+    from tp_loraprune.models import attention_layouts
+    from tp_loraprune.moe import moe_layouts
+
+    removed = _removed(events)
     layouts = {a.name: a for a in attention_layouts(before)}
+    moe = {layout.experts_name: layout for layout in moe_layouts(before)}
+    routers = {layout.router_name for layout in moe.values()}
     wrappers_before, wrappers_after = lora_layers(before), lora_layers(pruned)
-    channel_keys = [k for k in removed if k not in layouts]
+    channel_keys = [k for k in removed if k not in layouts and k not in moe and k not in routers]
     with torch.no_grad():
+        for key, layout in moe.items():  # expert channels: that expert's down column, base and LoRA A
+            A = layout.wrappers(before)["down_proj"].lora_A["default"].weight.view(layout.num_experts, -1, layout.width)
+            for i in removed.get(key, []):
+                e, c = divmod(i, layout.width)
+                if layout.transposed:
+                    layout.down[e, c, :] = 0
+                else:
+                    layout.down[e, :, c] = 0
+                A[e, :, c] = 0
         for name, wrapper in wrappers_before.items():
             base = base_layer(wrapper)
+            if not is_linear_like(base):  # stacked experts (PEFT's ParamWrapper): masked above
+                continue
             cut = features(base)[1] - features(base_layer(wrappers_after[name]))[1]
             if cut == 0:
                 continue
@@ -483,6 +541,47 @@ def _masked(before, pruned, events: list[dict]):
             for a in wrapper.lora_A.values():
                 a.weight[:, cols] = 0
     return before
+
+
+@contextlib.contextmanager
+def _removed_experts_never_route(model, removed: dict[str, list[int]]):
+    """While active, every router of `model` with removed experts (original ids) adds −inf to their logits, and
+    DeepSeek-V3's choice correction is −inf for them, before the top-k."""
+    from tp_loraprune.moe import moe_layouts
+
+    linear = torch.nn.functional.linear
+    hooks, masks = [], {}
+    for layout in moe_layouts(model):
+        ids = removed.get(layout.router_name, [])
+        if ids:
+            masks[layout.router] = torch.zeros(layout.num_experts).index_fill_(0, torch.tensor(ids), float("-inf"))
+            correction = getattr(layout.router, "e_score_correction_bias", None)
+            if correction is not None:
+                correction.data[ids] = float("-inf")
+
+    def enter(module, args):
+        mask = masks[module]
+        torch.nn.functional.linear = lambda x, w, b=None: linear(x, w, b) + mask.to(x.dtype)
+
+    def leave(module, args, out):
+        torch.nn.functional.linear = linear
+
+    try:
+        for router in masks:
+            hooks += [router.register_forward_pre_hook(enter), router.register_forward_hook(leave)]
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+        for h in hooks:
+            h.remove()
+
+
+def masked_logits(before, pruned, events: list[dict]) -> torch.Tensor:
+    """Logits of `before` (an unpruned copy) masked at what `events` removed from `pruned` (`_masked`), with removed
+    experts never routed to."""
+    reference = _masked(before, pruned, events)
+    with _removed_experts_never_route(reference, _removed(events)):
+        return logits(reference)
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -511,7 +610,8 @@ def classify(family: Family, tmp_dir, **settings) -> Outcome:
         before, state = _copy(family, model), _state(model)
     except Exception as e:  # noqa: BLE001 - anything before the pruner runs is the walk's, not the pruner's
         raise CannotBuild(f"{family.name}: {type(e).__name__}: {_first_sentence(str(e))}") from e
-    config = LoRAPruneConfig(**{"head_ratio": 0.5, "channel_ratio": 0.5, "skip_first": 0.0, "skip_last": 0, **settings})
+    walk = {"head_ratio": 0.5, "channel_ratio": 0.5, "skip_first": 0.0, "skip_last": 0}
+    config = LoRAPruneConfig(**{**walk, **dict(family.pruning), **settings})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -535,7 +635,7 @@ def classify(family: Family, tmp_dir, **settings) -> Outcome:
         raise Misclassified(f"{family.class_name}: the pruner accepted the model but removed nothing")
     try:
         pruned_logits, dense_logits = logits(model), logits(before)
-        masked_logits = logits(_masked(before, model, events))
+        reference_logits = masked_logits(before, model, events)
         backward(model, seed=2)
     except Misclassified:
         raise
@@ -543,12 +643,14 @@ def classify(family: Family, tmp_dir, **settings) -> Outcome:
         raise Misclassified(f"{family.class_name}: the pruned model fails: {type(e).__name__}: {e}") from e
     if not torch.isfinite(pruned_logits).all():
         raise Misclassified(f"{family.class_name}: non-finite logits after pruning")
-    if (masked_logits - dense_logits).abs().max().item() <= 100 * ATOL:
+    if (reference_logits - dense_logits).abs().max().item() <= 100 * ATOL:
         raise Misclassified(f"{family.class_name}: masking the removed structures does not change the logits")
     tolerance = ATOL * max(1.0, dense_logits.abs().max().item())
-    diff = (pruned_logits - masked_logits).abs().max().item()
+    diff = (pruned_logits - reference_logits).abs().max().item()
     if diff > tolerance:
         raise Misclassified(f"{family.class_name}: pruned logits differ from the masked dense model by {diff:.3g}")
+    kinds = _kinds(pruner, events)  # before saving: it merges LoRA, which renames the experts
+    detail = " + ".join(k for k in ("heads", "FFN channels", "expert channels", "experts") if k in kinds)
     try:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", family.name)
         path = save_pruned(model, tmp_dir / slug)  # merges LoRA into the model it was given
@@ -562,9 +664,7 @@ def classify(family: Family, tmp_dir, **settings) -> Outcome:
     diff = (loaded - merged_logits).abs().max().item()
     if diff > tolerance:
         raise Misclassified(f"{family.class_name}: load_pruned gives logits {diff:.3g} away from the saved model")
-    kinds = sorted({"heads" if k in pruner._heads else "FFN channels" for e in events for k in e["removed"]})
-    detail = " + ".join(reversed(kinds))
-    return Outcome("exact", detail + "".join(f"; {n}" for n in notes))
+    return Outcome("exact", detail + "".join(f"; {n.rstrip('.')}" for n in notes))
 
 
 # ---------------------------------------------------------------------------------------------- the docs table

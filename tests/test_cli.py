@@ -191,8 +191,41 @@ def test_eval_takes_data_dir_batch_size_and_writes_json(tmp_path, monkeypatch, c
     argv += ["--ppl", "wikitext2", "--seq-len", "64", "--max-windows", "3", "--batch-size", "2"]
     assert cli.main([*argv, "--output", str(result)]) == 0
     saved = json.loads(result.read_text())
-    assert saved["seq_len"] == 64 and saved["wikitext2_ppl"] > 1
-    assert f"written to {result}" in capsys.readouterr().out
+    assert saved["seq_len"] == 64 and saved["wikitext2_ppl"] > 1 and saved["max_windows"] == 3
+    model = _tiny_model_and_tokenizer()[0]
+    assert saved["parameters"] == sum(p.numel() for p in model.parameters()) and saved["macs_per_token"] > 0
+    text = capsys.readouterr().out
+    assert f"written to {result}" in text
+    header, rule, row, note = text.splitlines()[-5:-1]  # after the progress output, before "written to"
+    assert header == "| model | params (M) | GMACs/token | WikiText-2 ppl |" and rule == "|---|---|---|---|"
+    assert (
+        row == f"| {argv[2]} | {saved['parameters'] / 1e6:.1f} | {saved['macs_per_token'] / 1e9:.3f} | "
+        f"{saved['wikitext2_ppl']:.1f} |"
+    )
+    assert note == "perplexity: the first 3 windows of 64 tokens of each test set; weights in float32"
+
+
+def test_eval_table_has_the_columns_and_formats_of_the_benchmark_table():
+    from pathlib import Path
+
+    results = {"model": "m", "parameters": 116_200_000, "macs_per_token": 115_000_000, "seq_len": 512}
+    results |= {"wikitext2_ppl": 55.514, "ptb_ppl": 80.06, "max_windows": None, "zero_shot_limit": 100}
+    results["dtype"] = "bfloat16"
+    results["zero_shot"] = {"piqa_local": 0.6049, "arc_easy_local": 0.4449, "mean": 0.5249}
+    tasks = ["piqa_local", "arc_easy_local"]
+    lines = cli.eval_table(results, ["wikitext2", "ptb"], tasks).splitlines()
+    assert (
+        lines[0] == "| model | params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | piqa | arc-easy | zero-shot mean |"
+    )
+    assert lines[2] == "| m | 116.2 | 0.115 | 55.5 | 80.1 | 60 | 44 | 52.5 |"
+    assert lines[3] == (
+        "perplexity: every window of 512 tokens of each test set; weights in bfloat16; zero-shot: lm-eval accuracy "
+        "in %, 100 examples per task"
+    )
+    benchmarks = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    main_table = next(line for line in benchmarks.splitlines() if line.startswith("| ratio | method | params (M)"))
+    columns = "| params (M) | GMACs/token | WikiText-2 ppl | PTB ppl | piqa | hellaswag | wino | arc-easy |"
+    assert columns in main_table and "| zero-shot mean |" in main_table  # the same columns, made by the same code
 
 
 def test_eval_refuses_a_missing_data_folder_naming_it_once_and_the_flag(tmp_path, no_model, monkeypatch):
@@ -283,3 +316,58 @@ def test_a_hub_id_the_hub_refuses_is_one_line(monkeypatch):
     with pytest.raises(ValueError, match=r"could not be loaded from the hub \(OSError: nobody/no-such") as info:
         load_model_and_tokenizer("nobody/no-such-model-19")
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- --config FILE
+def _write(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_sets_flags_by_name_and_the_command_line_overrides_it(tmp_path):
+    yaml_file = _write(
+        tmp_path / "run.yaml",
+        "ratio: 0.5\nlora_r: 16\nlora-alpha: 8\nuniform: false\nservable: true\n"
+        "target-modules: [q_proj, v_proj]\nround_to: null\nsave-dtype: float16\n",
+    )
+    args = cli.parse_args(["prune", "--config", yaml_file, "--ratio", "0.3", "--no-servable"])
+    assert (args.ratio, args.lora_r, args.lora_alpha, args.uniform) == (0.3, 16, 8.0, False)
+    assert args.servable is False and args.target_modules == "q_proj,v_proj" and args.save_dtype == "float16"
+    assert args.steps == 40  # not in the file: the default
+    assert {"ratio", "lora_r", "servable", "target_modules"} <= args.given_flags and "steps" not in args.given_flags
+    json_file = _write(tmp_path / "run.json", json.dumps({"steps": 12, "prune_every": 3, "lr": "5e-4"}))
+    args = cli.parse_args(["prune", "--config", json_file])
+    assert (args.steps, args.prune_every, args.lr) == (12, 3, 5e-4)
+    args = cli.parse_args(["eval", "--config", _write(tmp_path / "eval.yaml", "ppl: [wikitext2]\nbatch-size: 2\n")])
+    assert args.ppl == "wikitext2" and args.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("ratio: 0.5\nlora_rank: 16\n", r"unknown key\(s\) lora_rank; valid keys: allocation, batch-size, .*lora-r,"),
+        ("ratio: abc\n", r"ratio: --ratio takes a number, got 'abc'"),
+        ("allocation: best\n", r"allocation: --allocation must be one of \['auto', 'fixed', 'ffn_only'\]"),
+        ("servable: yes please\n", r"servable: --servable takes true or false"),
+        ("steps: 2.5\n", r"steps: --steps takes an integer, got 2.5"),
+        ("- ratio\n", r"expected a mapping of flag names to values, got a list"),
+        ("ratio: [0.5\n", r"not valid YAML at line"),
+        ("config: other.yaml\n", r"unknown key\(s\) config"),
+    ],
+)
+def test_bad_config_files_are_refused_in_one_line_before_the_model_loads(tmp_path, no_model, text, expected):
+    message = _refused(["prune", "--out", str(tmp_path / "out"), "--config", _write(tmp_path / "run.yaml", text)])
+    assert __import__("re").search(expected, message), message
+    assert str(tmp_path / "run.yaml") in message
+    assert "must end in .yaml" in _refused(["prune", "--config", _write(tmp_path / "run.toml", "ratio = 0.5")])
+    assert "no such file" in _refused(["prune", "--config", str(tmp_path / "absent.json")])
+
+
+def test_a_run_from_a_config_file_uses_its_values(tmp_path, monkeypatch):
+    monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", _tiny_model_and_tokenizer)
+    settings = {"steps": 8, "prune-every": 2, "block-size": 32, "max-blocks": 16, "heldout": 2, "lora-r": 3}
+    settings |= {"eval-windows": 0, "prompt": "", "allocation": "ffn_only", "model": str(_model_dir(tmp_path))}
+    config = _write(tmp_path / "run.json", json.dumps(settings))
+    assert cli.main(["prune", "--config", config, "--out", str(tmp_path / "out")]) == 0
+    log = json.loads((tmp_path / "out" / "prune_log.json").read_text())
+    assert log["train"]["lora_r"] == 3 and log["train"]["lora_alpha"] == 6 and log["config"]["allocation"] == "ffn_only"

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_llama, save_tiny_hf, wrap_peft
+from test_moe import _mixtral as tiny_mixtral
+from test_moe import _stacked_experts_supported
 from tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +57,22 @@ def _text_file(tmp_path: Path) -> str:
 
 # (page, index among its python blocks) → (text substitutions, namespace builder(tmp_path) -> dict)
 CASES = {
-    ("api.md", 0): (  # also checked in depth by test_metapruner.py
+    ("api.md", 0): (
+        [
+            ("load_model_and_tokenizer()", "load_model_and_tokenizer(TINY)"),
+            ("total_steps=40, prune_every=4", "total_steps=8, prune_every=2"),
+            ("block_size=256", "block_size=32"),
+        ],
+        lambda tmp: {"TINY": _tiny_dir(tmp)},
+    ),
+    ("api.md", 1): ([], lambda tmp: {"peft_model": wrap_peft(build_llama()), "loader": _loader(30)}),
+    ("api.md", 2): (  # also checked in depth by test_metapruner.py
         [],
         lambda tmp: {"model": wrap_peft(build_llama()), "batches": [b["input_ids"] for b in _loader(3)]},
+    ),
+    ("api.md", 3): (
+        [("seq_len=512", "seq_len=64"), ("block_size=256", "block_size=32")],
+        lambda tmp: {"model": _tiny_model(tmp), "tokenizer": tiny_tokenizer()},
     ),
     ("quickstart.md", 1): (
         [],
@@ -85,6 +100,10 @@ CASES = {
     ("distributed.md", 1): (
         [("torch.bfloat16", "torch.float32")],
         lambda tmp: {"path": _tiny_dir(tmp)},
+    ),
+    ("architectures.md", 0): (
+        [],
+        lambda tmp: {"moe_model": tiny_mixtral(), "loader": _loader(40), "tokenizer": tiny_tokenizer()},
     ),
 }
 
@@ -126,6 +145,8 @@ def test_snippet_runs(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if case == ("quantized.md", 0):
         pytest.importorskip("bitsandbytes", reason="the quantized-base snippet needs the quant extra")
+    if case == ("architectures.md", 0) and not _stacked_experts_supported():
+        pytest.skip("the MoE snippet needs transformers >= 5 and peft with target_parameters (>= 0.17)")
     if case == ("distributed.md", 0):  # a one-rank gloo group: the snippet's DDP calls need a process group
         import torch.distributed as dist
 

@@ -60,23 +60,3 @@ def test_table_lists_exactly_the_installed_families():
             f"docs/architectures.md's table was made with transformers {version}, not {transformers.__version__}"
         )
     assert sorted(rows) == sorted(f.name for f in FAMILIES), "regenerate it: python benchmarks/family_table.py"
-
-
-def test_moe_blocks_are_refused_before_anything_is_traced(monkeypatch):
-    """Mixture-of-experts blocks are not pruned yet: the refusal names the block's class and module, and comes
-    before the graph is traced (tp_loraprune.support.check_moe)."""
-    from families import Family, backward, build_tiny, with_lora
-
-    import tp_loraprune.pruner as pruner_module
-    from tp_loraprune import LoRAPruneConfig, LoRAPruner
-
-    def no_tracing(*args, **kwargs):
-        raise AssertionError("the graph was traced before the MoE blocks were refused")
-
-    monkeypatch.setattr(pruner_module, "build_graph", no_tracing)
-    model = with_lora(build_tiny(Family("mixtral", "MixtralForCausalLM")))
-    backward(model, seed=0)
-    block = "(mlp|block_sparse_moe)"  # transformers 5 / 4
-    match = rf"^MixtralForCausalLM: MixtralSparseMoeBlock experts are not supported yet \(at 'model.layers.0.{block}'"
-    with pytest.raises(ValueError, match=match):
-        LoRAPruner(model, LoRAPruneConfig(ratio=0.2))

@@ -345,6 +345,91 @@ def test_resume_onto_another_model_or_data_is_refused_with_what_differs(ckpt, ch
     assert str(e.value).count(": checkpoint") == 1  # only what differs is listed
 
 
+# ------------------------------------------------------------------------------------------- older checkpoints
+def _as_written_before_the_new_settings(ckpt: Path, *, fingerprint: bool = True) -> None:
+    """Rewrite the latest checkpoint in `ckpt` as the versions before LEGACY_SETTINGS' settings wrote it: without
+    them (and, with fingerprint=False, without the fingerprint, as the first checkpoint format). The run must
+    have used the legacy values, so the rewritten checkpoint is one those versions would have written."""
+    from tp_loraprune.checkpoint import LEGACY_SETTINGS
+    from tp_loraprune.integrity import file_record
+
+    where = checkpoint_dir(ckpt)
+    state = json.loads((where / STATE).read_text())
+    sections = [("config", state["pruner"]["config"])]
+    sections += [("config", state["fingerprint"]["config"]), ("train", state["fingerprint"]["train"])]
+    for section, settings in sections:
+        for key, value in LEGACY_SETTINGS[section].items():
+            assert settings.pop(key) == value, (section, key)
+    if not fingerprint:
+        del state["fingerprint"]
+    (where / STATE).write_text(json.dumps(state))
+    latest_json = json.loads((ckpt / LATEST).read_text())
+    (ckpt / LATEST).write_text(json.dumps(dict(latest_json, state=file_record(where / STATE)["sha256"])))
+
+
+def _legacy_run(allocation="fixed", uniform=False, **kwargs):
+    """`_run` with the settings every checkpoint had before `allocation` and `lora_init` existed."""
+    config = LoRAPruneConfig(
+        ratio=0.3, layers=[0, 1, 2], total_steps=8, prune_every=2, allocation=allocation, uniform=uniform
+    )
+    train = TrainConfig(
+        lr=1e-2, batch_size=2, block_size=12, lora_r=2, progress=False, checkpoint_every=2, lora_init="default"
+    )
+    return prune(build_llama(), None, BLOCKS, config, train, **kwargs)
+
+
+@pytest.mark.parametrize("fingerprint", [True, False], ids=["fingerprinted", "first-format"])
+def test_a_checkpoint_older_than_its_settings_resumes_as_it_ran(tmp_path, fingerprint):
+    full = _legacy_run()
+    ckpt = tmp_path / "ckpt"
+    _legacy_run(checkpoint_dir=ckpt, stop_after=4)
+    _as_written_before_the_new_settings(ckpt, fingerprint=fingerprint)
+    with pytest.raises(ValueError, match="belongs to another run") as e:  # today's defaults: allocation="auto"
+        _legacy_run(allocation="auto", uniform=True, checkpoint_dir=ckpt, resume=True)
+    message = str(e.value)
+    assert 'config.allocation: checkpoint "fixed", this run "auto"' in message
+    assert "config.uniform: checkpoint false, this run true" in message
+    assert "written before `allocation`, `uniform` existed" in message and "\n" not in message
+    resumed = _legacy_run(checkpoint_dir=ckpt, resume=True)  # allocation="fixed": what it ran with
+    assert resumed.losses == pytest.approx(full.losses)
+    assert [e["removed"] for e in resumed.events] == [e["removed"] for e in full.events]
+
+
+def test_cli_resume_of_an_older_checkpoint_takes_its_settings_for_flags_left_out(tiny, tmp_path, monkeypatch, capsys):
+    from tp_loraprune import checkpoint, cli
+
+    legacy = ["--allocation", "fixed", "--no-uniform", "--round-to", "1", "--lora-init", "default"]
+    reference = tmp_path / "reference"
+    assert cli.main(cli_args(tiny, reference, *legacy)) == 0
+    out = tmp_path / "out"
+    save, calls = checkpoint.save_checkpoint, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(cli_args(tiny, out, "--checkpoint-every", "2", *legacy))
+    monkeypatch.undo()
+    ckpt = tmp_path / "out.checkpoint"
+    assert latest(ckpt) == "step-00000002"
+    _as_written_before_the_new_settings(ckpt)
+    capsys.readouterr()
+    resume = cli_args(tiny, out, "--checkpoint-every", "2", "--resume")  # today's defaults would be auto, 8, ...
+    with pytest.raises(SystemExit, match='config.allocation: checkpoint "fixed", this run "auto"'):
+        cli.main([*resume, "--allocation", "auto"])  # a flag that is given must match
+    assert cli.main(resume) == 0
+    text = capsys.readouterr().out
+    assert (
+        "resuming with the checkpoint's values of flags this command leaves out: --allocation fixed --no-uniform "
+        "--round-to 1 --lora-init default" in text
+    )
+    assert_same_model(out, weights(reference))
+
+
 # ------------------------------------------------------------------------------------------- non-finite values
 def test_non_finite_lr_is_refused_up_front(tmp_path, monkeypatch):
     from tp_loraprune import cli

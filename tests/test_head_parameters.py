@@ -119,7 +119,7 @@ ACROSS_NORMS_KL_SHARE = 0.05  # KL(masked || pruned) / KL(dense || masked), meas
 
 
 def test_olmo2_heads_across_norms_prunes_heads_with_a_measured_error(capsys):
-    from families import _copy, _masked
+    from families import _copy, masked_logits
 
     rows = []
     for kv in (None, 2):
@@ -133,7 +133,7 @@ def test_olmo2_heads_across_norms_prunes_heads_with_a_measured_error(capsys):
             event = pruner.prune(1.0)
             assert all(len(ids) == 2 for ids in event["removed"].values()) and len(event["removed"]) == 2
             dense, pruned = logits(before), logits(model)
-            masked = logits(_masked(before, model, [event]))
+            masked = masked_logits(before, model, [event])
 
             def kl(p, q):
                 return (p.softmax(-1) * (p.log_softmax(-1) - q.log_softmax(-1))).sum(-1).mean().item()
@@ -187,7 +187,7 @@ def _llama_with_head_scales(seed: int = 0):
 
 @pytest.mark.parametrize("head_mode", ["per_group", "kv_groups"])
 def test_a_per_head_parameter_follows_its_heads(head_mode):
-    from families import _copy, _masked
+    from families import _copy, masked_logits
 
     model = _llama_with_head_scales()
     before = _copy(Family("llama", "LlamaForCausalLM"), model)
@@ -202,4 +202,4 @@ def test_a_per_head_parameter_follows_its_heads(head_mode):
             if key.endswith(f"layers.{layer.self_attn.layer_idx}.self_attn")
         ]
         assert torch.equal(layer.self_attn.head_scale, scale[[h for h in range(4) if h not in removed]])
-    torch.testing.assert_close(logits(model), logits(_masked(before, model, [event])), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model), masked_logits(before, model, [event]), rtol=0, atol=1e-5)

@@ -194,8 +194,20 @@ def test_ignoring_part_of_a_decoder_layer_is_refused_whole_layers_are_kept():
     pruner = LoRAMetaPruner(model, importance=imp, pruning_ratio=0.5, ignored_layers=ignored)
     pruner.step()
     assert mlp_widths(model) == [48, 24, 24]
-    with pytest.raises(ValueError, match="interactive"):
-        pruner.step(interactive=True)
+
+
+def test_interactive_step_is_refused_before_anything_is_pruned():
+    model = _model("llama")
+    pruner = LoRAMetaPruner(model, pruning_ratio=0.5, iterative_steps=2)
+    pruner.importance.accumulate(model)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"step\(interactive=True\) is not supported") as info:
+        next(iter(pruner.step(interactive=True) or ()))  # as Torch-Pruning's interactive loop would call it
+    message = str(info.value)
+    assert "Call `pruner.step()`" in message and "pruner.engine.replay" in message and "Nothing was pruned" in message
+    assert pruner.current_step == 0 and not pruner.events and _unchanged(model, before)
+    pruner.step()  # the step it refused is still there to take
+    assert pruner.current_step == 1 and mlp_widths(model) == [36, 36, 36]
 
 
 def _num_heads(model, keyed_by: str) -> dict:

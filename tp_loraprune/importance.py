@@ -17,7 +17,7 @@ per input channel (O(channels)). No gradient of a frozen weight is ever computed
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -25,8 +25,10 @@ from torch import nn
 
 from .graph import Direction, pruning_direction
 from .group_check import GroupChecker
+from .indices import index_tensor
 from .kernels import channel_scores
 from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
+from .moe import expert_channel_scores, is_expert_wrapper
 from .scores import ScoreKind, l2_normalized
 
 
@@ -36,12 +38,12 @@ def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Te
     if len(idxs) != len(root_idxs):
         raise ValueError(f"a group item has {len(idxs)} indices but {len(root_idxs)} root indices.")
     if None not in root_idxs:
-        return (torch.tensor(idxs), torch.tensor(root_idxs)) if idxs else None
+        return (index_tensor(idxs), index_tensor(cast(list[int], root_idxs))) if idxs else None
     pairs = [(j, r) for j, r in zip(idxs, root_idxs, strict=True) if r is not None]
     if not pairs:
         return None
     rows, roots = zip(*pairs, strict=True)
-    return torch.tensor(rows), torch.tensor(roots)
+    return index_tensor(rows), index_tensor(roots)
 
 
 class LoRAGuidedImportance(tp.importance.Importance):
@@ -89,6 +91,12 @@ class LoRAGuidedImportance(tp.importance.Importance):
         self._watch(model)
         folds: list[tuple[str, Direction, torch.Tensor]] = []
         for name, layer in layers.items():
+            if is_expert_wrapper(layer):  # routed experts (MoE): one score per expert and channel
+                self._name_of[layer] = name
+                scores = expert_channel_scores(layer, self.score)
+                if scores is not None:
+                    folds += [(name, "out", scores[0]), (name, "in", scores[1])]
+                continue
             self._name_of[layer] = self._name_of[base_layer(layer)] = name
             f = lora_factors(layer)
             if f is None:
@@ -172,6 +180,13 @@ class LoRAGuidedImportance(tp.importance.Importance):
         v = self._scores[name][direction]
         self._scores[name][direction] = v[torch.as_tensor(keep_idxs, device=v.device)]
 
+    def transform_scores(self, module: nn.Module, direction: Direction, transform) -> None:
+        """Replace a layer's stored scores along one direction by `transform(scores)` (experts, whose channels are
+        gathered per expert, follow their weights this way)."""
+        name = self._name_of.get(module)
+        if name is not None and direction in self._scores.get(name, {}):
+            self._scores[name][direction] = transform(self._scores[name][direction])
+
     def reset(self) -> None:
         self._scores.clear()
         self.steps = 0
@@ -193,6 +208,8 @@ class LoRAGuidedImportance(tp.importance.Importance):
         if model is not None:
             self._watch(model)
             for name, layer in lora_layers(model).items():
-                self._name_of[layer] = self._name_of[base_layer(layer)] = name
-                device = cast(torch.device, base_layer(layer).weight.device)
+                self._name_of[layer] = name
+                if not is_expert_wrapper(layer):
+                    self._name_of[base_layer(layer)] = name
+                device = next(cast(Any, layer).lora_A.parameters()).device
                 self._scores[name] = {d: v.to(device) for d, v in self._scores.get(name, {}).items()}

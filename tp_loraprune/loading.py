@@ -118,6 +118,46 @@ def _hub_unreachable(seconds: float) -> str | None:
     return outcome[0] if outcome else f"{host}:{port}: no answer within {seconds:g} s"
 
 
+_GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(spec: str | os.PathLike | None) -> torch.dtype | None:
+    """The dtype the weights of `spec` are stored in (what `save_dtype="auto"` saves a pruned model in).
+
+    A local HF directory or a cached hub id: the `dtype` (`torch_dtype`) of its config.json. A GGUF file (None:
+    the packaged SmolLM2): the float type of its matrices, or bfloat16 when they are quantized (Q4_1, Q8_0, ...):
+    transformers dequantizes them to float32, but rounding those values to bfloat16 (relative error 2^-9) is far
+    below the quantization step already in them, and halves the file. None when it cannot be told.
+    """
+    path = smollm2_gguf() if spec is None else Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return _gguf_matrix_dtype(path)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(spec))
+    except (OSError, ValueError):
+        return None
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _gguf_matrix_dtype(path: Path) -> torch.dtype | None:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    kinds = {t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) >= 2}
+    if not kinds:
+        return None
+    floats: set[torch.dtype | None] = {_GGUF_FLOATS.get(k) for k in kinds}
+    if None in floats:  # some matrix is quantized
+        return torch.bfloat16
+    return floats.pop() if len(floats) == 1 else torch.float32  # mixed float types: the one that holds them all
+
+
 def _plain_copy(model: nn.Module) -> nn.Module:
     """Rebuild a GGUF-loaded model as a plain transformers model (GGUF loading flags it as quantized)."""
     from transformers import AutoModelForCausalLM
@@ -160,7 +200,7 @@ def load_model_and_tokenizer(
 
     quantization: dict = {}
     if quantize is not None:
-        quantization = {"quantization_config": bnb_config(quantize, dtype), "device_map": device}
+        quantization = {"quantization_config": bnb_config(quantize, dtype, device=device), "device_map": device}
     path = smollm2_gguf() if spec is None else Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():

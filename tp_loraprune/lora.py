@@ -62,7 +62,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     base = base_layer(layer)
     if quantization(base) is not None:
         return dequantized_weight(base)
-    weight = cast(torch.Tensor, base.weight)
+    get_param = getattr(layer, "get_param", None)  # PEFT's ParamWrapper: a parameter, e.g. an MoE router's weight
+    weight = cast(torch.Tensor, get_param() if get_param is not None else base.weight)
     if weight.dim() != 2:
         raise TypeError(f"Expected a 2-D linear weight under {type(layer).__name__}, got shape {tuple(weight.shape)}.")
     return weight.detach().t() if is_conv1d(base) else weight.detach()

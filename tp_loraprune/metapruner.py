@@ -32,6 +32,7 @@ from .config import LoRAPruneConfig
 from .graph import customized_pruners, example_input_ids, model_output, traceable
 from .importance import LoRAGuidedImportance
 from .lora import lora_layers
+from .mla import opaque_while_tracing
 from .models import decoder_layers
 from .pruner import LoRAPruner
 
@@ -180,7 +181,7 @@ class LoRAMetaPruner(tp.pruner.BasePruner):  # BasePruner is MetaPruner (its 1.6
             ranking="global" if global_pruning else "local",
             round_to=round_to or 1,
         )
-        with traceable(model), torch.enable_grad(), warnings.catch_warnings():
+        with traceable(model), opaque_while_tracing(model), torch.enable_grad(), warnings.catch_warnings():
             # the norms' weights it lists only follow the hidden size, which is never pruned
             warnings.filterwarnings("ignore", message="Unwrapped parameters")
             super().__init__(
@@ -216,12 +217,17 @@ class LoRAMetaPruner(tp.pruner.BasePruner):  # BasePruner is MetaPruner (its 1.6
     def step(self, interactive: bool = False) -> dict | None:
         """Prune to the next scheduled ratio and repair the model; returns what was removed (or None).
 
-        `interactive=True` is refused: the groups are removed and the model repaired in this one call.
+        `interactive=True` is refused (nothing is pruned, no step is used): Torch-Pruning would hand out groups to
+        prune one by one, and a PEFT model pruned group by group is left with stale LoRA shapes, optimizer state and
+        head counts; here the removal and that repair happen in one call.
         """
         if interactive:
             raise ValueError(
-                "LoRAMetaPruner.step(interactive=True) is not supported: removing a group and repairing the "
-                "PEFT model afterwards happen in one call. Call `pruner.step()`."
+                "LoRAMetaPruner.step(interactive=True) is not supported: pruning Torch-Pruning's groups one by one "
+                "would leave the PEFT model unrepaired (LoRA shapes, optimizer state, head counts), so removal and "
+                "repair happen in one call. Call `pruner.step()`; it returns what it removed (all steps: "
+                "`pruner.events`). To remove structures you chose, use `pruner.engine.replay([{'removed': "
+                "{structure key: original ids}}])`. Nothing was pruned."
             )
         self.current_step += 1
         if self.current_step > self.iterative_steps:

@@ -12,6 +12,8 @@ from .conv1d import features, is_linear_like
 from .fused import DECLARED_FFN, FUSED_ATTENTION, FUSED_REFUSED, FusedQKV, fused_attention_spec, set_layer_heads
 from .head_parameters import HeadExtras, head_extras
 from .lora import base_layer
+from .mla import mla_modules
+from .moe import moe_block_modules, sync_moe_config
 from .quant import quantization
 
 # (query, key, value, output) child names of an attention module, by family.
@@ -245,10 +247,13 @@ def sync_attention_attributes(model: nn.Module, layouts: list[AttentionLayout] |
                     setattr(module, attr, value)
 
 
-def mlp_widths(model: nn.Module) -> list[int]:
-    """Intermediate width of each FFN (`FFN_PATHS`: the input width of its down projection)."""
+def mlp_widths(model: nn.Module, skip: set[nn.Module] | None = None) -> list[int]:
+    """Intermediate width of each FFN (`FFN_PATHS`: the input width of its down projection), leaving out the
+    modules in `skip`."""
     widths = []
     for module in model.modules():
+        if skip and module in skip:
+            continue
         for up, down in FFN_PATHS:
             up_m, down_m = _submodule(module, up), _submodule(module, down)
             if up_m is not None and down_m is not None and is_linear_like(base_layer(down_m)):
@@ -275,7 +280,7 @@ def honours_head_dim(model: nn.Module) -> bool:
             probe = copy.deepcopy(config)
             text = text_config(probe)
             heads = text.num_attention_heads
-            text.head_dim = 2 * (text.hidden_size // heads) + 1
+            text.head_dim = 2 * (text.hidden_size // heads)  # even (rotary halves it), never hidden / heads
             text.num_hidden_layers = 1
             with torch.device("meta"):
                 built = cls(probe)
@@ -342,16 +347,17 @@ def sync_config(model: nn.Module) -> bool:
                     uniform = False
         else:
             uniform = False
-    widths = set(mlp_widths(language_model(model)))
+    moe = moe_block_modules(model)  # MoE blocks (experts, routers, shared experts) have their own config attributes
+    widths = set(mlp_widths(language_model(model), moe))
     width_attr = next((a for a in FFN_WIDTH_ATTRIBUTES if hasattr(config, a)), None)
     if len(widths) == 1 and width_attr is not None:
         setattr(config, width_attr, widths.pop())
         for module in model.modules():
-            if hasattr(module, "down_proj") and hasattr(module, "intermediate_size"):
+            if hasattr(module, "down_proj") and hasattr(module, "intermediate_size") and module not in moe:
                 module.intermediate_size = config.intermediate_size
     elif len(widths) > 1:
         uniform = False
-    return uniform
+    return sync_moe_config(model) and uniform
 
 
 # words naming the encoders of other modalities in a multimodal model: their layers are never the decoder layers
@@ -377,7 +383,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     Raises ValueError for what LoRAPruner cannot prune (see `check_supported`).
     """
     check_supported(model)
-    attention_modules = {a.module for a in attention_layouts(model)}
+    attention_modules = {a.module for a in attention_layouts(model)} | {m for _, m in mla_modules(model)}
     best: list[nn.Module] = []
     for name, module in language_model(model).named_modules():
         if any(word in name.lower() for word in TOWER_WORDS):

@@ -24,6 +24,20 @@ def replace_parameter(
     optimizer.state[new] = state
 
 
+def replace_parameter_by(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, transform) -> None:
+    """`replace_parameter` for a replacement that is not one index_select: `transform` maps every state tensor of
+    the old parameter's shape like the parameter (MoE experts gather channels per expert)."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            state[key] = transform(value)
+    optimizer.state[new] = state
+
+
 def trainable_parameters_match(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
     """True when the optimizer holds exactly the model's trainable parameters (by identity)."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}

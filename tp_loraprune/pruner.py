@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
@@ -35,7 +35,10 @@ from .fused import declared_ffns
 from .graph import build_graph, example_input_ids, pruning_fn, release_trace
 from .importance import Direction, LoRAGuidedImportance
 from .lora import NO_LORA_HELP, base_layer, lora_b_is_zero, lora_layers, sync_lora_features
-from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config
+from .mla import mla_modules
+from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config, text_config
+from .moe import check_moe_supported, shared_expert_modules
+from .moe_pruning import RoutedExperts
 from .optim_state import replace_parameter
 from .quant import check_quantized, has_quantized_layers, width_multiple
 from .schedule import progress
@@ -82,6 +85,7 @@ class _Heads:
     initial_heads: int
     initial_kv: int
     alive: list[int] = field(default_factory=list)
+    cost: tuple[int, int] | None = None  # parameters per query head and per KV head (`LoRAPruner._head_cost`)
 
     @property
     def initial_group_size(self) -> int:
@@ -166,6 +170,11 @@ class LoRAPruner:
         self.layer_indices = selected_layer_indices(len(layers), self.config)
         self._selected_layers = [layers[i] for i in self.layer_indices]
         self._selected = {m for layer in self._selected_layers for m in layer.modules()}
+        check_moe_supported(model, self._selected)
+        self._experts = RoutedExperts(
+            model,
+            {m: i for i, layer in zip(self.layer_indices, self._selected_layers, strict=True) for m in layer.modules()},
+        )
         self._names = {m: n for n, m in model.named_modules()}
         self.step_count = 0
         self.progress = 0.0
@@ -177,6 +186,7 @@ class LoRAPruner:
                 [a for a in attention_layouts(model) if a.module in self._selected], self.config.heads_across_norms
             )
         }
+        self._check_moe_targets()
         if graph is None:
             graph = build_graph(model, self.example_inputs)
         self._graph: tp.DependencyGraph | None = None
@@ -185,7 +195,9 @@ class LoRAPruner:
         for key, group in groups.items():
             width = len(cast(Any, group)[0].idxs)
             self._channels[key] = _Channels(key, width, self._channel_cost(graph, group), list(range(width)))
-        if not self._heads and not self._channels:
+        shared = shared_expert_modules(model)
+        self._shared_keys = {key for key, m in self._channel_roots.items() if m in shared}
+        if not self._heads and not self._channels and not self._experts:
             raise ValueError(nothing_prunable_message(model, self._selected_layers))
         # FFN widths stay at multiples of this: `round_to`, and 4 on 8-bit bases (cuBLASLt's int8 matmul needs it)
         self.channel_multiple = math.lcm(self.config.round_to or self._default_multiple(), width_multiple(model))
@@ -210,6 +222,31 @@ class LoRAPruner:
             release_trace(graph)
 
     # ------------------------------------------------------------------ targets
+    def _check_moe_targets(self) -> None:
+        """Refuse a head target on layers whose attention is multi-head latent attention (its heads stay), and a
+        latency target on MoE layers (not timed)."""
+        c = self.config
+        mla = [(n, m) for n, m in mla_modules(self.model) if m in self._selected]
+        wants_heads = (c.head_ratio or 0.0) > 0 if c.explicit_ratios else c.allocation == "fixed" and c.ratio > 0
+        if mla and wants_heads:
+            name, module = mla[0]
+            raise ValueError(
+                f"{type(module).__name__} at {name!r} is multi-head latent attention (MLA), whose heads tp_loraprune "
+                "does not prune. Use allocation='auto' or 'ffn_only' (its FFNs and experts are pruned, its heads "
+                "kept), or head_ratio=0."
+            )
+        if mla and self._heads == {} and c.allocation == "auto" and not c.explicit_ratios:
+            warnings.warn(
+                f"{type(mla[0][1]).__name__} is multi-head latent attention: its heads are kept, only FFNs and "
+                "experts are pruned.",
+                stacklevel=3,
+            )
+        if self._experts and c.target == "latency":
+            raise ValueError(
+                "target='latency' does not time mixture-of-experts layers; use target='parameters' for "
+                f"{type(self.model).__name__}, or select layers without experts with `layers=[...]`."
+            )
+
     def _channel_cost(self, graph: tp.DependencyGraph, group) -> int:
         lora_parts = {
             m
@@ -252,11 +289,15 @@ class LoRAPruner:
                 )
 
     def _head_cost(self, h: _Heads) -> tuple[int, int]:
-        """Base parameters removed with one query head, and with one KV head (k and v rows)."""
-        q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
-        d = h.layout.head_dim
-        row = lambda m: features(m)[1] + (1 if getattr(m, "bias", None) is not None else 0)  # noqa: E731
-        return d * (row(q) + features(o)[0]), d * (row(k) + row(v))
+        """Base parameters removed with one query head, and with one KV head (k and v rows). Pruning heads never
+        changes a row's length, so it is computed once per block."""
+        cached = h.cost
+        if cached is None:
+            q, k, v, o = (base_layer(m) for m in (h.layout.q, h.layout.k, h.layout.v, h.layout.o))
+            d = h.layout.head_dim
+            row = lambda m: features(m)[1] + (1 if getattr(m, "bias", None) is not None else 0)  # noqa: E731
+            cached = h.cost = (d * (row(q) + features(o)[0]), d * (row(k) + row(v)))
+        return cached
 
     def _resolve_ratios(self) -> tuple[float, float]:
         c = self.config
@@ -274,19 +315,30 @@ class LoRAPruner:
             per_q, per_kv = self._head_cost(h)
             removed_by_heads += (h.initial_heads - q_heads) * per_q + (h.initial_kv - kv_heads) * per_kv
         channel_total = sum(ch.initial * ch.cost for ch in self._channels.values())
+        channel_total += self._experts.channel_parameters(self.importance)
         needed = c.ratio * total - removed_by_heads
-        if channel_total == 0 or needed <= 0:
+        if needed <= 0:
             return head_ratio, 0.0
+        if channel_total == 0:
+            raise ValueError(
+                f"ratio {c.ratio} cannot be reached (allocation={c.allocation!r}): heads remove "
+                f"{removed_by_heads / total:.3f} of the pruned layers' parameters and no FFN channel can be pruned."
+                f"{self._experts.unscorable_hint(self.importance)}"
+            )
         channel_ratio = needed / channel_total
         if channel_ratio >= 1.0:
             rule = "FFN channels alone" if c.allocation == "ffn_only" else "heads at the ratio and FFN channels"
             largest = (removed_by_heads + channel_total) / total
             raise ValueError(
                 f"ratio {c.ratio} cannot be reached by {rule} (allocation={c.allocation!r}): it would remove every "
-                f"FFN channel of the {len(self._channels)} pruned FFNs; it can reach less than {largest:.3f}. "
-                f"{self._prunable_share()} Use a lower ratio or allocation='auto'."
+                f"FFN channel of the {len(self._channels)} pruned FFNs{self._experts_phrase()}; it can reach less "
+                f"than {largest:.3f}. {self._prunable_share()} Use a lower ratio or allocation='auto'."
             )
         return head_ratio, channel_ratio
+
+    def _experts_phrase(self) -> str:
+        blocks = self._experts.blocks.values()
+        return f" and of the routed experts of {len(blocks)} MoE layers" if blocks else ""
 
     def _prunable_share(self) -> str:
         """What share of the pruned layers' parameters the structures this pruner removes hold (the rest: norms,
@@ -295,16 +347,18 @@ class LoRAPruner:
             h.initial_heads * self._head_cost(h)[0] + h.initial_kv * self._head_cost(h)[1] for h in self._heads.values()
         )
         channels = sum(ch.initial * ch.cost for ch in self._channels.values())
+        experts = self._experts.channel_parameters(self.importance) if self._experts else 0
         total = sum(self._layer_parameters.values())
         return (
-            f"The prunable part (attention heads and FFN channels) holds {(heads + channels) / total:.1%} of the "
-            f"pruned layers' {total} parameters."
+            f"The prunable part (attention heads, FFN and expert channels) holds "
+            f"{(heads + channels + experts) / total:.1%} of the pruned layers' {total} parameters."
         )
 
     def _default_multiple(self) -> int:
-        """round_to=None: the largest of 64 and 8 that leaves every pruned FFN at least 32 steps of width (64 at
-        LLaMA-7B, 8 at SmolLM2's 1536), else 1."""
-        narrowest = min((ch.initial for ch in self._channels.values()), default=0)
+        """round_to=None: the largest of 64 and 8 that leaves every pruned FFN (experts too) at least 32 steps of
+        width (64 at LLaMA-7B, 8 at SmolLM2's 1536), else 1."""
+        widths = [ch.initial for ch in self._channels.values()] + ([self._experts.narrowest] if self._experts else [])
+        narrowest = min(widths, default=0)
         return next((m for m in (64, 8) if narrowest >= 32 * m), 1)
 
     # ------------------------------------------------------------------ allocation="auto"
@@ -317,6 +371,7 @@ class LoRAPruner:
         return {
             **{key: layer_of[h.layout.module] for key, h in self._heads.items()},
             **{key: layer_of[m] for key, m in roots.items()},
+            **self._experts.layers(),
         }
 
     @property
@@ -405,6 +460,8 @@ class LoRAPruner:
             removed[self._layer_of_key[key]] += self._attention_cost(h, h.initial_heads, h.initial_kv) - now
         for key, ch in self._channels.items():
             removed[self._layer_of_key[key]] += self._ffn_cost(ch, ch.initial) - self._ffn_cost(ch, len(ch.alive))
+        for layer, n in self._experts.removed_by_layer().items():
+            removed[layer] += n
         return removed
 
     def _layer_room(self) -> dict[int, float] | None:
@@ -455,17 +512,18 @@ class LoRAPruner:
                 continue
             scores = scores if scores is not None else torch.zeros(len(ch.alive))
             min_width = max(c.min_ffn_width, 1)
-            blocks.append(
-                allocation.channel_units(
-                    key,
-                    self._layer_of_key[key],
-                    scores,
-                    ch.cost,
-                    self.channel_multiple,
-                    min_width,
-                    partial(self._saved_channels, ch),
-                )
+            block = allocation.channel_units(
+                key,
+                self._layer_of_key[key],
+                scores,
+                ch.cost,
+                self.channel_multiple,
+                min_width,
+                partial(self._saved_channels, ch),
             )
+            # MoE shared experts are a kind of their own: uniform=True keeps them one width, not the dense FFNs'
+            blocks.append(replace(block, kind="shared_channels") if key in self._shared_keys else block)
+        blocks += self._experts.units(self.importance, self.channel_multiple, max(c.min_ffn_width, 1), scored)
         if c.uniform:
             blocks = allocation.merge_uniform(blocks)
         return blocks
@@ -481,12 +539,16 @@ class LoRAPruner:
         c = self.config
         if c.uniform:
             shapes = {(h.initial_heads, h.initial_kv, h.layout.head_dim) for h in self._heads.values()}
-            widths = {ch.initial for ch in self._channels.values()}
-            if len(shapes) > 1 or len(widths) > 1:
+            widths = {ch.initial for k, ch in self._channels.items() if k not in self._shared_keys}
+            shared = {ch.initial for k, ch in self._channels.items() if k in self._shared_keys}
+            experts = self._experts.check_uniform()
+            if len(shapes) > 1 or len(widths) > 1 or len(shared) > 1 or experts:
+                more = f", shared-expert widths {sorted(shared)}" if len(shared) > 1 else ""
+                more += f", {experts}" if experts else ""
                 raise ValueError(
                     f"uniform=True needs every pruned layer to start with the same attention shape and FFN width; "
-                    f"these layers have (heads, kv heads, head_dim) {sorted(shapes)} and FFN widths {sorted(widths)}. "
-                    "Use uniform=False or select layers of one shape with `layers=[...]`."
+                    f"these layers have (heads, kv heads, head_dim) {sorted(shapes)} and FFN widths {sorted(widths)}"
+                    f"{more}. Use uniform=False or select layers of one shape with `layers=[...]`."
                 )
         if c.target == "latency":
             self._measure_latency()
@@ -499,6 +561,7 @@ class LoRAPruner:
                 f"max_layer_ratio={c.max_layer_ratio}, uniform={c.uniform}, widths in multiples of "
                 f"{self.channel_multiple}): the largest reachable ratio is {reachable / total:.4f}. "
                 f"{self._prunable_share()} Lower the ratio or loosen the guards."
+                f"{self._experts.unscorable_hint(self.importance)}"
             )
 
     def _allocate(self, graph, groups: dict[str, object], fraction: float) -> dict[str, list[int]]:
@@ -509,7 +572,11 @@ class LoRAPruner:
         if budget <= 0:
             return {}
         chosen = allocation.allocate(self._blocks(graph, groups), budget, self._layer_room())
-        alive = {**{k: h.alive for k, h in self._heads.items()}, **{k: ch.alive for k, ch in self._channels.items()}}
+        alive = {
+            **{k: h.alive for k, h in self._heads.items()},
+            **{k: ch.alive for k, ch in self._channels.items()},
+            **self._experts.alive(),
+        }
         return {key: sorted(alive[key][p] for p in positions) for key, positions in chosen.removals.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -545,10 +612,19 @@ class LoRAPruner:
         if not self.auto:
             for key, h in self._heads.items():
                 removed[key] = self._choose_heads(graph, h, fraction)
+            ratio, multiple = (
+                (self.channel_ratio or 0.0) * fraction,
+                self._experts.width_multiple(self.channel_multiple),
+            )
+            removed.update(
+                self._experts.choose_channels(lambda width: _keep_count(width, ratio, multiple), self.importance)
+            )
         removed = {k: ids for k, ids in removed.items() if ids}
         if self.agree is not None:
             removed = self.agree(removed)
         self._remove(graph, removed, groups)
+        if self.auto and self._experts:
+            removed = self._allocate_rest(fraction, removed)
         self.progress = max(self.progress, fraction)
         if not removed:
             return None
@@ -560,6 +636,24 @@ class LoRAPruner:
         }
         self.events.append(event)
         return event
+
+    def _allocate_rest(self, fraction: float, removed: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Allocate again what the event still falls short of, on the pruned model, until nothing more fits.
+
+        An expert and its channels share parameters, and units are costed on the model before the event: when one
+        allocation takes an expert and channel units of the same layer, that expert's channels are counted twice.
+        Returns the event's removals (all rounds as one, replaying to the same model)."""
+        for _ in range(_MAX_ROUNDS):
+            graph = self._event_graph()
+            groups = self._channel_groups(graph)
+            more = {k: ids for k, ids in self._allocate(graph, groups, fraction).items() if ids}
+            if self.agree is not None:
+                more = self.agree(more)
+            if not more:
+                break
+            self._remove(graph, more, groups)
+            removed = self._experts.merge(removed, more)
+        return removed
 
     @torch.no_grad()
     def replay(self, events: list[dict]) -> None:
@@ -581,7 +675,12 @@ class LoRAPruner:
     def _remove(self, graph: tp.DependencyGraph, removed: dict[str, list[int]], groups: dict[str, object]) -> None:
         """Physically remove structures given by original ids, then restore every invariant."""
         replaced: list[Replaced] = []
+        experts = {key: ids for key, ids in removed.items() if key in self._experts}
+        if experts:
+            self._experts.remove(experts, self.optimizer, self.importance if self._accumulates else None)
         for key, ids in removed.items():
+            if key in self._experts:
+                continue
             if key in self._channels:
                 self._remove_channels(graph, self._channels[key], groups[key], ids, replaced.append)
             elif key in self._heads:
@@ -642,10 +741,14 @@ class LoRAPruner:
                 attention.update(m.modules())
         for f in self._declared_ffns.values():  # already grouped; a chunked gate_up_proj must not be traced
             attention.update(f.up.modules())
+        for _, m in mla_modules(self.model):  # latent attention's low-rank projections are not FFNs
+            attention.update(m.modules())
         for layer in lora_layers(self.model).values():
             lora_parts.update(m for m in layer.modules() if m is not layer and m is not base_layer(layer))
         allowed = self._selected
-        residual = {features(base_layer(a.o))[0] for a in attention_layouts(self.model)}
+        residual = {features(base_layer(a.o))[0] for a in attention_layouts(self.model)}  # the hidden size
+        hidden = getattr(text_config(getattr(self.model, "config", None)), "hidden_size", None)
+        residual |= {hidden} if isinstance(hidden, int) else set()
         roots: dict[str, nn.Linear]
         visited: set[nn.Module]
         spanning: list[tuple[str, list[str]]]
@@ -843,7 +946,12 @@ class LoRAPruner:
             "channel_multiple": self.channel_multiple,
             "heads": {k: len(h.alive) for k, h in self._heads.items()},
             "channels": {k: len(c.alive) for k, c in self._channels.items()},
+            **(self._experts.summary() if self._experts else {}),
         }
+
+
+# Allocation rounds of one prune event on MoE models (each round removes something or ends the event).
+_MAX_ROUNDS = 8
 
 
 def _positions(alive: list[int], ids: list[int], where: str) -> list[int]:

@@ -21,6 +21,7 @@ Both pruners are Torch-Pruning customized pruners (`customized_pruners(model)` g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -254,8 +255,12 @@ def quantize_model(
     outlier threshold 6.0, nf4 without double quantization, the output head left in float), for a model that
     is already in memory. One layer at a time, so the float model is never held twice.
     """
-    bnb_config(kind, quant_type=quant_type)  # checks kind, quant_type and that bitsandbytes is installed
-    import bitsandbytes as bnb
+    if kind not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {kind!r}.")
+    if quant_type not in SUPPORTED_4BIT_TYPES:
+        raise ValueError(f"4-bit quant_type must be one of {SUPPORTED_4BIT_TYPES}, got {quant_type!r}.")
+    device = next((p.device for p in model.parameters()), None)
+    bnb = require_bitsandbytes(kind, device)
     import bitsandbytes.functional as F
 
     for name, linear in list(model.named_modules()):
@@ -294,16 +299,72 @@ def quantize_model(
     return model
 
 
-def bnb_config(kind: str, compute_dtype: torch.dtype = torch.float32, quant_type: str = "nf4"):
-    """A transformers `BitsAndBytesConfig` for an 8-bit (LLM.int8) or 4-bit (nf4/fp4) frozen base."""
+BNB_MIN_VERSION = (0, 50)  # the first release whose 8-bit and 4-bit layers run forwards on the CPU too
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def require_bitsandbytes(kind: str, device: str | torch.device | None = None, *, loader: bool = False):
+    """bitsandbytes, imported and checked to work for a `kind` ("8bit" / "4bit") base on `device`.
+
+    Raises ImportError in one line, with the fix, when it is not installed, fails to import on this platform,
+    is older than 0.50, or has no backend for the device type; `loader=True` (loading through transformers'
+    `BitsAndBytesConfig`) also needs accelerate."""
+    import importlib.util
+
+    what = f"quantize={kind!r} (a bitsandbytes {kind} base)"
+    fix = "pip install 'tp_loraprune[quant]'"
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise ImportError(f"{what} needs bitsandbytes, which is not installed: {fix}.") from None
+    except Exception as e:  # e.g. a build for another platform or CUDA version raising while it loads its library
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ImportError(
+            f"{what}: bitsandbytes is installed but fails to import here ({type(e).__name__}: {first}); reinstall "
+            f"it for this platform ({fix}, or pip install --force-reinstall 'bitsandbytes>=0.50'), or run without "
+            "quantize."
+        ) from None
+    version = str(getattr(bnb, "__version__", "0"))
+    if _version_tuple(version) < BNB_MIN_VERSION:
+        raise ImportError(
+            f"{what} needs bitsandbytes >= {'.'.join(map(str, BNB_MIN_VERSION))} (installed: {version}; older "
+            "releases have no CPU kernels and other layer internals): pip install -U 'bitsandbytes>=0.50'."
+        )
+    if device is not None:
+        device_type = torch.device(device).type
+        supported = getattr(bnb, "supported_torch_devices", {"cuda"})
+        if device_type not in supported:
+            raise ImportError(
+                f"{what}: bitsandbytes {version} has no backend for {device_type!r} devices (it supports "
+                f"{', '.join(sorted(supported))}); use one of those devices, or run without quantize."
+            )
+    if loader and importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            f"{what}: loading a model quantized goes through transformers' bitsandbytes loader, which needs "
+            f"accelerate: {fix} (or pip install accelerate)."
+        )
+    return bnb
+
+
+def bnb_config(
+    kind: str,
+    compute_dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
+    *,
+    device: str | torch.device | None = None,
+):
+    """A transformers `BitsAndBytesConfig` for an 8-bit (LLM.int8) or 4-bit (nf4/fp4) frozen base.
+
+    Checks first that bitsandbytes (and accelerate, which transformers' loader needs) can serve it on `device`
+    (`require_bitsandbytes`: a one-line ImportError with the fix otherwise)."""
     if kind not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {kind!r}.")
     if quant_type not in SUPPORTED_4BIT_TYPES:
         raise ValueError(f"4-bit quant_type must be one of {SUPPORTED_4BIT_TYPES}, got {quant_type!r}.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"quantize={kind!r} needs bitsandbytes: `pip install 'tp_loraprune[quant]'`.") from e
+    require_bitsandbytes(kind, device, loader=True)
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":

@@ -3,7 +3,7 @@
 Refusals are ValueErrors raised before anything is traced or changed, naming the model's class, the module at
 fault and what is unsupported:
 
-* mixture-of-experts blocks (`moe_blocks` / `check_moe`: not supported yet; the one place MoE support replaces);
+* mixture-of-experts blocks of an unknown layout (`tp_loraprune.moe.check_moe_supported`);
 * fused q/k/v or gate/up projections whose row layout is not declared, and ALiBi attention (`tp_loraprune.fused`);
 * attention blocks holding parts that cannot be paired with heads (`tp_loraprune.head_parameters`), projections
   that are not whole heads, or heads that are not independent (`ENTANGLED_HEADS`, block-sparse attention);
@@ -43,30 +43,6 @@ def model_class_name(model: nn.Module) -> str:
     return type(base).__name__
 
 
-def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every mixture-of-experts block: a module with a child named `experts` (a list
-    of expert MLPs, or transformers 5's expert weights stacked in 3-D parameters) or a child whose class is named
-    as experts (GraniteMoe's `ParallelExperts`)."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "experts", None), nn.Module)
-        or any("Experts" in type(c).__name__ for c in m.children())
-    ]
-
-
-def check_moe(model: nn.Module) -> None:
-    """Refuse mixture-of-experts models (their expert FFNs are not pruned yet)."""
-    blocks = moe_blocks(model)
-    if blocks:
-        (name, block), more = blocks[0], len(blocks) - 1
-        raise ValueError(
-            f"{model_class_name(model)}: {type(block).__name__} experts are not supported yet (at "
-            f"{shown(name)!r}{f' and {more} more' if more else ''}): tp_loraprune prunes dense FFNs and attention "
-            f"heads; mixture-of-experts blocks are refused before anything changes. {DOCS}"
-        )
-
-
 # attention classes whose heads are not independent, by what ties them together
 ENTANGLED_HEADS: dict[str, str] = {
     "DiffLlamaAttention": "differential attention subtracts attention maps computed with the two halves of the "
@@ -78,7 +54,6 @@ def check_supported(model: nn.Module) -> None:
     """Raise a ValueError, before any tracing or weight change, for what LoRAPruner cannot prune correctly."""
     from .models import TOWER_WORDS, attention_layouts, check_fused, language_model
 
-    check_moe(model)
     check_fused(model)
     inside = set(language_model(model).modules())
     sparse = getattr(getattr(model, "config", None), "attention_type", "") == "block_sparse"
@@ -133,6 +108,8 @@ def _attention_like(block: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     for name, m in block.named_modules():
         words = f"{name.rsplit('.', 1)[-1]} {type(m).__name__}".lower()
+        if "norm" in type(m).__name__.lower():
+            continue
         if ("attn" in words or "attention" in words) and not any(f == "" or name.startswith(f + ".") for f, _ in found):
             if any(_is_projection(c) for c in m.modules() if c is not m):
                 found.append((name, m))
@@ -217,7 +194,11 @@ def unsupported_layers_message(model: nn.Module, layouts: list) -> str:
                     f"(MLA: keys and values come from one shared low-rank projection, {mla[0]}), which tp_loraprune "
                     f"cannot prune by heads; MLA models are not supported. {DOCS}"
                 )
-        bare = [(n, m) for n, m in block.named_modules() if n and _words(n.rsplit(".", 1)[-1]) & {"attn", "attention"}]
+        bare = [
+            (n, m)
+            for n, m in block.named_modules()
+            if n and _words(n.rsplit(".", 1)[-1]) & {"attn", "attention"} and "norm" not in type(m).__name__.lower()
+        ]
         if not attention and bare:
             name, m = bare[0]
             return (

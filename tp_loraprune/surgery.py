@@ -20,6 +20,7 @@ from .conv1d import weight_dim
 from .fused import projection_items
 from .graph import pruning_fn
 from .head_parameters import remove_head_entries
+from .indices import kept_indices, membership, select_by_root
 from .models import AttentionLayout
 
 # Groups built by `declared_group`: their coupling comes from the model layout, not from Torch-Pruning's
@@ -120,12 +121,19 @@ def subgroup(group, root_positions: Iterable[int]):
     whose root index is selected. Equivalent to asking the graph again for those root indices, without a
     second propagation (and its index-mapping refresh) per structure."""
     chosen = set(root_positions)
+    table = membership(chosen)
     part = tp.dependency.Group()
     for item in group:
-        pairs = [(i, r) for i, r in zip(item.idxs, item.root_idxs, strict=True) if r in chosen]
-        if pairs:
-            part.add_dep(item.dep, [i for i, _ in pairs])
-            part[len(part) - 1].root_idxs = [r for _, r in pairs]
+        if None in item.root_idxs:
+            pairs = [(i, r) for i, r in zip(item.idxs, item.root_idxs, strict=True) if r in chosen]
+            idxs, roots = [i for i, _ in pairs], [r for _, r in pairs]
+        else:
+            if len(item.idxs) != len(item.root_idxs):
+                raise ValueError(f"a group item has {len(item.idxs)} indices but {len(item.root_idxs)} root indices.")
+            idxs, roots = select_by_root(item.idxs, item.root_idxs, table)
+        if idxs:
+            part.add_dep(item.dep, idxs)
+            part[len(part) - 1].root_idxs = roots
     part._DG = group._DG
     return part
 
@@ -151,7 +159,7 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         if new is old:
             continue
         dim = weight_dim(module, direction) if attr == "weight" else 0  # biases are watched on "out" only
-        keep = torch.tensor([i for i in range(width) if i not in removed], dtype=torch.long)
+        keep = kept_indices(width, removed)
         on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
 
 

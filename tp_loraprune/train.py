@@ -35,6 +35,7 @@ from .config import LoRAPruneConfig
 from .integrity import NonFiniteError, check_finite, check_writable
 from .lora import lora_layers
 from .models import count_parameters
+from .moe import EXPERT_PARAMETERS, moe_layouts
 from .pruner import LoRAPruner
 from .quant import has_quantized_layers
 
@@ -126,15 +127,21 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
     input channels (o_proj, down_proj columns) follow the random A and the weights' magnitude until B has
     grown (docs/benchmarks.md). "auto" is PiSSA on float bases and PEFT's default on bitsandbytes bases,
     whose weights cannot hold a residual.
+
+    Mixture-of-experts models also get LoRA on their routed experts' 3-D parameters (`target_parameters`), which
+    needs `lora_dropout=0`; "auto" is PEFT's default init there (PiSSA cannot decompose a stack of experts).
     """
     if lora_layers(model):
         return model
     import peft
 
     quantized = has_quantized_layers(model)
+    experts = bool(moe_layouts(model))  # LoRA on the experts' 3-D parameters: PEFT's ParamWrapper
     lora_init = train.lora_init
+    if experts:
+        _check_expert_lora(train)
     if lora_init == "auto":
-        lora_init = "default" if quantized else AUTO_LORA_INIT
+        lora_init = "default" if quantized or experts else AUTO_LORA_INIT
     if quantized and _rewrites_base(lora_init):
         raise ValueError(
             f"`lora_init={lora_init!r}` rewrites the base weights to a residual, which a bitsandbytes base cannot "
@@ -147,10 +154,26 @@ def add_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
         target_modules=train.target_modules,
         init_lora_weights=True if lora_init == "default" else cast(Any, lora_init),  # checked in TrainConfig
         task_type="CAUSAL_LM",
+        **cast(dict[str, Any], {"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
     )
     with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated; not the user's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, config)
+
+
+def _check_expert_lora(train: TrainConfig) -> None:
+    """PEFT's ParamWrapper, which puts LoRA on 3-D expert parameters, takes neither dropout nor an init that reads
+    `base_layer.weight` (PiSSA, OLoRA: an experts module has no `weight`)."""
+    if train.lora_dropout:
+        raise ValueError(
+            f"`lora_dropout={train.lora_dropout}` cannot be used on a mixture-of-experts model: PEFT's ParamWrapper "
+            "(LoRA on the experts' 3-D parameters) supports no dropout. Pass lora_dropout=0 (CLI --lora-dropout 0)."
+        )
+    if _rewrites_base(train.lora_init):
+        raise ValueError(
+            f"`lora_init={train.lora_init!r}` cannot initialise LoRA on the experts of a mixture-of-experts model "
+            "(PEFT's ParamWrapper has no base weight to decompose); use lora_init='auto' or 'default'."
+        )
 
 
 def _batch(blocks: torch.Tensor, step: int, micro: int, train: TrainConfig) -> torch.Tensor:

@@ -13,12 +13,15 @@ from torch import nn
 from .conv1d import features, is_linear_like
 from .lora import base_layer, lora_layers
 from .models import attention_layouts, decoder_layers
+from .moe import moe_layouts
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, int | None]]:
     """Per decoder layer: query heads, KV heads and FFN width (the input width of the layer's projection back
-    into the residual stream; None when the layer has no FFN outside attention)."""
+    into the residual stream; None when the layer has no FFN outside attention). Models with MoE layers also
+    get their routed experts per layer and those experts' FFN width ("experts", "expert_ffn"; None elsewhere)."""
     layouts = attention_layouts(model)
+    moe = moe_layouts(model)
     lora_parts = {
         m for layer in lora_layers(model).values() for m in layer.modules() if m not in (layer, base_layer(layer))
     }
@@ -44,12 +47,17 @@ def layer_widths(model: nn.Module) -> list[dict[str, int | None]]:
                 "ffn": max(ffn) if ffn else None,
             }
         )
+        if moe:
+            block = next((b for b in moe if b.block in inside), None)
+            rows[-1]["experts"] = block.num_experts if block is not None else None
+            rows[-1]["expert_ffn"] = block.width if block is not None else None
     return rows
 
 
 def format_table(before: list[dict], after: list[dict]) -> str:
     """A plain-text table of heads and FFN width per layer, before → after."""
-    lines = ["layer  heads (kv)      ffn"]
+    experts = any("experts" in a for a in after)
+    lines = ["layer  heads (kv)      ffn" + ("        experts (ffn)" if experts else "")]
     for b, a in zip(before, after, strict=True):
         heads = (
             f"{b['heads']}->{a['heads']} ({a['kv_heads']})"
@@ -57,7 +65,14 @@ def format_table(before: list[dict], after: list[dict]) -> str:
             else f"{a['heads']} ({a['kv_heads']})"
         )
         ffn = f"{b['ffn']}->{a['ffn']}" if b["ffn"] != a["ffn"] else f"{a['ffn']}"
-        lines.append(f"{a['layer']:>5}  {heads:<14}  {ffn}")
+        line = f"{a['layer']:>5}  {heads:<14}  {ffn}"
+        if experts and a.get("experts") is not None:
+            count = f"{b['experts']}->{a['experts']}" if b["experts"] != a["experts"] else f"{a['experts']}"
+            width = (
+                f"{b['expert_ffn']}->{a['expert_ffn']}" if b["expert_ffn"] != a["expert_ffn"] else f"{a['expert_ffn']}"
+            )
+            line = f"{line:<33}  {count} ({width})"
+        lines.append(line)
     return "\n".join(lines)
 
 
