@@ -95,7 +95,7 @@ def test_per_head_norms_are_exact_and_round_trip_with_one_layer_pruned(family, h
     assert outcome.kind == "exact", outcome
     manifest = json.loads(next(tmp_path.glob("*/tp_loraprune.json")).read_text())
     assert manifest["layout"] == "per_layer"
-    recorded = manifest["parameter_shapes"] if family is COHERE else manifest["list_lengths"]
+    recorded = manifest["tensor_shapes"] if family is COHERE else manifest["list_lengths"]
     assert any(".layers.1.self_attn.q_" in name for name in recorded), recorded
 
 
