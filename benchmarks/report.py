@@ -6,6 +6,7 @@ python benchmarks/report.py   # reads benchmarks/results/*.json; rewrites the ge
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -570,6 +571,7 @@ def _load_runs(name: str) -> list[dict]:
     return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
+@functools.cache
 def allocation_rows() -> list[dict]:
     """The allocation table's runs; zero-shot and MMLU filled in from the reruns where the main run lacks them
     (`zero_shot_source` says from where)."""

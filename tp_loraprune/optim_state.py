@@ -13,20 +13,13 @@ import torch
 def replace_parameter(
     optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, dim: int, keep: torch.Tensor
 ) -> None:
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    state = optimizer.state.pop(old, None)
-    if state is None:
-        return
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == old.shape:
-            state[key] = value.index_select(dim, keep.to(value.device))
-    optimizer.state[new] = state
+    """Swap `old` for `new` in `optimizer`, its state tensors sliced to `keep` along `dim` like the parameter."""
+    replace_parameter_by(optimizer, old, new, lambda value: value.index_select(dim, keep.to(value.device)))
 
 
 def replace_parameter_by(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, transform) -> None:
-    """`replace_parameter` for a replacement that is not one index_select: `transform` maps every state tensor of
-    the old parameter's shape like the parameter (MoE experts gather channels per expert)."""
+    """Swap `old` for `new` in `optimizer`; `transform` maps every state tensor of the old parameter's shape like the
+    parameter (one index_select in `replace_parameter`; MoE experts gather channels per expert)."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
