@@ -18,9 +18,12 @@ Times are medians over the timed steps; memory is torch.cuda.max_memory_allocate
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -343,6 +346,13 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
     return rows
 
 
+def write_profile(profile: cProfile.Profile, path: Path, lines: int = 45) -> None:
+    """The `lines` most expensive calls of a profile, by cumulative time, as text."""
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(lines)
+    path.write_text(text.getvalue())
+
+
 @torch.no_grad()
 def inference_speed(shape: str, args) -> list[dict]:
     """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
@@ -353,8 +363,10 @@ def inference_speed(shape: str, args) -> list[dict]:
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
     device, rows = args.device, []
-    cells = [(0.0, "dense", 1)] + [(r, a, m) for r in args.ratios for a in args.allocations for m in args.multiples]
-    for ratio, allocation, multiple in cells:
+    cells = [(0.0, "dense", 1, "parameters")] + [
+        (r, a, m, t) for r in args.ratios for a in args.allocations for m in args.multiples for t in args.targets
+    ]
+    for ratio, allocation, multiple, target in cells:
         model = build(shape, device)
         if ratio > 0:
             pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
@@ -365,13 +377,30 @@ def inference_speed(shape: str, args) -> list[dict]:
             imp.accumulate(pm)
             layers = list(range(model.config.num_hidden_layers))
             config = LoRAPruneConfig(
-                ratio=ratio, layers=layers, round_to=multiple, allocation=allocation, uniform=args.uniform
+                ratio=ratio,
+                layers=layers,
+                round_to=multiple,
+                allocation=allocation,
+                uniform=args.uniform,
+                target=target,
+                latency_tokens=args.prefill,
             )
-            pruner = LoRAPruner(pm, config, importance=imp)
+            pruner = LoRAPruner(pm, config, importance=imp)  # under target="latency" this measures the table
+            profile = cProfile.Profile() if args.profile_events else None
             t0 = time.perf_counter()
+            if profile:
+                profile.enable()
             pruner.prune(1.0)
             sync(device)
             prune_s = time.perf_counter() - t0
+            # what the allocation believed: the pruned layers' cost (parameters, or the latency table's seconds)
+            believed = {
+                "before": sum(pruner._layer_totals().values()),
+                "removed": sum(pruner._removed_by_layer().values()),
+            }
+            if profile:
+                profile.disable()
+                write_profile(profile, Path(args.out).with_suffix(f".event_{ratio}_{target}.txt"))
             model = merge_lora(pm)
             del pm, pruner, imp
         model.eval()
@@ -389,7 +418,9 @@ def inference_speed(shape: str, args) -> list[dict]:
             "q_heads": sorted(
                 {layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers}
             ),
+            "target": target,
             "prune_event_s": round(prune_s, 3) if ratio > 0 else None,
+            "allocation_cost": believed if ratio > 0 else None,
             "prefill_s": round(prefill, 4),
         }
         if args.decode:
@@ -431,6 +462,12 @@ def main(argv=None) -> int:
     p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
     p.add_argument("--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to)")
     p.add_argument("--uniform", type=int, default=1, help="inference: LoRAPruneConfig.uniform (1 or 0)")
+    p.add_argument(
+        "--targets", default="parameters", help="inference: comma list of LoRAPruneConfig.target (parameters,latency)"
+    )
+    p.add_argument(
+        "--profile-events", action="store_true", help="inference: write a cProfile of each prune event next to --out"
+    )
     p.add_argument("--skip", default="", help="comma list: steps,inference,init")
     p.add_argument(
         "--bases", default="", help="also time LoRA/LoRAPrune steps on these bitsandbytes bases, e.g. 8bit,4bit"
@@ -441,7 +478,8 @@ def main(argv=None) -> int:
     args.checkpointing = [bool(int(c)) for c in args.checkpointing.split(",")]
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.allocations = args.allocations.split(",")
-    args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.multiples = [None if m == "none" else int(m) for m in args.multiples.split(",")]  # none: the default
+    args.targets = args.targets.split(",")
     args.bases = [b for b in args.bases.split(",") if b]
     result = {
         "environment": environment(args.device),

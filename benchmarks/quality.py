@@ -100,7 +100,8 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     if data is not None:
         blocks = args.datasets[data]()
     lora_init = overrides.pop("lora_init", "default")  # TrainConfig.lora_init; the table's cells: PEFT's default
-    config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=args.prune_every, **overrides)
+    prune_every = overrides.pop("prune_every", args.prune_every)  # a denser prune schedule for this run only
+    config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=prune_every, **overrides)
     train = TrainConfig(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -178,7 +179,9 @@ def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
             continue
         try:
             kwargs = {} if tasks is None else {"tasks": tasks}
-            out[key] = zero_shot(model, tokenizer, data_dir=args.data_dir, limit=limit, batch_size=32, **kwargs)
+            out[key] = zero_shot(
+                model, tokenizer, data_dir=args.data_dir, limit=limit, batch_size=args.zs_batch_size, **kwargs
+            )
         except Exception as e:  # noqa: BLE001 - recorded in the results, the table says why a cell is empty
             out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
@@ -187,21 +190,36 @@ def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
 # name: (method, config overrides). LoRAPrune starts LoRA from PiSSA (its default); round_to=1 and the explicit
 # `uniform` are what the table on docs/benchmarks.md ran with (before uniform=True and round_to=None were defaults).
 _PISSA = {"lora_init": "pissa_niter_4", "round_to": 1}
+_DEFAULT = {"lora_init": "pissa_niter_4"}
 ALLOCATION_CELLS = {
     "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
     "lp-fixed": ("loraprune", _PISSA | {"allocation": "fixed"}),
     "lp-ffn_only": ("loraprune", _PISSA | {"allocation": "ffn_only"}),
     "lp-uniform": ("loraprune", _PISSA | {"uniform": True}),
-    "lp-default": ("loraprune", {"lora_init": "pissa_niter_4"}),  # every default: uniform auto, round_to=None
+    "lp-default": ("loraprune", _DEFAULT),  # every default: uniform auto, round_to=None
+    "lp-default-cd0.3": ("loraprune", _DEFAULT | {"cooldown": 0.3}),  # the last 30% of steps recover, not 10%
+    "lp-default-every2": ("loraprune", _DEFAULT | {"prune_every": 2}),  # 40 smaller prune events instead of 8
+    "lp-default-cd0.3-every2": ("loraprune", _DEFAULT | {"cooldown": 0.3, "prune_every": 2}),
     "lp-auto-cap": ("loraprune", _PISSA | {"uniform": False, "max_layer_ratio": "ratio+0.2"}),
     "taylor-auto": ("taylor", {"round_to": 1, "uniform": False}),
     "taylor-fixed": ("taylor", {"round_to": 1, "allocation": "fixed"}),
     "taylor-ffn_only": ("taylor", {"round_to": 1, "allocation": "ffn_only"}),
+    "taylor-default": ("taylor", {}),  # Taylor scores in the default allocator: uniform auto, round_to=None
 }
 
 
 # cells run at every seed: the auto allocations and their strongest fixed rival
-SEEDED_CELLS = ("lp-auto", "lp-uniform", "lp-ffn_only", "taylor-auto")
+SEEDED_CELLS = (
+    "lp-auto",
+    "lp-uniform",
+    "lp-ffn_only",
+    "taylor-auto",
+    "lp-default",
+    "taylor-default",
+    "lp-default-cd0.3",
+    "lp-default-every2",
+    "lp-default-cd0.3-every2",
+)
 
 
 def allocation_plan(args) -> list[tuple]:
@@ -357,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--plan", choices=["methods", "allocation"], default="methods", help="which table's runs")
     p.add_argument("--long-steps", type=int, default=1000, help="the allocation plan's longer LoRA budget")
     p.add_argument("--mmlu-limit", type=int, default=0, help="MMLU (5-shot) questions per subject; 0 skips it")
+    p.add_argument(
+        "--zs-batch-size", type=int, default=8, help="lm-eval batch size (32 ran 12 workers out of GPU memory)"
+    )
     p.add_argument("--extra-seq-lens", default="", help="also measure perplexity at these lengths, e.g. 128")
     p.add_argument("--model", default=None, help="default: packaged SmolLM2-135M-Instruct")
     p.add_argument("--data", default=None, help="fine-tune text (default: the C4 sample in the data dir)")

@@ -34,7 +34,7 @@ class Unit:
 
     score: float
     cost: float
-    removals: Mapping[str, tuple[int, ...]]  # block key → current positions among its alive structures
+    removals: Mapping[str, tuple[int, ...]]  # block key → current positions among its alive structures (any order)
     layer_costs: Mapping[int, float]  # decoder layer → what this unit saves there
 
 
@@ -70,7 +70,7 @@ def channel_units(
         taken = order[start : start + size]
         c = saved(width - start, width - start - size) if saved else size * cost
         score = cumulative[start + size] - cumulative[start]
-        units.append(Unit(score, c, {key: tuple(sorted(taken))}, {layer: c}))
+        units.append(Unit(score, c, {key: tuple(taken)}, {layer: c}))  # `allocate` sorts what it takes
         start += size
         size = multiple
     return Block(key, "channels", tuple(units))

@@ -38,4 +38,26 @@ def select_by_root(indices: Sequence[int], roots: Sequence[int], chosen: torch.T
     inside = root < len(chosen)
     mask = torch.zeros(len(root), dtype=torch.bool)
     mask[inside] = chosen[root[inside]]
-    return index_tensor(indices)[mask].tolist(), root[mask].tolist()
+    selected = root[mask].tolist()
+    if indices == roots:  # most items of a channel group index the root's own channels: one conversion
+        return selected, list(selected)
+    return index_tensor(indices)[mask].tolist(), selected
+
+
+def positions_of(alive: Sequence[int], ids: Iterable[int], where: str) -> list[int]:
+    """The positions of `ids` in the ascending list `alive`, ascending; a ValueError naming `where` for ids that
+    are not in it."""
+    wanted = index_tensor(sorted(set(ids)))
+    alive_t = index_tensor(alive)
+    pos = torch.searchsorted(alive_t, wanted)
+    found = pos < len(alive_t)
+    found[found.clone()] = alive_t[pos[found]] == wanted[found]
+    if not bool(found.all()):
+        missing = wanted[~found].tolist()
+        raise ValueError(f"{where}: ids {missing} were already removed or never existed.")
+    return pos.tolist()
+
+
+def original_ids(alive: Sequence[int], positions: Sequence[int]) -> list[int]:
+    """`alive[p]` for every position p, ascending."""
+    return index_tensor(alive)[index_tensor(positions)].sort().values.tolist()

@@ -13,7 +13,7 @@ from .fused import DECLARED_FFN, FUSED_ATTENTION, FUSED_REFUSED, FusedQKV, fused
 from .head_parameters import HeadExtras, head_extras
 from .lora import base_layer
 from .mla import mla_modules
-from .moe import moe_block_modules, sync_moe_config
+from .moe import MoELayout, moe_layouts, sync_moe_config
 from .quant import quantization
 
 # (query, key, value, output) child names of an attention module, by family.
@@ -247,19 +247,41 @@ def sync_attention_attributes(model: nn.Module, layouts: list[AttentionLayout] |
                     setattr(module, attr, value)
 
 
-def mlp_widths(model: nn.Module, skip: set[nn.Module] | None = None) -> list[int]:
-    """Intermediate width of each FFN (`FFN_PATHS`: the input width of its down projection), leaving out the
-    modules in `skip`."""
-    widths = []
+def ffn_down_projections(model: nn.Module, skip: set[nn.Module] | None = None) -> list[nn.Module]:
+    """The down projection of each FFN (`FFN_PATHS`), leaving out the modules in `skip`."""
+    downs = []
     for module in model.modules():
         if skip and module in skip:
             continue
         for up, down in FFN_PATHS:
             up_m, down_m = _submodule(module, up), _submodule(module, down)
             if up_m is not None and down_m is not None and is_linear_like(base_layer(down_m)):
-                widths.append(features(base_layer(down_m))[1])
+                downs.append(down_m)
                 break
-    return widths
+    return downs
+
+
+def mlp_widths(model: nn.Module, skip: set[nn.Module] | None = None) -> list[int]:
+    """Intermediate width of each FFN (the input width of its down projection), leaving out the modules in
+    `skip`."""
+    return [features(base_layer(d))[1] for d in ffn_down_projections(model, skip)]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Where `sync_config` finds a model's heads and widths. Found once by `model_structure`; it stays valid while
+    pruning, which replaces parameters but never modules (the layouts read their head counts from the weights)."""
+
+    attention: list[AttentionLayout]  # every attention block
+    moe: list[MoELayout]  # every declared MoE block
+    moe_modules: set[nn.Module]  # the modules inside them
+    ffn_downs: list[nn.Module]  # the down projection of every FFN of the language model outside the MoE blocks
+
+
+def model_structure(model: nn.Module) -> Structure:
+    moe = moe_layouts(model)
+    inside = {m for layout in moe for m in layout.block.modules()}
+    return Structure(attention_layouts(model), moe, inside, ffn_down_projections(language_model(model), inside))
 
 
 def honours_head_dim(model: nn.Module) -> bool:
@@ -302,17 +324,19 @@ def config_validates(config) -> bool:
     return True
 
 
-def sync_config(model: nn.Module) -> bool:
+def sync_config(model: nn.Module, structure: Structure | None = None) -> bool:
     """Write uniform head counts and FFN width into the HF config; returns False if layers differ.
 
     A config can describe only one width per attribute. When layers differ, the config keeps the
-    original values and the model must be saved with `tp_loraprune.save_pruned`.
+    original values and the model must be saved with `tp_loraprune.save_pruned`. `structure`: the model's
+    `model_structure` when the caller has it already (the pruner, at every prune event).
     """
     config = getattr(model, "config", None)
     if config is None:
         return True
     config = text_config(config)
-    every = attention_layouts(model)
+    structure = model_structure(model) if structure is None else structure
+    every = structure.attention
     sync_attention_attributes(model, every)
     inside = set(language_model(model).modules())
     layouts = [a for a in every if a.module in inside]  # the text decoder's heads go into the (text) config
@@ -347,8 +371,8 @@ def sync_config(model: nn.Module) -> bool:
                     uniform = False
         else:
             uniform = False
-    moe = moe_block_modules(model)  # MoE blocks (experts, routers, shared experts) have their own config attributes
-    widths = set(mlp_widths(language_model(model), moe))
+    moe = structure.moe_modules  # MoE blocks (experts, routers, shared experts) have their own config attributes
+    widths = {features(base_layer(d))[1] for d in structure.ffn_downs}
     width_attr = next((a for a in FFN_WIDTH_ATTRIBUTES if hasattr(config, a)), None)
     if len(widths) == 1 and width_attr is not None:
         setattr(config, width_attr, widths.pop())
@@ -357,7 +381,7 @@ def sync_config(model: nn.Module) -> bool:
                 module.intermediate_size = config.intermediate_size
     elif len(widths) > 1:
         uniform = False
-    return sync_moe_config(model) and uniform
+    return sync_moe_config(model, structure.moe) and uniform
 
 
 # words naming the encoders of other modalities in a multimodal model: their layers are never the decoder layers

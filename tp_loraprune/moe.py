@@ -466,11 +466,12 @@ def sync_moe_attributes(layout: MoELayout, wrappers: dict[str, nn.Module] | None
                 f.out_features, f.in_features = f.weight.shape
 
 
-def sync_moe_config(model: nn.Module) -> bool:
+def sync_moe_config(model: nn.Module, layouts: list[MoELayout] | None = None) -> bool:
     """Write uniform expert counts and widths (and shared-expert widths) into the HF config and every block's
-    bookkeeping; returns False when blocks differ or the config cannot describe them (the per-layer format)."""
+    bookkeeping; returns False when blocks differ or the config cannot describe them (the per-layer format).
+    `layouts`: the model's `moe_layouts` when the caller has them already."""
     config = getattr(model, "config", None)
-    layouts = moe_layouts(model)
+    layouts = moe_layouts(model) if layouts is None else layouts
     for layout in layouts:
         sync_moe_attributes(layout)
     if config is None or not layouts:

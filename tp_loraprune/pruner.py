@@ -34,9 +34,18 @@ from .conv1d import features, is_linear_like
 from .fused import declared_ffns
 from .graph import build_graph, example_input_ids, pruning_fn, release_trace
 from .importance import Direction, LoRAGuidedImportance
+from .indices import original_ids, positions_of
 from .lora import NO_LORA_HELP, base_layer, lora_b_is_zero, lora_layers, sync_lora_features
 from .mla import mla_modules
-from .models import AttentionLayout, attention_layouts, count_parameters, decoder_layers, sync_config, text_config
+from .models import (
+    AttentionLayout,
+    attention_layouts,
+    count_parameters,
+    decoder_layers,
+    model_structure,
+    sync_config,
+    text_config,
+)
 from .moe import check_moe_supported, shared_expert_modules
 from .moe_pruning import RoutedExperts
 from .optim_state import replace_parameter
@@ -176,6 +185,7 @@ class LoRAPruner:
             {m: i for i, layer in zip(self.layer_indices, self._selected_layers, strict=True) for m in layer.modules()},
         )
         self._names = {m: n for n, m in model.named_modules()}
+        self._structure = model_structure(model)  # for sync_config at every event
         self.step_count = 0
         self.progress = 0.0
         self.events: list[dict] = []
@@ -577,7 +587,7 @@ class LoRAPruner:
             **{k: ch.alive for k, ch in self._channels.items()},
             **self._experts.alive(),
         }
-        return {key: sorted(alive[key][p] for p in positions) for key, positions in chosen.removals.items()}
+        return {key: original_ids(alive[key], positions) for key, positions in chosen.removals.items()}
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> dict | None:
@@ -904,7 +914,7 @@ class LoRAPruner:
             if r.attr == "weight" and self._accumulates:
                 self.importance.on_pruned(r.module, cast(Direction, r.direction), r.keep)
         sync_lora_features(self.model)
-        sync_config(self.model)
+        sync_config(self.model, self._structure)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -956,8 +966,4 @@ _MAX_ROUNDS = 8
 
 def _positions(alive: list[int], ids: list[int], where: str) -> list[int]:
     """Current positions of original ids among the alive ones."""
-    index = {orig: pos for pos, orig in enumerate(alive)}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ValueError(f"{where}: ids {missing} were already removed or never existed.")
-    return sorted(index[i] for i in ids)
+    return positions_of(alive, ids, where)

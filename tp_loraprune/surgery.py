@@ -139,12 +139,22 @@ def subgroup(group, root_positions: Iterable[int]):
 
 
 def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callable[[Replaced], None]) -> None:
-    """Prune the given group items (a whole group or a filtered part of one)."""
+    """Prune the given group items (a whole group or a filtered part of one).
+
+    Plain `nn.Linear` items under Torch-Pruning's own Linear pruning functions are sliced here with one
+    `index_select` per tensor (what those functions do, without their set arithmetic on Python lists of ~10⁴
+    indices); every other item goes through Torch-Pruning."""
     group = tp.dependency.Group()
     watched = []
     for dep, idxs in items:
-        group.add_dep(dep, idxs)
         module = dep.target.module
+        direction = _plain_linear(dep, idxs)
+        if direction is not None:
+            keep = kept_indices(_width(module, "weight", module.weight, direction == "out"), idxs)
+            for replaced in _slice_linear(module, direction, keep):
+                on_replaced(replaced)
+            continue
+        group.add_dep(dep, idxs)
         if not isinstance(module, nn.Module):
             continue
         out = graph.is_out_channel_pruning_fn(dep.handler)
@@ -152,8 +162,9 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
             p = getattr(module, attr, None)
             if isinstance(p, nn.Parameter) and not (attr == "bias" and not out):
                 watched.append((module, attr, p, "out" if out else "in", _width(module, attr, p, out), set(idxs)))
-    group._DG = graph
-    group.prune(record_history=False)
+    if len(group):
+        group._DG = graph
+        group.prune(record_history=False)
     for module, attr, old, direction, width, removed in watched:
         new = getattr(module, attr)
         if new is old:
@@ -161,6 +172,41 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         dim = weight_dim(module, direction) if attr == "weight" else 0  # biases are watched on "out" only
         keep = kept_indices(width, removed)
         on_replaced(Replaced(module, attr, old, new, direction, dim, keep))
+
+
+_LINEAR_PRUNING = {
+    tp.pruner.function.LinearPruner.prune_out_channels: "out",
+    tp.pruner.function.LinearPruner.prune_in_channels: "in",
+}
+
+
+def _plain_linear(dep, idxs) -> str | None:
+    """'out' / 'in' when `dep` is Torch-Pruning's own pruning of a plain `nn.Linear` with plain int indices."""
+    if type(dep.target.module) is not nn.Linear or (idxs and not isinstance(idxs[0], int)):
+        return None
+    return _LINEAR_PRUNING.get(getattr(dep.handler, "__func__", None))
+
+
+def _slice_linear(module: nn.Linear, direction: str, keep: torch.Tensor) -> list[Replaced]:
+    """Keep rows (`direction="out"`, with the bias) or columns ("in") `keep` of a Linear, gradients included; the
+    new parameters keep `requires_grad` of the old ones."""
+    dim = 0 if direction == "out" else 1
+    on_device = keep.to(module.weight.device)
+    replaced = []
+    for attr, d in (("weight", dim), ("bias", 0)):
+        old = getattr(module, attr)
+        if old is None or (attr == "bias" and direction == "in"):
+            continue
+        new = nn.Parameter(old.detach().index_select(d, on_device), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad.index_select(d, on_device)
+        setattr(module, attr, new)
+        replaced.append(Replaced(module, attr, old, new, direction, d, keep))
+    if direction == "out":
+        module.out_features = len(keep)
+    else:
+        module.in_features = len(keep)
+    return replaced
 
 
 def _width(module: nn.Module, attr: str, p: nn.Parameter, out: bool) -> int:
