@@ -83,9 +83,14 @@ def main(argv=None) -> int:
             pruned, scores = copy.deepcopy((peft_model, imp))
             config = LoRAPruneConfig(ratio=ratio, target=target, latency_tokens=args.tokens)
             t1 = time.perf_counter()
-            pruner = LoRAPruner(pruned, config, importance=scores)
-            setup_s = time.perf_counter() - t1
-            pruner.prune(1.0)
+            try:
+                pruner = LoRAPruner(pruned, config, importance=scores)
+                setup_s = time.perf_counter() - t1
+                pruner.prune(1.0)
+            except ValueError as e:  # a ratio the guards cannot reach is refused up front: record why
+                rows.append({"target": target, "ratio": ratio, "refused": str(e)[:400]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             merged = merge_lora(pruned).eval()
             widths = layer_widths(merged)[pruner.layer_indices[0]]
             rows.append(
@@ -112,6 +117,7 @@ def main(argv=None) -> int:
             "wikitext2": r["wikitext2"],
         }
         for r in rows
+        if "prefill_s" in r
     }
     result = {
         "what": "one-shot auto allocation at the same ratio of parameters vs of measured prefill time",

@@ -550,16 +550,23 @@ def plots(rows: list[dict]) -> list[str]:
 
 ALLOCATION_FILE = "quality_allocation_h200.json"  # every cell, 3 ratios, 3 seeds of SEEDED cells, 12 workers
 ALLOCATION_MMLU_FILE = "quality_allocation_mmlu_h200.json"  # dense and three 20% cells again, with MMLU
+# the second allocation run: seeds 1-2 of the defaults, Taylor in the default allocator, two prune schedules, and
+# the seeds the first run's time budget skipped (lm-eval at batch 8, so no cell ran out of GPU memory)
+ALLOCATION_MORE_FILE = "quality_allocation_2_h200.json"
 # an earlier run of the same cells (same protocol and seed): fills zero-shot where the 12-worker run ran out of
 # GPU memory in lm-eval, only for runs whose perplexity it reproduced exactly
 ALLOCATION_EARLIER = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
 ALLOCATION_LABELS = {
     "lp-default": "LoRAPrune, the defaults (auto, uniform, `round_to=None`: 8 here)",
+    "lp-default-every2": "LoRAPrune, the defaults, `prune_every=2` (40 events instead of 8)",
+    "lp-default-cd0.3": "LoRAPrune, the defaults, `cooldown=0.3` (30 steps of recovery instead of 10)",
+    "lp-default-cd0.3-every2": "LoRAPrune, the defaults, `prune_every=2`, `cooldown=0.3`",
     "lp-uniform": "LoRAPrune, auto, uniform widths, round_to=1",
     "lp-auto": "LoRAPrune, auto, per-layer widths (`uniform=False`)",
     "lp-auto-cap": "LoRAPrune, auto, per-layer, `max_layer_ratio` = ratio + 0.2",
     "lp-ffn_only": "LoRAPrune, ffn_only",
     "lp-fixed": "LoRAPrune, fixed (the old rule)",
+    "taylor-default": "Taylor (full gradients), the default allocator (auto, uniform, `round_to=None`)",
     "taylor-auto": "Taylor (full gradients), auto, per-layer",
     "taylor-ffn_only": "Taylor (full gradients), ffn_only",
     "taylor-fixed": "Taylor (full gradients), fixed",
@@ -576,6 +583,8 @@ def allocation_rows() -> list[dict]:
     """The allocation table's runs; zero-shot and MMLU filled in from the reruns where the main run lacks them
     (`zero_shot_source` says from where)."""
     rows = [dict(r) for r in _load_runs(ALLOCATION_FILE)]
+    seen = {r["name"] for r in rows}
+    rows += [dict(r) for r in _load_runs(ALLOCATION_MORE_FILE) if r["name"] not in seen]
     again = {r["name"]: r for r in _load_runs(ALLOCATION_MMLU_FILE)}
     earlier = {r["name"]: r for name in ALLOCATION_EARLIER for r in _load_runs(name)}
     if "dense" not in {r["name"] for r in rows} and "dense" in again:
@@ -649,7 +658,8 @@ def allocation_table() -> str:
         "Mean over seeds, (min–max) where there are several; the (128) and 0-shot columns are means. Parameters per "
         "ratio (every row within 0.3% of the others): "
         + "; ".join(f"{int(q * 100)}%: {p[0] / 1e6:.2f}M–{p[-1] / 1e6:.2f}M" for q, p in params.items())
-        + f". `{ALLOCATION_FILE}`; the 12 concurrent workers ran lm-eval out of GPU memory on some runs, whose "
+        + f". `{ALLOCATION_FILE}` and `{ALLOCATION_MORE_FILE}`; in the first, the 12 concurrent workers ran "
+        "lm-eval out of GPU memory on some runs, whose "
         f"zero-shot ({filled} runs) comes from a rerun (`{ALLOCATION_MMLU_FILE}`) or an earlier run of the same "
         "cell that reproduced its perplexity exactly; a 0-shot mean over fewer seeds than the row has is one of those "
         "gaps."
@@ -668,9 +678,13 @@ def allocation_standing_table() -> str:
         ("LoRAPrune auto uniform (round_to=1) vs LoRAPrune ffn_only", "lp-uniform", "lp-ffn_only"),
         ("LoRAPrune auto per-layer vs auto uniform", "lp-auto", "lp-uniform"),
         ("LoRAPrune defaults vs Taylor fixed (target ≤ 0.80)", "lp-default", "taylor-fixed"),
+        ("LoRAPrune defaults vs Taylor in the default allocator (target ≤ 1)", "lp-default", "taylor-default"),
+        ("LoRAPrune defaults vs Taylor auto per-layer (target ≤ 1)", "lp-default", "taylor-auto"),
         ("LoRAPrune auto per-layer vs Taylor auto per-layer", "lp-auto", "taylor-auto"),
         ("LoRAPrune ffn_only vs Taylor ffn_only", "lp-ffn_only", "taylor-ffn_only"),
         ("LoRAPrune fixed vs Taylor fixed", "lp-fixed", "taylor-fixed"),
+        ("defaults with prune_every=2 vs the defaults", "lp-default-every2", "lp-default"),
+        ("defaults with cooldown=0.3 vs the defaults", "lp-default-cd0.3", "lp-default"),
     ]
     lines = ["| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
     lines.append("|" + "---|" * (1 + len(ratios)))
@@ -818,6 +832,69 @@ def default_speed_table() -> str:
     return "\n".join(lines)
 
 
+def targets_table() -> str:
+    """target="parameters" vs target="latency" at the LLaMA-7B shape: what each removed, what the latency table
+    believed it saved, and the measured speed; with the prune event's time."""
+    path = RESULTS / "efficiency_targets_h200.json"
+    if not path.exists():
+        return "(no target results)"
+    data = json.loads(path.read_text())
+    rows = data["inference"]
+    dense = next(r for r in rows if r["ratio"] == 0)
+    lines = [
+        "| target | ratio | FFN width | query heads | parameters | share removed, as the allocation counts it "
+        "| prefill 2048 s | prefill vs dense | decode tok/s (static) | decode vs dense | prune event s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cost = r.get("allocation_cost") or {}
+        share = f"{cost['removed'] / cost['before']:.1%}" if cost else "–"
+        lines.append(
+            f"| {r['target'] if r['ratio'] else 'dense'} | {r['ratio']:.0%} | {r['intermediate_sizes'][0]} | "
+            f"{r['q_heads'][0]} | {r['parameters'] / 1e9:.2f}B | {share} | {r['prefill_s']:.4f} | "
+            f"{dense['prefill_s'] / r['prefill_s']:.2f}× | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}× | {fmt(r['prune_event_s'], 2)} |"
+        )
+    env = data["environment"]
+    lines.append(
+        f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights, every "
+        "layer pruned, the defaults otherwise; the prune event is one `prune(1.0)` (the whole ratio at once, the "
+        "largest event there can be). Command: `python benchmarks/efficiency.py --skip steps,init --ratios 0.2,0.5 "
+        "--multiples none --targets parameters,latency --decode-mode static --profile-events --out ...` (the "
+        "profiles are in `benchmarks/results/logs/prune_event_profile_h200.*.txt`)."
+    )
+    return "\n".join(lines)
+
+
+def latency_target_table() -> str:
+    """The same two targets on the real SmolLM2-135M (one-shot, scores of 16 LoRA steps), bf16, prefill 4096."""
+    path = RESULTS / "latency_target_h200.json"
+    if not path.exists():
+        return "(no latency-target results)"
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    dense = rows[0]
+    lines = [
+        "| target | ratio | query / KV heads, FFN width (pruned layers) | parameters | share removed, as the "
+        "allocation counts it | prefill 4096 s | prefill vs dense | WikiText-2, one-shot |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | – | 9 / 3, 1536 | {dense['parameters'] / 1e6:.1f}M | – | {dense['prefill_s']:.4f} | 1.00× | "
+        f"{fmt(dense['wikitext2'])} |",
+    ]
+    for r in rows[1:]:
+        if "refused" in r:
+            lines.append(f"| {r['target']} | {r['ratio']:.0%} | refused: {r['refused'][:120]} | | | | | |")
+            continue
+        w = r["pruned_layer"]
+        lines.append(
+            f"| {r['target']} | {r['ratio']:.0%} | {w['heads']} / {w['kv_heads']}, {w['ffn']} | "
+            f"{r['parameters'] / 1e6:.1f}M | {r['believed_share']:.1%} | {r['prefill_s']:.4f} | "
+            f"{dense['prefill_s'] / r['prefill_s']:.2f}× | {fmt(r['wikitext2'])} |"
+        )
+    lines.append(f"\n{data['environment']['device']}; {data.get('provenance', '')}. `{data['settings']['command']}`.")
+    return "\n".join(lines)
+
+
 def allocation_plot() -> str | None:
     """WikiText-2 perplexity against the pruned fraction for every allocation cell, seed ranges as bars."""
     try:
@@ -888,6 +965,14 @@ def main() -> int:
         "### The default output at the LLaMA-7B shape: prefill and static-cache decode speed (H200)",
         "",
         default_speed_table(),
+        "",
+        "### target=\"parameters\" vs target=\"latency\" at the LLaMA-7B shape (H200), and the prune event",
+        "",
+        targets_table(),
+        "",
+        "### target=\"parameters\" vs target=\"latency\" on SmolLM2-135M (H200, bf16, one-shot)",
+        "",
+        latency_target_table(),
         "",
         "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
         "",
