@@ -841,7 +841,7 @@ class LoRAPruner:
         return {key: sorted(ids) for key, ids in removed.items()}
 
     def _remove_channels(self, graph, ch: _Channels, group, ids: list[int], on_replaced) -> None:
-        prune_items(graph, subgroup(group, _positions(ch.alive, ids, ch.key)), on_replaced)
+        prune_items(graph, subgroup(group, positions_of(ch.alive, ids, ch.key)), on_replaced)
         gone = set(ids)
         ch.alive = [c for c in ch.alive if c not in gone]
 
@@ -896,7 +896,7 @@ class LoRAPruner:
     def _remove_heads(self, graph, h: _Heads, ids: list[int], on_replaced) -> None:
         a = h.layout
         size = a.group_size
-        positions = _positions(h.alive, ids, a.name)
+        positions = positions_of(h.alive, ids, a.name)
         by_group = [sum(1 for p in positions if p // size == g) for g in range(a.num_kv_heads)]
         if self.config.head_mode == "per_group" and size > 1:
             if len(set(by_group)) != 1:
@@ -969,8 +969,3 @@ class LoRAPruner:
 
 # Allocation rounds of one prune event on MoE models (each round removes something or ends the event).
 _MAX_ROUNDS = 8
-
-
-def _positions(alive: list[int], ids: list[int], where: str) -> list[int]:
-    """Current positions of original ids among the alive ones."""
-    return positions_of(alive, ids, where)
