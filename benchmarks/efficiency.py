@@ -460,7 +460,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=128, help="decode tokens (0: prefill only)")
     p.add_argument("--decode-mode", choices=["eager", "static"], default="eager")
     p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
-    p.add_argument("--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to)")
+    p.add_argument(
+        "--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to; none: its default)"
+    )
     p.add_argument("--uniform", type=int, default=1, help="inference: LoRAPruneConfig.uniform (1 or 0)")
     p.add_argument(
         "--targets", default="parameters", help="inference: comma list of LoRAPruneConfig.target (parameters,latency)"
