@@ -13,6 +13,7 @@ fine-tune), so the trade between time saved and damage is visible.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import pissa_lora_after_steps, write_result  # noqa: E402
 from quality import environment  # noqa: E402
 
-from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora  # noqa: E402
+from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, latency_replay, merge_lora  # noqa: E402
 from tp_loraprune.eval import perplexity  # noqa: E402
 from tp_loraprune.widths import layer_widths  # noqa: E402
 
@@ -46,6 +47,18 @@ def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def synthetic_attention(on: bool):
+    """Time attention as a synthetic block (the table before the replay of the model's own blocks)."""
+    saved = latency_replay.replayable
+    if on:
+        latency_replay.replayable = lambda layout: False
+    try:
+        yield
+    finally:
+        latency_replay.replayable = saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=4)
@@ -60,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="prune, time and evaluate in this dtype")
     p.add_argument("--model", default=None)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--synthetic-too", action="store_true", help="also the latency table of synthetic attention blocks")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -78,13 +92,15 @@ def main(argv=None) -> int:
     ]
     print(json.dumps(rows[-1]), flush=True)
     del dense
+    variants = ["parameters", "latency"] + (["latency-synthetic"] if args.synthetic_too else [])
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        for target in ("parameters", "latency"):
+        for target in variants:
             pruned, scores = copy.deepcopy((peft_model, imp))
-            config = LoRAPruneConfig(ratio=ratio, target=target, latency_tokens=args.tokens)
+            config = LoRAPruneConfig(ratio=ratio, target=target.split("-")[0], latency_tokens=args.tokens)
             t1 = time.perf_counter()
             try:
-                pruner = LoRAPruner(pruned, config, importance=scores)
+                with synthetic_attention(target == "latency-synthetic"):
+                    pruner = LoRAPruner(pruned, config, importance=scores)
                 setup_s = time.perf_counter() - t1
                 pruner.prune(1.0)
             except ValueError as e:  # a ratio the guards cannot reach is refused up front: record why

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def fastest_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Fastest of `repeats` calls of `fn` after one warm-up call (the minimum: other work on the machine only
     ever adds time)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -54,7 +54,7 @@ def ffn_seconds(shape: Shape, width: int, rows_per_channel: int = 2) -> float:
     x = torch.randn(m, shape.hidden, device=shape.device, dtype=shape.dtype)
     w_in = torch.randn(shape.hidden, rows_per_channel * width, device=shape.device, dtype=shape.dtype)
     w_out = torch.randn(width, shape.hidden, device=shape.device, dtype=shape.dtype)
-    return _timed(lambda: (x @ w_in)[:, :width] @ w_out, shape.device, shape.repeats)
+    return fastest_seconds(lambda: (x @ w_in)[:, :width] @ w_out, shape.device, shape.repeats)
 
 
 @lru_cache(maxsize=4096)
@@ -75,7 +75,7 @@ def attention_seconds(shape: Shape, heads: int, kv_heads: int, head_dim: int) ->
         out = F.scaled_dot_product_attention(q, k, k, is_causal=not shape.decode)
         return out.transpose(1, 2).reshape(q_len, heads * head_dim) @ w_o
 
-    return _timed(forward, shape.device, shape.repeats)
+    return fastest_seconds(forward, shape.device, shape.repeats)
 
 
 def monotone(values: dict[int, float]) -> dict[int, float]:

@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from . import allocation, latency
+from . import allocation, latency, latency_replay
 from .config import LoRAPruneConfig
 from .conv1d import features, is_linear_like
 from .fused import declared_ffns
@@ -437,16 +437,46 @@ class LoRAPruner:
                 partial(latency.ffn_seconds, shape, rows_per_channel=rows), ch.initial, self.channel_multiple
             )
         self._attention_times = {}
+        replayed: dict[tuple, dict[int, float] | None] = {}  # identical blocks share the timings of the first
         for key, h in self._heads.items():  # every head layout the allocation can reach, in removal order
             size, kv0, shape = h.initial_group_size, h.initial_kv, self._latency_shape(h.layout.o)
             if self.config.head_mode == "per_group" and size > 1:
                 states = [(q * kv0, kv0) for q in range(size + 1)]
             else:
                 states = [(g * size, g) for g in range(kv0 + 1)]
-            times = latency.monotone(
-                {i: latency.attention_seconds(shape, q, kv, h.layout.head_dim) for i, (q, kv) in enumerate(states)}
-            )
+            measured = None
+            if not shape.decode and latency_replay.replayable(h.layout):  # the block itself, as the model calls it
+                same = (type(h.layout.module), h.initial_heads, kv0, h.layout.head_dim, shape)
+                if same not in replayed:
+                    replayed[same] = self._replayed_attention(h, shape, states)
+                measured = replayed[same]
+            if measured is None:  # decode steps, fused projections, blocks that cannot be replayed: synthetic
+                measured = {
+                    i: latency.attention_seconds(shape, q, kv, h.layout.head_dim) for i, (q, kv) in enumerate(states)
+                }
+            times = latency.monotone(measured)
             self._attention_times[key] = {state: times[i] for i, state in enumerate(states)}
+
+    def _replayed_attention(
+        self, h: _Heads, shape: latency.Shape, states: list[tuple[int, int]]
+    ) -> dict[int, float] | None:
+        """The block's own time at every (heads, KV heads) state, or None (with a warning) when it cannot be cut
+        and called outside the model."""
+        try:
+            inputs = latency_replay.block_inputs(self.model, h.layout.module, shape.tokens)
+            timed = partial(latency.fastest_seconds, device=shape.device, repeats=shape.repeats)
+            return {
+                i: latency_replay.attention_seconds(h.layout, inputs, q, kv, timed) for i, (q, kv) in enumerate(states)
+            }
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as e:
+            warnings.warn(
+                f"{h.layout.name}: its attention could not be replayed for the latency table ({type(e).__name__}: "
+                f"{e}); a synthetic block of the same shape is timed instead.",
+                stacklevel=4,
+            )
+            return None
 
     def _saved_heads(self, h: _Heads, before: int, after: int) -> float:
         """What removing query heads (every KV group kept) from `before` to `after` saves."""
@@ -562,10 +592,11 @@ class LoRAPruner:
                 )
         if c.target == "latency":
             warnings.warn(
-                "target='latency' times synthetic attention and FFN blocks, which did not predict the model's own "
-                "time on an H200: at the same ratio it was slower than target='parameters' (LLaMA-7B shape, 20%: "
-                "1.09x vs 1.12x prefill) and on SmolLM2-135M it removed most heads for no speed-up "
-                "(docs/benchmarks.md). Prefer target='parameters' and check the speed of the result.",
+                "target='latency' is experimental. On an H200 (with the earlier table of synthetic attention blocks; "
+                "attention is now timed by replaying the model's own blocks) it was no faster than "
+                "target='parameters' at the same ratio, and on SmolLM2-135M it removes most heads, which costs far "
+                "more quality than the scores predict (docs/benchmarks.md). Compare the result's speed and quality "
+                "with target='parameters'.",
                 stacklevel=3,
             )
             self._measure_latency()

@@ -1,0 +1,69 @@
+"""The latency table's replay of a model's own attention block: the cut copy computes what the block computes with
+the removed heads masked, the captured arguments hold no cache, and the model is left as it was."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tp_loraprune.latency import fastest_seconds
+from tp_loraprune.latency_replay import attention_seconds, block_inputs, cut_copy, replayable
+from tp_loraprune.models import attention_layouts
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),  # no biases
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # q / k / v biases
+}
+
+
+def _model(family: str, kv_heads: int):
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+    )
+    model = model_cls(config).eval()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    return peft.get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kv_heads, heads, kept_kv", [(2, 2, 2), (2, 2, 1), (4, 2, 2)])
+def test_cut_copy_equals_the_block_with_the_removed_heads_masked(family, kv_heads, heads, kept_kv):
+    model = _model(family, kv_heads)
+    layout = next(a for a in attention_layouts(model) if a.name.endswith("layers.1.self_attn"))
+    assert replayable(layout)
+    before = copy.deepcopy(model.state_dict())
+    args, kwargs = block_inputs(model, layout.module, tokens=6)
+    assert all(kwargs.get(name) in (None, False) for name in ("past_key_values", "use_cache"))
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+    cut = cut_copy(layout, heads, kept_kv)
+    size = 4 // kv_heads
+    kept = [g * size + j for g in range(kept_kv) for j in range(heads // kept_kv)]
+    with torch.no_grad(), model.disable_adapter():  # the cut copy has no LoRA
+        reference = copy.deepcopy(layout.module)
+        o = reference.o_proj.base_layer
+        for h in set(range(4)) - set(kept):
+            o.weight[:, h * 8 : (h + 1) * 8] = 0.0
+        expected = reference(*args, **kwargs)[0]
+        got = cut(*args, **kwargs)[0]
+    assert cut.q_proj.out_features == heads * 8 and cut.k_proj.out_features == kept_kv * 8
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_seconds_times_the_cut_block():
+    model = _model("llama", 2)
+    layout = attention_layouts(model)[0]
+    inputs = block_inputs(model, layout.module, tokens=8)
+    seconds = attention_seconds(layout, inputs, 2, 2, lambda fn: fastest_seconds(fn, torch.device("cpu"), 2))
+    assert seconds > 0
+    assert attention_seconds(layout, inputs, 0, 0, lambda fn: 1.0) == 0.0

@@ -1,0 +1,118 @@
+"""Attention timed as the model runs it: a copy of the model's own attention block at each head count, called
+with the arguments that block receives in the model's forward.
+
+`latency.attention_seconds` times a synthetic block (bare matmuls and flash attention with `is_causal`), which on
+an H200 did not predict the model's own time (docs/benchmarks.md: the model's attention ran another kernel, with
+its mask). Replaying the real block keeps everything the model does there: its attention implementation, mask,
+rotary embedding, per-head norms and biases. It covers prefill of blocks with separate q / k / v / o linears;
+`replayable` says when, and the pruner falls back to the synthetic block otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from .head_parameters import remove_head_entries
+from .lora import base_layer, lora_layers
+from .models import AttentionLayout, attention_layouts, sync_attention_attributes, text_config
+
+
+class _Captured(Exception):
+    """Raised by the capturing hook: the forward has delivered what was needed."""
+
+
+def replayable(layout: AttentionLayout) -> bool:
+    """Whether the block can be copied and cut to any head count here: separate, plain float linears."""
+    projections = [base_layer(m) for m in (layout.q, layout.k, layout.v, layout.o)]
+    return layout.fused is None and all(type(p) is nn.Linear and p.weight.is_floating_point() for p in projections)
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, block: nn.Module, tokens: int) -> tuple[tuple, dict]:
+    """The positional and keyword arguments `block` receives in a forward of `model` on `tokens` random token ids
+    (batch 1, no cache, LoRA off); the forward stops at `block`."""
+    captured: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Captured
+
+    param = next(model.parameters())
+    vocab = getattr(text_config(getattr(model, "config", None)), "vocab_size", None) or 100
+    ids = torch.randint(0, vocab, (1, tokens), device=param.device)
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
+    without_lora = cast(Any, model).disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with without_lora:
+            model(input_ids=ids, **extra)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"{type(block).__name__} was not called in a forward of {type(model).__name__}.")
+    kwargs = dict(captured["kwargs"])
+    for name in CACHE_ARGUMENTS:  # a replayed call must not append to a cache
+        if name in kwargs:
+            kwargs[name] = False if name == "use_cache" else None
+    return captured["args"], kwargs
+
+
+# keyword arguments through which an attention block reads or writes a KV cache
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "use_cache")
+
+
+def cut_copy(layout: AttentionLayout, heads: int, kv_heads: int) -> nn.Module:
+    """A copy of the attention block without LoRA, keeping the first `kv_heads` KV groups and the first
+    `heads // kv_heads` query heads of each (weights, biases and per-head parameters), its head bookkeeping set."""
+    block = copy.deepcopy(layout.module)
+    for name, layer in lora_layers(block).items():
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, base_layer(layer))
+    (cut,) = [a for a in attention_layouts(block) if a.module is block]
+    total, kv_total = cut.num_heads, cut.num_kv_heads
+    size, keep_size = total // kv_total, heads // kv_heads
+    kept = [g * size + j for g in range(kv_heads) for j in range(keep_size)]
+    removed = sorted(set(range(total)) - set(kept))
+    removed_kv = list(range(kv_heads, kv_total))  # for multi-head attention the same as `removed`
+    q_rows, k_rows, v_rows = (torch.tensor(r, dtype=torch.long) for r in cut.rows(kept, list(range(kv_heads))))
+    extras = cut.extras()
+    entries = extras.entries + extras.spanning  # a norm over all heads (OLMo 2) is cut as heads_across_norms cuts it
+    for proj, rows in ((cut.q, q_rows), (cut.k, k_rows), (cut.v, v_rows)):
+        _keep_rows(cast(nn.Linear, proj), rows)
+    o = cast(nn.Linear, cut.o)
+    o.weight = nn.Parameter(o.weight.index_select(1, q_rows.to(o.weight.device)), requires_grad=False)
+    o.in_features = len(q_rows)
+    remove_head_entries(entries, total, kv_total, removed, removed_kv, lambda *_: None)
+    sync_attention_attributes(block, [cut])
+    return block
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    rows = rows.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(0, rows), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.index_select(0, rows), requires_grad=False)
+    linear.out_features = len(rows)
+
+
+def attention_seconds(
+    layout: AttentionLayout, inputs: tuple[tuple, dict], heads: int, kv_heads: int, timed: Callable
+) -> float:
+    """The block's forward time with `heads` query and `kv_heads` KV heads, on `inputs` (`block_inputs`), by
+    `timed(fn)` (`latency.fastest_seconds` with the device and repeats bound)."""
+    if heads == 0:
+        return 0.0
+    block = cut_copy(layout, heads, kv_heads)
+    args, kwargs = inputs
+    with torch.no_grad():
+        return timed(lambda: block(*args, **kwargs))
