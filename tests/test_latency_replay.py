@@ -67,3 +67,33 @@ def test_attention_seconds_times_the_cut_block():
     seconds = attention_seconds(layout, inputs, 2, 2, lambda fn: fastest_seconds(fn, torch.device("cpu"), 2))
     assert seconds > 0
     assert attention_seconds(layout, inputs, 0, 0, lambda fn: 1.0) == 0.0
+
+
+def test_a_block_that_cannot_be_replayed_is_timed_synthetic_with_a_warning():
+    """OPT's learned positions stop at 16: a latency table for 64 tokens cannot run the model's forward, so the
+    pruner warns and times synthetic blocks instead of failing."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from tp_loraprune import LoRAPruneConfig, LoRAPruner
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        word_embed_proj_dim=32,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    model = peft.get_peft_model(OPTForCausalLM(config), peft.LoraConfig(r=4, target_modules=targets))
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="could not be replayed for the latency table"):
+        pruner = LoRAPruner(
+            model, LoRAPruneConfig(ratio=0.2, layers=[0, 1], target="latency", latency_tokens=64, uniform=False)
+        )
+    assert all(t > 0 for times in pruner._attention_times.values() for state, t in times.items() if state[0])
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())

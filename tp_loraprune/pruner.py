@@ -470,8 +470,8 @@ class LoRAPruner:
             }
         except torch.OutOfMemoryError:
             raise
-        except (RuntimeError, ValueError, TypeError) as e:
-            warnings.warn(
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            warnings.warn(  # e.g. more tokens than the model's positions, or a forward that reads the config
                 f"{h.layout.name}: its attention could not be replayed for the latency table ({type(e).__name__}: "
                 f"{e}); a synthetic block of the same shape is timed instead.",
                 stacklevel=4,
