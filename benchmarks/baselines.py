@@ -139,6 +139,12 @@ def pissa_lora_after_steps(args, importances) -> tuple[nn.Module, object, str]:
     return peft_model, tok, perplexity_text("wikitext2", data_dir)
 
 
+def allocation_cost(pruner) -> dict:
+    """What the allocation counts: the pruned layers' cost before pruning and what it removed (parameters, or the
+    latency table's seconds under target="latency")."""
+    return {"before": sum(pruner._layer_totals().values()), "removed": sum(pruner._removed_by_layer().values())}
+
+
 def cpu_environment() -> dict:
     """Versions and machine recorded with the CPU studies' results."""
     return {

@@ -359,6 +359,7 @@ def inference_speed(shape: str, args) -> list[dict]:
     every allocation in args.allocations and FFN width multiple in args.multiples. Decode runs eagerly, or with
     a static cache, which transformers compiles (CUDA graphs) on a GPU (`--decode-mode static`)."""
     import peft
+    from baselines import allocation_cost  # this script's folder is on sys.path when run as a script
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
@@ -393,11 +394,7 @@ def inference_speed(shape: str, args) -> list[dict]:
             pruner.prune(1.0)
             sync(device)
             prune_s = time.perf_counter() - t0
-            # what the allocation believed: the pruned layers' cost (parameters, or the latency table's seconds)
-            believed = {
-                "before": sum(pruner._layer_totals().values()),
-                "removed": sum(pruner._removed_by_layer().values()),
-            }
+            believed = allocation_cost(pruner)
             if profile:
                 profile.disable()
                 write_profile(profile, Path(args.out).with_suffix(f".event_{ratio}_{target}.txt"))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import pissa_lora_after_steps, write_result  # noqa: E402
+from baselines import allocation_cost, pissa_lora_after_steps, write_result  # noqa: E402
 from quality import environment  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, latency_replay, merge_lora  # noqa: E402
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
                 rows.append({"target": target, "ratio": ratio, "refused": str(e)[:400]})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
+            cost = allocation_cost(pruner)
             merged = merge_lora(pruned).eval()
             widths = layer_widths(merged)[pruner.layer_indices[0]]
             rows.append(
@@ -117,9 +118,7 @@ def main(argv=None) -> int:
                     "pruned_layer": {k: widths[k] for k in ("heads", "kv_heads", "ffn")},
                     "pruner_setup_s": round(setup_s, 2),
                     # the share of the pruned layers' cost the allocation believes it removed (the table's, in time)
-                    "believed_share": round(
-                        sum(pruner._removed_by_layer().values()) / sum(pruner._layer_totals().values()), 4
-                    ),
+                    "believed_share": round(cost["removed"] / cost["before"], 4),
                     "prefill_s": prefill_seconds(merged, args.tokens, args.repeats, args.device),
                     "wikitext2": round(perplexity(merged, tok, wikitext, seq_len=512, max_windows=args.ppl_windows), 3),
                 }

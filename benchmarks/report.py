@@ -755,13 +755,21 @@ def _allocation_label(r: dict) -> str:
     return "auto, uniform" if r.get("uniform", False) else "auto, per-layer"
 
 
-def alignment_table() -> str:
-    path = RESULTS / "efficiency_alignment_h200.json"
+def _inference_results(name: str) -> tuple[dict, list[dict], dict] | None:
+    """An efficiency.py result's (whole file, inference rows, the dense row), or None when it was not run."""
+    path = RESULTS / name
     if not path.exists():
-        return "(no alignment results)"
+        return None
     data = json.loads(path.read_text())
     rows = data["inference"]
-    dense = next(r for r in rows if r["ratio"] == 0)
+    return data, rows, next(r for r in rows if r["ratio"] == 0)
+
+
+def alignment_table() -> str:
+    loaded = _inference_results("efficiency_alignment_h200.json")
+    if loaded is None:
+        return "(no alignment results)"
+    data, rows, dense = loaded
     lines = [
         "| ratio | allocation | round_to | parameters | FFN widths | query heads | prefill 2048 s | vs dense "
         "| prune event s |",
@@ -795,12 +803,10 @@ def llama7b_prefill_macs(ffn: int, heads: int, tokens: int = 2048) -> float:
 
 
 def default_speed_table() -> str:
-    path = RESULTS / "efficiency_uniform_static_h200.json"
-    if not path.exists():
+    loaded = _inference_results("efficiency_uniform_static_h200.json")
+    if loaded is None:
         return "(no default-allocation speed results)"
-    data = json.loads(path.read_text())
-    rows = data["inference"]
-    dense = next(r for r in rows if r["ratio"] == 0)
+    data, rows, dense = loaded
     dense_macs = llama7b_prefill_macs(dense["intermediate_sizes"][0], dense["q_heads"][0])
     lines = [
         "| ratio | allocation | FFN width | query heads | parameters | parameter ratio | prefill MAC ratio "
@@ -835,12 +841,10 @@ def default_speed_table() -> str:
 def targets_table() -> str:
     """target="parameters" vs target="latency" at the LLaMA-7B shape: what each removed, what the latency table
     believed it saved, and the measured speed; with the prune event's time."""
-    path = RESULTS / "efficiency_targets_h200.json"
-    if not path.exists():
+    loaded = _inference_results("efficiency_targets_h200.json")
+    if loaded is None:
         return "(no target results)"
-    data = json.loads(path.read_text())
-    rows = data["inference"]
-    dense = next(r for r in rows if r["ratio"] == 0)
+    data, rows, dense = loaded
     lines = [
         "| target | ratio | FFN width | query heads | parameters | share removed, as the allocation counts it "
         "| prefill 2048 s | prefill vs dense | decode tok/s (static) | decode vs dense | prune event s |",

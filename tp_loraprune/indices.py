@@ -50,8 +50,10 @@ def positions_of(alive: Sequence[int], ids: Iterable[int], where: str) -> list[i
     wanted = index_tensor(sorted(set(ids)))
     alive_t = index_tensor(alive)
     pos = torch.searchsorted(alive_t, wanted)
-    found = pos < len(alive_t)
-    found[found.clone()] = alive_t[pos[found]] == wanted[found]
+    if len(alive_t):
+        found = alive_t[pos.clamp(max=len(alive_t) - 1)] == wanted
+    else:
+        found = torch.zeros(len(wanted), dtype=torch.bool)
     if not bool(found.all()):
         missing = wanted[~found].tolist()
         raise ValueError(f"{where}: ids {missing} were already removed or never existed.")

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from .head_parameters import remove_head_entries
+from .indices import index_tensor
 from .lora import base_layer, lora_layers
 from .models import AttentionLayout, attention_layouts, sync_attention_attributes, text_config
+from .surgery import slice_linear
 
 
 class _Captured(Exception):
@@ -84,25 +86,15 @@ def cut_copy(layout: AttentionLayout, heads: int, kv_heads: int) -> nn.Module:
     kept = [g * size + j for g in range(kv_heads) for j in range(keep_size)]
     removed = sorted(set(range(total)) - set(kept))
     removed_kv = list(range(kv_heads, kv_total))  # for multi-head attention the same as `removed`
-    q_rows, k_rows, v_rows = (torch.tensor(r, dtype=torch.long) for r in cut.rows(kept, list(range(kv_heads))))
+    q_rows, k_rows, v_rows = (index_tensor(r) for r in cut.rows(kept, list(range(kv_heads))))
     extras = cut.extras()
     entries = extras.entries + extras.spanning  # a norm over all heads (OLMo 2) is cut as heads_across_norms cuts it
     for proj, rows in ((cut.q, q_rows), (cut.k, k_rows), (cut.v, v_rows)):
-        _keep_rows(cast(nn.Linear, proj), rows)
-    o = cast(nn.Linear, cut.o)
-    o.weight = nn.Parameter(o.weight.index_select(1, q_rows.to(o.weight.device)), requires_grad=False)
-    o.in_features = len(q_rows)
+        slice_linear(cast(nn.Linear, proj), "out", rows)
+    slice_linear(cast(nn.Linear, cut.o), "in", q_rows)
     remove_head_entries(entries, total, kv_total, removed, removed_kv, lambda *_: None)
     sync_attention_attributes(block, [cut])
     return block
-
-
-def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    rows = rows.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.index_select(0, rows), requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.index_select(0, rows), requires_grad=False)
-    linear.out_features = len(rows)
 
 
 def attention_seconds(

@@ -151,7 +151,7 @@ def prune_items(graph: tp.DependencyGraph, items: Iterable, on_replaced: Callabl
         direction = _plain_linear(dep, idxs)
         if direction is not None:
             keep = kept_indices(_width(module, "weight", module.weight, direction == "out"), idxs)
-            for replaced in _slice_linear(module, direction, keep):
+            for replaced in slice_linear(module, direction, keep):
                 on_replaced(replaced)
             continue
         group.add_dep(dep, idxs)
@@ -187,7 +187,7 @@ def _plain_linear(dep, idxs) -> str | None:
     return _LINEAR_PRUNING.get(getattr(dep.handler, "__func__", None))
 
 
-def _slice_linear(module: nn.Linear, direction: str, keep: torch.Tensor) -> list[Replaced]:
+def slice_linear(module: nn.Linear, direction: str, keep: torch.Tensor) -> list[Replaced]:
     """Keep rows (`direction="out"`, with the bias) or columns ("in") `keep` of a Linear, gradients included; the
     new parameters keep `requires_grad` of the old ones."""
     dim = 0 if direction == "out" else 1
