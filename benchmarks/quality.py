@@ -101,9 +101,14 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         blocks = args.datasets[data]()
     lora_init = overrides.pop("lora_init", "default")  # TrainConfig.lora_init; the table's cells: PEFT's default
     prune_every = overrides.pop("prune_every", args.prune_every)  # a denser prune schedule for this run only
+    lr = overrides.pop("lr", args.lr)  # another peak learning rate for this run only
+    lr_schedule = overrides.pop("lr_schedule", "linear")  # TrainConfig.lr_schedule / decay_ratio for this run only
+    decay_ratio = overrides.pop("decay_ratio", 0.1)
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=prune_every, **overrides)
     train = TrainConfig(
-        lr=args.lr,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        decay_ratio=decay_ratio,
         batch_size=args.batch_size,
         block_size=args.block_size,
         lora_r=8,
@@ -205,6 +210,16 @@ ALLOCATION_CELLS = {
     "taylor-fixed": ("taylor", {"round_to": 1, "allocation": "fixed"}),
     "taylor-ffn_only": ("taylor", {"round_to": 1, "allocation": "ffn_only"}),
     "taylor-default": ("taylor", {}),  # Taylor scores in the default allocator: uniform auto, round_to=None
+    # the learning-rate schedule: "wsd" holds the peak through the pruning ramp and decays over the last 10%
+    # (the cooldown); a higher peak under the linear decay is its simplest rival
+    "lp-default-wsd": ("loraprune", _DEFAULT | {"lr_schedule": "wsd"}),
+    "lp-default-wsd-d0.3": ("loraprune", _DEFAULT | {"lr_schedule": "wsd", "decay_ratio": 0.3}),
+    "lp-default-wsd-every2": ("loraprune", _DEFAULT | {"lr_schedule": "wsd", "prune_every": 2}),
+    "lp-ffn_only-wsd": ("loraprune", _DEFAULT | {"allocation": "ffn_only", "lr_schedule": "wsd"}),
+    "lp-default-lr4e-4": ("loraprune", _DEFAULT | {"lr": 4e-4}),
+    "taylor-fixed-wsd": ("taylor", {"round_to": 1, "allocation": "fixed", "lr_schedule": "wsd"}),
+    "taylor-fixed-lr4e-4": ("taylor", {"round_to": 1, "allocation": "fixed", "lr": 4e-4}),
+    "taylor-default-wsd": ("taylor", {"lr_schedule": "wsd"}),
 }
 
 
@@ -219,6 +234,11 @@ SEEDED_CELLS = (
     "lp-default-cd0.3",
     "lp-default-every2",
     "lp-default-cd0.3-every2",
+    "taylor-fixed",
+    "lp-default-wsd",
+    "lp-default-wsd-every2",
+    "lp-ffn_only-wsd",
+    "taylor-fixed-wsd",
 )
 
 

@@ -55,6 +55,7 @@ def _refused(argv: list[str]) -> str:
         (["--target-modules", ","], "--target-modules is empty"),
         (["--warmup-ratio", "1.5"], "warmup_ratio"),
         (["--lora-dropout", "1"], "lora_dropout"),
+        (["--lr-schedule", "wsd", "--decay-ratio", "0"], "decay_ratio"),
     ],
 )
 def test_prune_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, no_model, argv, expected):
@@ -154,6 +155,7 @@ def test_prune_reports_in_domain_and_wikitext_perplexity_and_a_generation(tmp_pa
     argv = ["prune", "--model", str(_model_dir(tmp_path)), "--out", str(out), "--data-dir", str(_data_dir(tmp_path))]
     argv += ["--steps", "8", "--prune-every", "2", "--block-size", "32", "--max-blocks", "16", "--heldout", "2"]
     argv += ["--eval-windows", "1", "--lora-alpha", "3", "--lora-dropout", "0", "--warmup-ratio", "0.25"]
+    argv += ["--lr-schedule", "wsd", "--decay-ratio", "0.25"]
     argv += ["--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -167,6 +169,7 @@ def test_prune_reports_in_domain_and_wikitext_perplexity_and_a_generation(tmp_pa
     assert report["heldout_perplexity_means"].startswith("in-domain")
     train = json.loads((out / "prune_log.json").read_text())["train"]
     assert train["lora_alpha"] == 3 and train["lora_dropout"] == 0 and train["warmup_ratio"] == 0.25
+    assert train["lr_schedule"] == "wsd" and train["decay_ratio"] == 0.25
     assert train["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -76,6 +76,8 @@ LEGACY_SETTINGS = {
     "train": {
         "lora_init": "default",  # PEFT's init (B = 0) before lora_init existed
         "warmup_ratio": 0.03,  # the fixed 3% warmup before the option existed
+        "lr_schedule": "linear",  # the one schedule before the option existed
+        "decay_ratio": 0.1,
     },
 }
 

@@ -112,6 +112,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--warmup-ratio", type=float, default=0.03, help="fraction of the steps the learning rate warms up over"
     )
+    t.add_argument(
+        "--lr-schedule",
+        choices=["linear", "wsd"],
+        default="linear",
+        help="after the warmup: linear decay to zero, or wsd (hold the rate, decay over the last --decay-ratio)",
+    )
+    t.add_argument(
+        "--decay-ratio", type=float, default=0.1, help="with --lr-schedule wsd: fraction of the steps it decays over"
+    )
     t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator alpha; unset: 2 x --lora-r")
     t.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch")
@@ -367,7 +376,7 @@ _CHECKPOINTED_FLAGS = {
         dest: ("train", dest)
         for dest in (
             "lr batch_size grad_accum block_size lora_r lora_alpha lora_dropout target_modules warmup_ratio "
-            "lora_init precision gradient_checkpointing seed"
+            "lr_schedule decay_ratio lora_init precision gradient_checkpointing seed"
         ).split()
     },
 }
@@ -504,6 +513,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout,
             target_modules=_target_modules(args.target_modules),
             warmup_ratio=args.warmup_ratio,
+            lr_schedule=args.lr_schedule,
+            decay_ratio=args.decay_ratio,
             lora_init=args.lora_init,
             precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,

@@ -48,6 +48,10 @@ class TrainConfig:
 
     `lora_init` says how A and B start: "auto" (PiSSA on float bases, PEFT's default on bitsandbytes
     bases), "default" (PEFT's: B = 0), "gaussian", "pissa", "pissa_niter_<n>" or "olora"; see `add_lora`.
+
+    `lr_schedule` shapes the learning rate after the `warmup_ratio` warmup: "linear" decays it to zero over the
+    whole run; "wsd" (warmup-stable-decay) holds it until the last `decay_ratio` of the steps and decays it
+    there, so removals late in the pruning ramp still recover at the full rate (see `lr_factor`).
     """
 
     lr: float = 1e-4
@@ -59,6 +63,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_init: str = "auto"
     warmup_ratio: float = 0.03
+    lr_schedule: str = "linear"
+    decay_ratio: float = 0.1
     target_modules: str | list[str] = "all-linear"
     max_grad_norm: float = 1.0
     precision: str = "fp32"
@@ -89,6 +95,15 @@ class TrainConfig:
                 f"`warmup_ratio` is the fraction of the steps the learning rate warms up over, in [0, 1); got "
                 f"{self.warmup_ratio} (CLI --warmup-ratio)."
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"`lr_schedule` must be one of {LR_SCHEDULES}, got {self.lr_schedule!r} (CLI --lr-schedule)."
+            )
+        if not 0.0 < self.decay_ratio <= 1.0 - self.warmup_ratio:
+            raise ValueError(
+                f"`decay_ratio` is the fraction of the steps the learning rate decays over under lr_schedule='wsd', "
+                f"in (0, 1 - warmup_ratio = {1.0 - self.warmup_ratio:g}]; got {self.decay_ratio} (CLI --decay-ratio)."
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout} (CLI --lora-dropout).")
 
@@ -102,6 +117,7 @@ class PruneResult:
     losses: list[float]
 
 
+LR_SCHEDULES = ("linear", "wsd")
 AUTO_LORA_INIT = "pissa_niter_4"  # what lora_init="auto" means on a float base (docs/benchmarks.md: PiSSA)
 
 
@@ -219,12 +235,26 @@ def _check_quantized_device(model: nn.Module, device: str) -> None:
         )
 
 
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "linear", decay_steps: int = 0) -> float:
+    """The learning rate at optimizer step `step` as a fraction of the peak (with a floor of 1e-3).
+
+    A linear warmup over `warmup_steps`, then "linear": a linear decay to zero at `total_steps`; "wsd": the
+    peak until the last `decay_steps`, a linear decay to zero over those."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - step / total_steps
+    else:
+        decay = (total_steps - step) / max(1, decay_steps)
+    return warm * min(1.0, max(0.0, decay)) + 1e-3
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig, total_steps: int):
-    """AdamW on the trainable (LoRA) parameters, linear warmup over `train.warmup_ratio` of the steps, linear decay."""
+    """AdamW on the trainable (LoRA) parameters; the learning rate follows `lr_factor` (`train.lr_schedule`)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
     warmup = max(1, int(train.warmup_ratio * total_steps))
+    decay = max(1, round(train.decay_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / total_steps) + 1e-3
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, train.lr_schedule, decay)
     )
     return optimizer, scheduler
 
