@@ -553,6 +553,9 @@ ALLOCATION_MMLU_FILE = "quality_allocation_mmlu_h200.json"  # dense and three 20
 # the second allocation run: seeds 1-2 of the defaults, Taylor in the default allocator, two prune schedules, and
 # the seeds the first run's time budget skipped (lm-eval at batch 8, so no cell ran out of GPU memory)
 ALLOCATION_MORE_FILE = "quality_allocation_2_h200.json"
+# the third: the fine-tune's learning rate (TrainConfig.lr_schedule="wsd", and a twice higher peak) for the defaults,
+# ffn_only and Taylor, and seeds 1-2 of Taylor under the fixed rule
+ALLOCATION_SCHEDULE_FILE = "quality_schedule_h200.json"
 # an earlier run of the same cells (same protocol and seed): fills zero-shot where the 12-worker run ran out of
 # GPU memory in lm-eval, only for runs whose perplexity it reproduced exactly
 ALLOCATION_EARLIER = ("quality_allocation_20_h200.json", "quality_allocation_50_h200.json")
@@ -584,7 +587,9 @@ def allocation_rows() -> list[dict]:
     (`zero_shot_source` says from where)."""
     rows = [dict(r) for r in _load_runs(ALLOCATION_FILE)]
     seen = {r["name"] for r in rows}
-    rows += [dict(r) for r in _load_runs(ALLOCATION_MORE_FILE) if r["name"] not in seen]
+    for name in (ALLOCATION_MORE_FILE, ALLOCATION_SCHEDULE_FILE):
+        rows += [dict(r) for r in _load_runs(name) if r["name"] not in seen]
+        seen |= {r["name"] for r in rows}
     again = {r["name"]: r for r in _load_runs(ALLOCATION_MMLU_FILE)}
     earlier = {r["name"]: r for name in ALLOCATION_EARLIER for r in _load_runs(name)}
     if "dense" not in {r["name"] for r in rows} and "dense" in again:
@@ -694,6 +699,72 @@ def allocation_standing_table() -> str:
             x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
             cols.append(f"{x / y:.2f}×" if x and y else "–")
         lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+# (row label, learning rate, cell): the same allocations under three fine-tunes of 100 steps
+SCHEDULE_ROWS = (
+    ("LoRAPrune, the defaults", "linear decay, peak 2e-4", "lp-default"),
+    ("LoRAPrune, the defaults", "wsd, peak 2e-4", "lp-default-wsd"),
+    ("LoRAPrune, the defaults", "wsd, peak 2e-4, decay over 30%", "lp-default-wsd-d0.3"),
+    ("LoRAPrune, the defaults", "linear decay, peak 4e-4", "lp-default-lr4e-4"),
+    ("LoRAPrune, the defaults, `prune_every=2`", "linear decay, peak 2e-4", "lp-default-every2"),
+    ("LoRAPrune, the defaults, `prune_every=2`", "wsd, peak 2e-4", "lp-default-wsd-every2"),
+    ("LoRAPrune, ffn_only (round_to=1)", "linear decay, peak 2e-4", "lp-ffn_only"),
+    ("LoRAPrune, ffn_only (round_to=None)", "wsd, peak 2e-4", "lp-ffn_only-wsd"),
+    ("Taylor, fixed", "linear decay, peak 2e-4", "taylor-fixed"),
+    ("Taylor, fixed", "wsd, peak 2e-4", "taylor-fixed-wsd"),
+    ("Taylor, fixed", "linear decay, peak 4e-4", "taylor-fixed-lr4e-4"),
+    ("Taylor, the default allocator", "linear decay, peak 2e-4", "taylor-default"),
+    ("Taylor, the default allocator", "wsd, peak 2e-4", "taylor-default-wsd"),
+)
+# (label, contender, baseline) under each fine-tune
+SCHEDULE_RATIOS = (
+    ("LoRAPrune defaults vs Taylor fixed (target ≤ 0.80), linear 2e-4", "lp-default", "taylor-fixed"),
+    ("the same, wsd 2e-4", "lp-default-wsd", "taylor-fixed-wsd"),
+    ("the same, linear 4e-4", "lp-default-lr4e-4", "taylor-fixed-lr4e-4"),
+    ("LoRAPrune defaults vs Taylor in the default allocator, linear 2e-4", "lp-default", "taylor-default"),
+    ("the same, wsd 2e-4", "lp-default-wsd", "taylor-default-wsd"),
+    ("LoRAPrune defaults vs LoRAPrune ffn_only, wsd 2e-4 (same round_to)", "lp-default-wsd", "lp-ffn_only-wsd"),
+    ("wsd vs linear, LoRAPrune defaults", "lp-default-wsd", "lp-default"),
+    ("wsd vs linear, Taylor fixed", "taylor-fixed-wsd", "taylor-fixed"),
+    ("linear 4e-4 vs wsd 2e-4, LoRAPrune defaults", "lp-default-lr4e-4", "lp-default-wsd"),
+)
+
+
+def schedule_table() -> str:
+    """The allocation cells under a stronger fine-tune: the wsd schedule and a twice higher peak."""
+    rows = allocation_rows()
+    ratios = (0.2, 0.3, 0.5)
+    lines = [
+        "| allocation | learning rate | seeds | "
+        + " | ".join(f"{int(q * 100)}%: WikiText-2 (512) | {int(q * 100)}%: 0-shot" for q in ratios)
+        + " |",
+        "|" + "---|" * (3 + 2 * len(ratios)),
+    ]
+    for label, lr, cell in SCHEDULE_ROWS:
+        cols, seeds = [], set()
+        for q in ratios:
+            runs = _cell_runs(rows, cell, q)
+            seeds.add(len(runs))
+            zs = [100 * r["zero_shot"]["mean"] for r in runs if "mean" in (r.get("zero_shot") or {})]
+            wiki = _mean_and_range([r["wikitext2_ppl"] for r in runs])
+            cols.append(f"{wiki} | {fmt(sum(zs) / len(zs)) if zs else '–'}")
+        n = "/".join(str(k) for k in sorted(seeds - {0}, reverse=True))
+        lines.append(f"| {label} | {lr} | {n} | " + " | ".join(cols) + " |")
+    lines += ["", "| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
+    lines.append("|" + "---|" * (1 + len(ratios)))
+    for label, a, b in SCHEDULE_RATIOS:
+        cols = []
+        for q in ratios:
+            x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
+            cols.append(f"{x / y:.2f}×" if x and y else "–")
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    lines.append(
+        '\nwsd: `TrainConfig(lr_schedule="wsd")`, the peak held until the last 10% of the steps (the cooldown, '
+        "after the last removal) and a linear decay there; linear: the default, a decay to zero over the whole run. "
+        f"`{ALLOCATION_SCHEDULE_FILE}` (14 workers on one H200); the linear rows are the table above."
+    )
     return "\n".join(lines)
 
 
@@ -838,10 +909,10 @@ def default_speed_table() -> str:
     return "\n".join(lines)
 
 
-def targets_table() -> str:
+def targets_table(name: str = "efficiency_targets_h200.json", profiles: str = "prune_event_profile_h200") -> str:
     """target="parameters" vs target="latency" at the LLaMA-7B shape: what each removed, what the latency table
     believed it saved, and the measured speed; with the prune event's time."""
-    loaded = _inference_results("efficiency_targets_h200.json")
+    loaded = _inference_results(name)
     if loaded is None:
         return "(no target results)"
     data, rows, dense = loaded
@@ -865,7 +936,7 @@ def targets_table() -> str:
         "layer pruned, the defaults otherwise; the prune event is one `prune(1.0)` (the whole ratio at once, the "
         "largest event there can be). Command: `python benchmarks/efficiency.py --skip steps,init --ratios 0.2,0.5 "
         "--multiples none --targets parameters,latency --decode-mode static --profile-events --out ...` (the "
-        "profiles are in `benchmarks/results/logs/prune_event_profile_h200.*.txt`)."
+        f"profiles are in `benchmarks/results/logs/{profiles}.*.txt`). `{name}`."
     )
     return "\n".join(lines)
 
@@ -902,7 +973,8 @@ def latency_target_table(name: str = "latency_target_h200.json") -> str:
         f"--tokens {tokens} --steps {settings['steps']} --ratios {settings['ratios']}"
         + (" --synthetic-too" if settings.get("synthetic_too") else "")
     )
-    where = data["environment"]["device"]
+    env = data["environment"]
+    where = env.get("gpu") or env["device"]
     lines.append(f"\n{where}; {data.get('provenance', 'one run')}. `{command}`.")
     return "\n".join(lines)
 
@@ -966,6 +1038,10 @@ def main() -> int:
         "",
         allocation_standing_table(),
         "",
+        "### Allocation under a stronger fine-tune: the learning-rate schedule and peak",
+        "",
+        schedule_table(),
+        "",
         "### Allocation: a longer budget, instruction data, MMLU (20%)",
         "",
         allocation_extra_table(),
@@ -982,7 +1058,18 @@ def main() -> int:
         "",
         targets_table(),
         "",
+        "The same with attention in the latency table replayed from the model's own blocks (the table above timed "
+        "synthetic blocks):",
+        "",
+        targets_table("efficiency_latency_replay_h200.json", "prune_event_profile_replay_h200"),
+        "",
         '### target="parameters" vs target="latency" on SmolLM2-135M (H200, bf16, one-shot)',
+        "",
+        "Attention replayed from the model's own blocks (`latency`) and synthetic (`latency-synthetic`):",
+        "",
+        latency_target_table("latency_replay_h200.json"),
+        "",
+        "The earlier run, with the synthetic table only:",
         "",
         latency_target_table(),
         "",
