@@ -1,11 +1,13 @@
-"""Attention timed as the model runs it: a copy of the model's own attention block at each head count, called
-with the arguments that block receives in the model's forward.
+"""Attention and FFNs timed as the model runs them: a copy of the model's own block at each head count or width,
+called with the arguments that block receives in the model's forward.
 
 `latency.attention_seconds` times a synthetic block (bare matmuls and flash attention with `is_causal`), which on
 an H200 did not predict the model's own time (docs/benchmarks.md: the model's attention ran another kernel, with
 its mask). Replaying the real block keeps everything the model does there: its attention implementation, mask,
 rotary embedding, per-head norms and biases. It covers prefill of blocks with separate q / k / v / o linears;
-`replayable` says when, and the pruner falls back to the synthetic block otherwise.
+`replayable` says when, and the pruner falls back to the synthetic block otherwise. FFNs the same way
+(`ffn_replayable`, `cut_ffn_copy`, `ffn_seconds`): the model's own MLP with its activation and gating, for MLPs
+made of plain linears into and out of the channels.
 """
 
 from __future__ import annotations
@@ -73,13 +75,18 @@ def block_inputs(model: nn.Module, block: nn.Module, tokens: int) -> tuple[tuple
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "use_cache")
 
 
-def cut_copy(layout: AttentionLayout, heads: int, kv_heads: int) -> nn.Module:
-    """A copy of the attention block without LoRA, keeping the first `kv_heads` KV groups and the first
-    `heads // kv_heads` query heads of each (weights, biases and per-head parameters), its head bookkeeping set."""
-    block = copy.deepcopy(layout.module)
+def _copy_without_lora(module: nn.Module) -> nn.Module:
+    block = copy.deepcopy(module)
     for name, layer in lora_layers(block).items():
         parent, _, child = name.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, child, base_layer(layer))
+    return block
+
+
+def cut_copy(layout: AttentionLayout, heads: int, kv_heads: int) -> nn.Module:
+    """A copy of the attention block without LoRA, keeping the first `kv_heads` KV groups and the first
+    `heads // kv_heads` query heads of each (weights, biases and per-head parameters), its head bookkeeping set."""
+    block = _copy_without_lora(layout.module)
     (cut,) = [a for a in attention_layouts(block) if a.module is block]
     total, kv_total = cut.num_heads, cut.num_kv_heads
     size, keep_size = total // kv_total, heads // kv_heads
@@ -108,3 +115,57 @@ def attention_seconds(
     args, kwargs = inputs
     with torch.no_grad():
         return timed(lambda: block(*args, **kwargs))
+
+
+def ffn_block(model: nn.Module, root_name: str) -> nn.Module:
+    """The module holding the FFN whose channels are rooted at the linear named `root_name` (its LoRA wrapper's
+    parent: `...mlp` for `...mlp.gate_proj.base_layer`)."""
+    name = root_name.removesuffix(".base_layer")
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Linear] | None:
+    """The block's children as base layers when every child is a plain float linear or has no parameters (an
+    activation), else None."""
+    out: dict[str, nn.Linear] = {}
+    for name, child in block.named_children():
+        layer = base_layer(child)
+        if type(layer) is nn.Linear and layer.weight.is_floating_point():
+            out[name] = layer
+        elif next(child.parameters(), None) is not None:
+            return None
+    return out
+
+
+def ffn_replayable(block: nn.Module, width: int, hidden: int) -> bool:
+    """Whether the FFN block can be cut to any width here: its linears all map hidden → `width` (gate, up) or
+    `width` → hidden (down), at least one each way, and nothing else in it holds parameters."""
+    linears = _linears(block)
+    if not linears or width == hidden:
+        return False
+    shapes = [(m.in_features, m.out_features) for m in linears.values()]
+    return (
+        all(s in ((hidden, width), (width, hidden)) for s in shapes)
+        and (hidden, width) in shapes
+        and (width, hidden) in shapes
+    )
+
+
+def cut_ffn_copy(block: nn.Module, width: int, keep: int) -> nn.Module:
+    """A copy of the FFN block without LoRA that keeps its first `keep` of `width` channels."""
+    cut = _copy_without_lora(block)
+    rows = index_tensor(list(range(keep)))
+    for layer in (_linears(cut) or {}).values():
+        slice_linear(layer, "out" if layer.out_features == width else "in", rows)
+    return cut
+
+
+def ffn_seconds(block: nn.Module, inputs: tuple[tuple, dict], width: int, keep: int, timed: Callable) -> float:
+    """The FFN block's forward time with `keep` of its `width` channels, on `inputs` (`block_inputs`), by
+    `timed(fn)`."""
+    if keep == 0:
+        return 0.0
+    cut = cut_ffn_copy(block, width, keep)
+    args, kwargs = inputs
+    with torch.no_grad():
+        return timed(lambda: cut(*args, **kwargs))

@@ -414,32 +414,45 @@ class LoRAPruner:
             return self._ffn_timers[ch.key](width)
         return width * ch.cost
 
-    def _latency_shape(self, module: nn.Module) -> latency.Shape:
-        """The timing shape of a block whose output projection is `module`: its device, a float dtype, hidden."""
+    def _latency_shape(self, module: nn.Module, hidden: int) -> latency.Shape:
+        """The timing shape of a block with the projection `module` and model width `hidden`: the block's device,
+        a float dtype, the configured tokens and phase."""
         weight = cast(torch.Tensor, base_layer(module).weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
         if weight.device.type == "cpu" and dtype != torch.float32:
             dtype = torch.float32
         c = self.config
-        return latency.Shape(
-            features(base_layer(module))[0], c.latency_tokens, c.latency_phase == "decode", dtype, weight.device
-        )
+        return latency.Shape(hidden, c.latency_tokens, c.latency_phase == "decode", dtype, weight.device)
 
     def _measure_latency(self) -> None:
         """Time every FFN at the widths it can take (interpolated between 17) and attention at every head count
         the allocation can reach, once, on the model's device; identical layers share the timings."""
         self._ffn_timers = {}
+        replayed_ffns: dict[tuple, Callable[[int], float] | None] = {}
         for key, ch in self._channels.items():
             root = self._channel_roots.get(key) or self._declared_ffns[key].up
-            shape = self._latency_shape(root)
-            rows = max(ch.cost // shape.hidden - 1, 1)  # output projections per channel (gate and up: 2)
-            self._ffn_timers[key] = latency.interpolated(
-                partial(latency.ffn_seconds, shape, rows_per_channel=rows), ch.initial, self.channel_multiple
-            )
+            shape = self._latency_shape(root, hidden=features(base_layer(root))[1])  # root: hidden → channels
+            timer = None
+            block = latency_replay.ffn_block(self.model, key) if key in self._channel_roots else None
+            if (
+                block is not None
+                and not shape.decode
+                and latency_replay.ffn_replayable(block, ch.initial, shape.hidden)
+            ):
+                ffn = (type(block), ch.initial, shape)
+                if ffn not in replayed_ffns:
+                    replayed_ffns[ffn] = self._replayed_ffn(block, shape, ch.initial)
+                timer = replayed_ffns[ffn]
+            if timer is None:  # decode steps, fused or expert FFNs, blocks that cannot be replayed: synthetic
+                rows = max(ch.cost // shape.hidden - 1, 1)  # output projections per channel (gate and up: 2)
+                measure = partial(latency.ffn_seconds, shape, rows_per_channel=rows)
+                timer = latency.interpolated(measure, ch.initial, self.channel_multiple)
+            self._ffn_timers[key] = timer
         self._attention_times = {}
         replayed: dict[tuple, dict[int, float] | None] = {}  # identical blocks share the timings of the first
         for key, h in self._heads.items():  # every head layout the allocation can reach, in removal order
-            size, kv0, shape = h.initial_group_size, h.initial_kv, self._latency_shape(h.layout.o)
+            size, kv0 = h.initial_group_size, h.initial_kv
+            shape = self._latency_shape(h.layout.o, hidden=features(base_layer(h.layout.o))[0])  # o: heads → hidden
             if self.config.head_mode == "per_group" and size > 1:
                 states = [(q * kv0, kv0) for q in range(size + 1)]
             else:
@@ -473,6 +486,24 @@ class LoRAPruner:
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
             warnings.warn(  # e.g. more tokens than the model's positions, or a forward that reads the config
                 f"{h.layout.name}: its attention could not be replayed for the latency table ({type(e).__name__}: "
+                f"{e}); a synthetic block of the same shape is timed instead.",
+                stacklevel=4,
+            )
+            return None
+
+    def _replayed_ffn(self, block: nn.Module, shape: latency.Shape, width: int) -> Callable[[int], float] | None:
+        """The FFN block's own time at every width (interpolated), or None (with a warning) when it cannot be cut
+        and called outside the model."""
+        try:
+            inputs = latency_replay.block_inputs(self.model, block, shape.tokens)
+            timed = partial(latency.fastest_seconds, device=shape.device, repeats=shape.repeats)
+            measure = partial(latency_replay.ffn_seconds, block, inputs, width, timed=timed)
+            return latency.interpolated(measure, width, self.channel_multiple)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            warnings.warn(
+                f"{type(block).__name__}: its FFN could not be replayed for the latency table ({type(e).__name__}: "
                 f"{e}); a synthetic block of the same shape is timed instead.",
                 stacklevel=4,
             )
