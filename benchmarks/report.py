@@ -941,6 +941,45 @@ def targets_table(name: str = "efficiency_targets_h200.json", profiles: str = "p
     return "\n".join(lines)
 
 
+LATENCY_REPLAY_RUNS = ("efficiency_latency_replay_ffn_h200_a.json", "efficiency_latency_replay_ffn_h200_b.json")
+
+
+def latency_prediction_table() -> str:
+    """Both halves of the latency table replayed (attention and FFN), two runs at the LLaMA-7B shape: the share of
+    the time the table believed it removed against the share of the prefill the model lost."""
+    lines = [
+        "| run | target | ratio | FFN width | query heads | parameters | time removed, as the table counts it "
+        "| prefill time saved, measured | prefill vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    env = None
+    for run, name in enumerate(LATENCY_REPLAY_RUNS, 1):
+        loaded = _inference_results(name)
+        if loaded is None:
+            continue
+        data, rows, dense = loaded
+        env = data["environment"]
+        for r in rows:
+            if not r["ratio"]:
+                continue
+            cost = r["allocation_cost"]
+            believed = f"{cost['removed'] / cost['before']:.1%}" if r["target"] == "latency" else "–"
+            lines.append(
+                f"| {run} | {r['target']} | {r['ratio']:.0%} | {r['intermediate_sizes'][0]} | {r['q_heads'][0]} | "
+                f"{r['parameters'] / 1e9:.2f}B | {believed} | {1 - r['prefill_s'] / dense['prefill_s']:.1%} | "
+                f"{dense['prefill_s'] / r['prefill_s']:.2f}× |"
+            )
+    if env is None:
+        return "(no latency replay results)"
+    lines.append(
+        f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights, every "
+        "layer pruned, prefill of 2048 tokens, dense 0.060 s in both runs. Command (twice): `python "
+        "benchmarks/efficiency.py --skip steps,init --inference-shapes llama7b --ratios 0.2,0.5 --multiples none "
+        "--targets parameters,latency --decode 0 --out ...`; " + ", ".join(f"`{n}`" for n in LATENCY_REPLAY_RUNS) + "."
+    )
+    return "\n".join(lines)
+
+
 def latency_target_table(name: str = "latency_target_h200.json") -> str:
     """The two targets on the real SmolLM2-135M (one-shot, scores of a few LoRA steps): what each removed, the
     share of the time the allocation believed it removed against the share the prefill lost."""
@@ -1062,6 +1101,11 @@ def main() -> int:
         "synthetic blocks):",
         "",
         targets_table("efficiency_latency_replay_h200.json", "prune_event_profile_replay_h200"),
+        "",
+        "The FFNs replayed too, and the synthetic FFN's shape fixed (it had been timed at the FFN's width in place "
+        "of the model's): what the table predicts against what the model saves, two runs:",
+        "",
+        latency_prediction_table(),
         "",
         '### target="parameters" vs target="latency" on SmolLM2-135M (H200, bf16, one-shot)',
         "",

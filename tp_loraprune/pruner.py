@@ -623,12 +623,13 @@ class LoRAPruner:
                 )
         if c.target == "latency":
             warnings.warn(
-                "target='latency' is experimental. Its table sums blocks timed alone, and on an H200 that sum did "
-                "not predict the model's time: at the LLaMA-7B shape, 20% of the time asked for saved 32% of the "
-                "prefill by removing 2.3B parameters where target='parameters' removed 1.3B, and 50% saved 35%; on a "
-                "model as small as SmolLM2-135M the timings are launch-bound noise, and the allocation removed most "
-                "heads and FFN channels, which costs far more quality than the scores predict (docs/benchmarks.md). "
-                "Compare the result's speed and quality with target='parameters'.",
+                "target='latency' is experimental. At the LLaMA-7B shape on an H200 its table (the model's own "
+                "attention and FFN blocks, timed alone) predicted the prefill within 6 points: 20% / 50% asked, "
+                "18-23% / 43-44% saved. But it removes more parameters than target='parameters' (at 50%, FFNs "
+                "down to 3-5% of their width there), its effect on quality is measured only on SmolLM2-135M, whose "
+                "timings on a GPU are launch-bound noise (the result was unusable), and decode is timed with "
+                "synthetic blocks (docs/benchmarks.md). Compare the result's speed and quality with "
+                "target='parameters'.",
                 stacklevel=3,
             )
             self._measure_latency()
