@@ -58,9 +58,15 @@ def test_make_optimizer_follows_the_schedule(schedule, decay_ratio):
     [
         ({"lr_schedule": "cosine"}, "`lr_schedule` must be one of ('linear', 'wsd'), got 'cosine'"),
         ({"decay_ratio": 0.0}, "`decay_ratio` is the fraction"),
-        ({"decay_ratio": 0.99, "warmup_ratio": 0.03}, "1 - warmup_ratio = 0.97]; got 0.99"),
+        ({"lr_schedule": "wsd", "decay_ratio": 0.99}, "1 - warmup_ratio = 0.97]; got 0.99"),
     ],
 )
 def test_train_config_refuses_a_bad_schedule(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**kwargs)
+
+
+def test_decay_ratio_only_bounds_the_warmup_under_wsd():
+    TrainConfig(warmup_ratio=0.95)  # linear: the decay ratio is not used, so the default does not get in the way
+    with pytest.raises(ValueError, match=re.escape("1 - warmup_ratio = 0.05]; got 0.1")):
+        TrainConfig(warmup_ratio=0.95, lr_schedule="wsd")

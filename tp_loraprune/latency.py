@@ -2,9 +2,11 @@
 
 `target="latency"` (LoRAPruneConfig) makes the allocation remove what saves the most time per unit of score
 instead of the most parameters. The time of a block is measured once, on the model's own device and dtype, with
-the shapes it would have after pruning: the projections as dense matmuls and attention as PyTorch's
-scaled-dot-product attention, for a prefill of `tokens` tokens or one decode step against a cache of `tokens`
-positions. Widths between the measured ones are interpolated linearly.
+the shapes it would have after pruning. For prefill the pruner replays the model's own blocks where it can
+(`latency_replay`); the synthetic blocks here cover the rest (decode steps, fused and expert projections): the
+projections as dense matmuls and attention as PyTorch's scaled-dot-product attention, for a prefill of `tokens`
+tokens or one decode step against a cache of `tokens` positions. Widths between the measured ones are
+interpolated linearly.
 """
 
 from __future__ import annotations

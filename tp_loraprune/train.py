@@ -99,10 +99,13 @@ class TrainConfig:
             raise ValueError(
                 f"`lr_schedule` must be one of {LR_SCHEDULES}, got {self.lr_schedule!r} (CLI --lr-schedule)."
             )
-        if not 0.0 < self.decay_ratio <= 1.0 - self.warmup_ratio:
+        most, bound = 1.0, "1"
+        if self.lr_schedule == "wsd":  # its decay follows the warmup
+            most, bound = 1.0 - self.warmup_ratio, f"1 - warmup_ratio = {1.0 - self.warmup_ratio:g}"
+        if not 0.0 < self.decay_ratio <= most:
             raise ValueError(
                 f"`decay_ratio` is the fraction of the steps the learning rate decays over under lr_schedule='wsd', "
-                f"in (0, 1 - warmup_ratio = {1.0 - self.warmup_ratio:g}]; got {self.decay_ratio} (CLI --decay-ratio)."
+                f"in (0, {bound}]; got {self.decay_ratio} (CLI --decay-ratio)."
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout} (CLI --lora-dropout).")
