@@ -265,9 +265,27 @@ def allocation_plan(args) -> list[tuple]:
     return runs
 
 
+def schedule_plan(args) -> list[tuple]:
+    """The allocation cells under a stronger fine-tune (docs/benchmarks.md): the defaults, ffn_only and Taylor
+    fixed with lr_schedule="wsd" at every seed, seeds past the first of Taylor fixed under the linear decay, the
+    wsd variants and a twice higher peak at the first seed, and wsd with prune_every=2 at the last ratio."""
+    seeds, first, last = args.seeds + args.extra_seeds, args.seeds[:1], args.ratios[-1]
+    wanted = set()
+    for ratio in args.ratios:
+        for cell in ("lp-default-wsd", "lp-ffn_only-wsd", "taylor-fixed-wsd"):
+            wanted |= {f"{cell}@{ratio}/s{s}" for s in seeds}
+        wanted |= {f"taylor-fixed@{ratio}/s{s}" for s in args.extra_seeds}
+        for cell in ("lp-default-wsd-d0.3", "lp-default-lr4e-4", "taylor-fixed-lr4e-4", "taylor-default-wsd"):
+            wanted |= {f"{cell}@{ratio}/s{s}" for s in first}
+    wanted |= {f"lp-default-wsd-every2@{last}/s{s}" for s in seeds}
+    return [run for run in allocation_plan(args) if run[0] in wanted]
+
+
 def plan(args) -> list[tuple]:
     if args.plan == "allocation":
         return allocation_plan(args)
+    if args.plan == "schedule":
+        return schedule_plan(args)
     runs = [("dense", "dense", 0.0, args.seeds[0], None)]
     for ratio in args.ratios:
         for method in args.methods:
@@ -392,7 +410,9 @@ def run_in_workers(argv: list[str], args, runs: list[tuple]) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="gpu")
-    p.add_argument("--plan", choices=["methods", "allocation"], default="methods", help="which table's runs")
+    p.add_argument(
+        "--plan", choices=["methods", "allocation", "schedule"], default="methods", help="which table's runs"
+    )
     p.add_argument("--long-steps", type=int, default=1000, help="the allocation plan's longer LoRA budget")
     p.add_argument("--mmlu-limit", type=int, default=0, help="MMLU (5-shot) questions per subject; 0 skips it")
     p.add_argument(
