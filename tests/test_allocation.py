@@ -273,6 +273,7 @@ def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
     assert sorted(measured) == [0, 24, 48, 72, 96]  # multiples of the step, ends included, measured once each
     assert at(48) == 101.0 and at(0) == 0.0
     assert at(60) == pytest.approx((at(48) + at(72)) / 2)
+    assert at(12) == pytest.approx(at(24) / 2) and at(95) == pytest.approx(at(96) - 2.0)  # the first and last gaps
 
 
 def test_latency_target_saves_the_measured_time_within_budget_and_stays_exact():

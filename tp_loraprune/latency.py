@@ -11,6 +11,7 @@ interpolated linearly.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,8 +100,8 @@ def interpolated(measure: Callable[[int], float], full: int, step: int, points: 
     def at(width: int) -> float:
         if width in values:
             return values[width]
-        lo = max(w for w in grid if w < width)
-        hi = min(w for w in grid if w > width)
+        k = bisect.bisect(grid, width)  # grid[k - 1] < width < grid[k]
+        lo, hi = grid[k - 1], grid[k]
         return values[lo] + (values[hi] - values[lo]) * (width - lo) / (hi - lo)
 
     return at
