@@ -1122,6 +1122,11 @@ def main() -> int:
         "",
         latency_target_table("latency_target_cpu.json"),
         "",
+        "Again on the CPU with the FFNs replayed too and the synthetic FFN's shape fixed (`latency` replays both "
+        "halves; `latency-synthetic` is the synthetic table, now with the right FFN shape):",
+        "",
+        latency_target_table("latency_target_cpu_ffn_replay.json"),
+        "",
         "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
         "",
         alignment_table(),
