@@ -691,6 +691,11 @@ def allocation_standing_table() -> str:
         ("defaults with prune_every=2 vs the defaults", "lp-default-every2", "lp-default"),
         ("defaults with cooldown=0.3 vs the defaults", "lp-default-cd0.3", "lp-default"),
     ]
+    return "\n".join(_ratio_rows(rows, pairs, ratios))
+
+
+def _ratio_rows(rows: list[dict], pairs, ratios) -> list[str]:
+    """A markdown table of seed-mean WikiText-2 perplexity ratios, one line per (label, cell a, cell b)."""
     lines = ["| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
     lines.append("|" + "---|" * (1 + len(ratios)))
     for label, a, b in pairs:
@@ -699,7 +704,7 @@ def allocation_standing_table() -> str:
             x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
             cols.append(f"{x / y:.2f}×" if x and y else "–")
         lines.append(f"| {label} | " + " | ".join(cols) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 # (row label, learning rate, cell): the same allocations under three fine-tunes of 100 steps
@@ -752,14 +757,7 @@ def schedule_table() -> str:
             cols.append(f"{wiki} | {fmt(sum(zs) / len(zs)) if zs else '–'}")
         n = "/".join(str(k) for k in sorted(seeds - {0}, reverse=True))
         lines.append(f"| {label} | {lr} | {n} | " + " | ".join(cols) + " |")
-    lines += ["", "| WikiText-2 perplexity ratio | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"]
-    lines.append("|" + "---|" * (1 + len(ratios)))
-    for label, a, b in SCHEDULE_RATIOS:
-        cols = []
-        for q in ratios:
-            x, y = _cell_mean(rows, a, q), _cell_mean(rows, b, q)
-            cols.append(f"{x / y:.2f}×" if x and y else "–")
-        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    lines += ["", *_ratio_rows(rows, SCHEDULE_RATIOS, ratios)]
     lines.append(
         '\nwsd: `TrainConfig(lr_schedule="wsd")`, the peak held until the last 10% of the steps (the cooldown, '
         "after the last removal) and a linear decay there; linear: the default, a decay to zero over the whole run. "
@@ -815,6 +813,112 @@ def allocation_scale_table() -> str:
     lines.append(
         f"\nUnpruned (LoRA of the {data['settings']['steps']} steps in place): WikiText-2 "
         f"{data['unpruned_wikitext2_ppl']}. {data['environment'].get('gpu', '')}."
+    )
+    return "\n".join(lines)
+
+
+ENCODER_FILE = "encoder_allocation_cpu.json"
+ENCODER_SCALE_FILE = "encoder_allocation_scale_cpu.json"
+ENCODER_ROWS = (
+    ("LoRAPrune, the defaults (auto, uniform)", "lp-auto"),
+    ("LoRAPrune, auto per-layer", "lp-auto-per-layer"),
+    ("LoRAPrune, ffn_only", "lp-ffn_only"),
+    ("LoRAPrune, fixed", "lp-fixed"),
+    ("Taylor, the default allocator", "taylor-auto"),
+    ("Taylor, ffn_only", "taylor-ffn_only"),
+    ("Taylor, fixed", "taylor-fixed"),
+)
+
+
+def _layer_shape(r: dict) -> str:
+    """Heads and FFN width of the first layer (uniform rows) or the range over the pruned layers."""
+    heads, widths = r["heads"][:-1], r["ffn_widths"][:-1]  # the last layer is never pruned (skip_last=1)
+    span = lambda v: str(v[0]) if len(set(v)) == 1 else f"{min(v)}–{max(v)}"  # noqa: E731
+    return f"{span(heads)} / {span(widths)}"
+
+
+def encoder_table() -> str:
+    """all-MiniLM-L6-v2 tuned for retrieval: BoolQ retrieval and held-out loss per allocation and criterion."""
+    path = RESULTS / ENCODER_FILE
+    if not path.exists():
+        return "(no encoder allocation results)"
+    data = json.loads(path.read_text())
+    runs, dense = data["runs"], data["dense"]
+    ratios = sorted({r["ratio"] for r in runs if r["ratio"] > 0})
+    pick = lambda cell, q: [r for r in runs if r["name"] == cell and r["ratio"] == q]  # noqa: E731
+    lines = [
+        "| allocation | seeds | "
+        + " | ".join(f"{q:.0%}: BoolQ top-1 | {q:.0%}: held-out loss | {q:.0%}: heads / FFN" for q in ratios)
+        + " |",
+        "|" + "---|" * (2 + 3 * len(ratios)),
+        "| dense (12 heads / 1536) | – | "
+        + " | ".join(f"{100 * dense['boolq_top1']:.1f} | {dense['held_out_loss']:.3f} | –" for _ in ratios)
+        + " |",
+    ]
+    tuned = [r for r in runs if r["name"] == "dense-finetuned"]
+    if tuned:
+        t = tuned[0]
+        lines.append(
+            "| dense, the same fine-tune | 1 | "
+            + " | ".join(f"{100 * t['boolq_top1']:.1f} | {t['held_out_loss']:.3f} | –" for _ in ratios)
+            + " |"
+        )
+    for label, cell in ENCODER_ROWS:
+        if not any(pick(cell, q) for q in ratios):
+            continue
+        cols, seeds = [], set()
+        for q in ratios:
+            mine = pick(cell, q)
+            seeds.add(len(mine))
+            if not mine:
+                cols.append("– | – | –")
+                continue
+            top1 = _mean_and_range([100 * r["boolq_top1"] for r in mine])
+            loss = _mean_and_range([r["held_out_loss"] for r in mine], 3)
+            cols.append(f"{top1} | {loss} | {_layer_shape(mine[0])}")
+        n = "/".join(str(k) for k in sorted(seeds - {0}, reverse=True))
+        lines.append(f"| {label} | {n} | " + " | ".join(cols) + " |")
+    s = data["settings"]
+    lines.append(
+        f"\n{s['steps']} LoRA steps (PiSSA, r 8) of {s['batch_size']} adjacent-sentence pairs from the Wikipedia "
+        f"sample, in-batch contrastive loss; BoolQ: {s['boolq']} dev questions, each to find its passage among "
+        f"the sampled passages; held-out loss: the contrastive loss on {s['held_out_pairs']} pairs of another "
+        f"shard. Heads / FFN: what each pruned layer keeps (layers 0–4; layer 5 is skipped by `skip_last=1`). "
+        f"`{ENCODER_FILE}`, {data['environment']['cpu_count']}-core CPU."
+    )
+    return "\n".join(lines)
+
+
+def encoder_scale_table() -> str:
+    path = RESULTS / ENCODER_SCALE_FILE
+    if not path.exists():
+        return "(no encoder scale check results)"
+    data = json.loads(path.read_text())
+    lines = [
+        "| criterion | budget | predicted heads / channels (per budget) | measured ΔL heads | measured ΔL channels "
+        "| auto takes | measured ΔL auto |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["criterion"], r["budget"], r["kind"]): r for r in data["rows"]}
+    for criterion, budget in sorted({(r["criterion"], r["budget"]) for r in data["rows"]}, key=lambda k: k):
+        h, c, a = (by[criterion, budget, k] for k in ("heads", "channels", "auto"))
+        lines.append(
+            f"| {criterion} | {budget:.0%} | {h['predicted_score'] / c['predicted_score']:.2f} | "
+            f"{h['measured_delta_loss']:.4f} | {c['measured_delta_loss']:.4f} | {a['heads_removed']} heads | "
+            f"{a['measured_delta_loss']:.4f} |"
+        )
+    lines.append("")
+    for name, s in data["summary"].items():
+        lines.append(
+            f"* {name}: the cheaper kind predicted is the cheaper kind measured at "
+            f"{sum(s['heads_vs_channels_order_agrees'])} of {len(s['heads_vs_channels_order_agrees'])} budgets; "
+            f"Spearman ρ(predicted, measured) = {s['spearman_predicted_vs_measured']}"
+        )
+    st = data["settings"]
+    lines.append(
+        f"\nAfter {st['scale_steps']} LoRA steps (PiSSA) of the contrastive fine-tune; ΔL: held-out contrastive "
+        f"loss ({st['held_out_pairs']} pairs) minus the unpruned {data['unpruned_held_out_loss']:.3f}; budgets in "
+        f"parameters of the pruned layers. `{ENCODER_SCALE_FILE}`, 2-core CPU."
     )
     return "\n".join(lines)
 
@@ -1088,6 +1192,14 @@ def main() -> int:
         "### Are head and channel scores on one scale? Predicted vs measured one-shot damage",
         "",
         allocation_scale_table(),
+        "",
+        "### Allocation on a real encoder: all-MiniLM-L6-v2 tuned for retrieval (2-core CPU)",
+        "",
+        encoder_table(),
+        "",
+        "The scale check on this model (one-shot, as the table above for SmolLM2):",
+        "",
+        encoder_scale_table(),
         "",
         "### The default output at the LLaMA-7B shape: prefill and static-cache decode speed (H200)",
         "",

@@ -28,21 +28,25 @@ FAMILIES = {
 }
 
 
-def _model(family: str, kv_heads: int):
+def _tiny(family: str, targets, kv_heads: int = 2, intermediate: int = 48):
+    """A seeded 2-layer model of `family` (hidden 32, 4 heads of 8) in eval mode with LoRA on `targets`."""
     config_cls, model_cls = FAMILIES[family]
     torch.manual_seed(0)
     config = config_cls(
         vocab_size=64,
         hidden_size=32,
-        intermediate_size=48,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         head_dim=8,
     )
-    model = model_cls(config).eval()
-    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    return peft.get_peft_model(model, lora)
+    lora = peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    return peft.get_peft_model(model_cls(config).eval(), lora)
+
+
+def _model(family: str, kv_heads: int):
+    return _tiny(family, ["q_proj", "k_proj", "v_proj", "o_proj"], kv_heads)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -119,19 +123,10 @@ def _ffn_model(family: str):
             vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
         )
         model, name = GPTNeoXForCausalLM(config), "gpt_neox.layers.1.mlp"
+        lora = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        model = peft.get_peft_model(model.eval(), lora)
     else:
-        config_cls, model_cls = FAMILIES[family]
-        config = config_cls(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model, name = model_cls(config), "model.layers.1.mlp"
-    lora = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    model = peft.get_peft_model(model.eval(), lora)
+        model, name = _tiny(family, "all-linear"), "model.layers.1.mlp"
     return model, model.get_submodule(f"base_model.model.{name}"), 48
 
 
@@ -191,11 +186,7 @@ def test_a_synthetic_ffn_is_timed_at_the_model_width_with_both_input_projections
     calls = []
     original = latency.ffn_seconds.__wrapped__
     monkeypatch.setattr(latency, "ffn_seconds", lambda *a, **k: calls.append((a, k)) or original(*a, **k))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4
-    )
-    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules="all-linear"))
+    model = _tiny("llama", "all-linear", intermediate=32)
     with pytest.warns(UserWarning, match="experimental"):
         LoRAPruner(model, LoRAPruneConfig(ratio=0.02, layers=[0, 1], target="latency", latency_tokens=16))
     assert calls and all(a[0].hidden == 32 and k["rows_per_channel"] == 2 for a, k in calls)

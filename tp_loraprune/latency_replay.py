@@ -109,9 +109,11 @@ def attention_seconds(
 ) -> float:
     """The block's forward time with `heads` query and `kv_heads` KV heads, on `inputs` (`block_inputs`), by
     `timed(fn)` (`latency.fastest_seconds` with the device and repeats bound)."""
-    if heads == 0:
-        return 0.0
-    block = cut_copy(layout, heads, kv_heads)
+    return 0.0 if heads == 0 else _replayed_seconds(cut_copy(layout, heads, kv_heads), inputs, timed)
+
+
+def _replayed_seconds(block: nn.Module, inputs: tuple[tuple, dict], timed: Callable) -> float:
+    """`timed` of one gradient-free call of `block` on the captured (args, kwargs)."""
     args, kwargs = inputs
     with torch.no_grad():
         return timed(lambda: block(*args, **kwargs))
@@ -163,9 +165,4 @@ def cut_ffn_copy(block: nn.Module, width: int, keep: int) -> nn.Module:
 def ffn_seconds(block: nn.Module, inputs: tuple[tuple, dict], width: int, keep: int, timed: Callable) -> float:
     """The FFN block's forward time with `keep` of its `width` channels, on `inputs` (`block_inputs`), by
     `timed(fn)`."""
-    if keep == 0:
-        return 0.0
-    cut = cut_ffn_copy(block, width, keep)
-    args, kwargs = inputs
-    with torch.no_grad():
-        return timed(lambda: cut(*args, **kwargs))
+    return 0.0 if keep == 0 else _replayed_seconds(cut_ffn_copy(block, width, keep), inputs, timed)
