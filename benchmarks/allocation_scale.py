@@ -54,17 +54,18 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--budgets", default="0.02,0.05,0.1", help="fractions of the pruned layers' parameters")
     p.add_argument("--ppl-windows", type=int, default=64, help="WikiText-2 windows of 512 tokens")
-    p.add_argument("--criteria", default="loraprune,taylor,taylor-square")
+    p.add_argument("--criteria", default="loraprune,taylor,taylor-square", help="also: loraprune-projected")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    lora = LoRAGuidedImportance()
-    peft_model, tok, wikitext = pissa_lora_after_steps(args, [lora])
+    lora, projected = LoRAGuidedImportance(), LoRAGuidedImportance(gradient="projected")
+    peft_model, tok, wikitext = pissa_lora_after_steps(args, [lora, projected])
     criteria = {
         "loraprune": lora,
+        "loraprune-projected": projected,
         "taylor": _BaseWeightsOnly(
             tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None), peft_model
         ),

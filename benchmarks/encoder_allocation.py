@@ -47,7 +47,12 @@ from criterion_damage import SquaredTaylor  # noqa: E402
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.allocation import allocate  # noqa: E402
 from tp_loraprune.eval import find_data_dir  # noqa: E402
+from tp_loraprune.graph import pruning_direction  # noqa: E402
+from tp_loraprune.importance import _index_pairs  # noqa: E402
+from tp_loraprune.lora import base_layer, lora_factors, lora_layers  # noqa: E402
 from tp_loraprune.models import attention_layouts, count_parameters, mlp_widths  # noqa: E402
+from tp_loraprune.scores import lora_weight_gradient, projected_weight_gradient  # noqa: E402
+from tp_loraprune.surgery import head_group  # noqa: E402
 from tp_loraprune.train import TrainConfig, make_optimizer  # noqa: E402
 
 SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
@@ -60,6 +65,8 @@ CELLS = {
     "lp-auto-per-layer": ("loraprune", {"uniform": False}),
     "lp-ffn_only": ("loraprune", {"allocation": "ffn_only"}),
     "lp-fixed": ("loraprune", {"allocation": "fixed"}),
+    "lp-auto-projected": ("loraprune", {"gradient": "projected"}),  # LoRAGuidedImportance(gradient="projected")
+    "lp-ffn_only-projected": ("loraprune", {"allocation": "ffn_only", "gradient": "projected"}),
     "taylor-auto": ("taylor", {}),
     "taylor-ffn_only": ("taylor", {"allocation": "ffn_only"}),
     "taylor-fixed": ("taylor", {"allocation": "fixed"}),
@@ -173,6 +180,72 @@ def pissa_lora(dense: nn.Module, seed: int) -> nn.Module:
     return peft.get_peft_model(copy.deepcopy(dense), config).train()
 
 
+# ---------------------------------------------------------------- scale check: diagonal vs whole-structure scores
+def _sums(saliency: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Row and column sums of gradient ∘ merged weight (the first-order loss change of removing each row / column)
+    and of its square (the per-element scores' row and column sums)."""
+    squared = saliency.square()
+    return {"out": saliency.sum(1), "in": saliency.sum(0), "out_sq": squared.sum(1), "in_sq": squared.sum(0)}
+
+
+def step_sums(model: nn.Module, previous_grads: dict) -> dict[str, dict]:
+    """This step's sums (`_sums`) per base linear from three gradients: LoRAPrune's Ĝ (Eq. 10), the projected
+    gradient, and the true weight gradient (the base weights' .grad sums over steps; `previous_grads` holds the last
+    sums), all against W' = W + s·B·A."""
+    out: dict[str, dict] = {"eq10": {}, "projected": {}, "true": {}}
+    for layer in lora_layers(model).values():
+        f, base = lora_factors(layer), base_layer(layer)
+        if f is None or base.weight.grad is None:
+            continue
+        merged = torch.addmm(f.W.float(), f.B, f.A, alpha=f.scaling)
+        out["eq10"][base] = _sums(lora_weight_gradient(f.A, f.B, f.dA, f.dB) * merged)
+        out["projected"][base] = _sums(projected_weight_gradient(f.A, f.B, f.dA, f.dB, f.scaling) * merged)
+        grad = base.weight.grad - previous_grads.get(base, 0)
+        previous_grads[base] = base.weight.grad.clone()
+        out["true"][base] = _sums(grad * merged)
+    return out
+
+
+def group_step_sums(group, steps: list[dict], roots: int, squared: bool) -> torch.Tensor:
+    """(steps, roots): per step, the sum over every coupled row and column of each root's structure of the signed
+    first-order change (or, `squared`, of the per-element squares)."""
+    total = torch.zeros(len(steps), roots)
+    for i, (dep, idxs) in enumerate(group):
+        direction = pruning_direction(dep.handler)
+        pairs = None if direction is None else _index_pairs(idxs, group[i].root_idxs or [None] * len(idxs))
+        if pairs is None:
+            continue
+        rows, root_ids = pairs
+        module, key = base_layer(dep.target.module), direction + ("_sq" if squared else "")
+        for k, sums in enumerate(steps):
+            if module in sums:
+                total[k].index_add_(0, root_ids, sums[module][key][rows])
+    return total
+
+
+class StepScoresPruner(LoRAPruner):
+    """Scores heads and FFN channels from per-step sums (`step_sums`), averaged over the steps: "whole" is a
+    structure's squared whole-structure first-order change, E[(Σ_{w ∈ structure} g·w)²] (the empirical Fisher of
+    removing it); "diagonal" the sum of per-element squares, Σ E[(g·w)²] (what LoRAPrune's and squared Taylor's
+    scores are). Diagnostic only: the one-shot allocator reads these through the pruner's removal units."""
+
+    def __init__(self, model, config, steps: list[dict], importance, whole: bool):
+        self._steps, self._whole = steps, whole
+        super().__init__(model, config, importance=importance)
+
+    def _head_scores(self, graph, h):
+        a = h.layout
+        heads, kv = a.num_heads, a.num_kv_heads
+        group = head_group(graph, a, list(range(heads)), list(range(kv)) if heads == kv else [])
+        sums = group_step_sums(group, self._steps, heads * a.head_dim, squared=not self._whole)
+        per_head = sums.view(len(self._steps), heads, a.head_dim).sum(2)
+        return (per_head.square() if self._whole else per_head).mean(0)
+
+    def _channel_scores(self, ch, group):
+        sums = group_step_sums(group, self._steps, len(group[0].idxs), squared=not self._whole)
+        return (sums.square() if self._whole else sums).mean(0)
+
+
 def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
     """One-shot ΔL (held-out contrastive loss) of heads-only / channels-only / auto removals at equal parameter
     budgets against the allocator's predicted score, for LoRAPrune's score and Taylor's (|W∘∂L/∂W| and squared)."""
@@ -185,25 +258,36 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr)
     rng = random.Random(0)
+    steps: dict[str, list[dict]] = {"eq10": [], "projected": [], "true": []}
+    previous: dict = {}
     for _ in range(args.scale_steps):
         contrastive_loss(model, tok, rng.sample(train_pairs, args.batch_size), args.max_length).backward()
         lora.accumulate(model)
+        with torch.no_grad():
+            for source, sums in step_sums(model, previous).items():
+                steps[source].append(sums)
         optimizer.step()
         for p in lora_params:
             p.grad = None
     for m in bases:
         m.weight.requires_grad_(False)
-    criteria = {
-        "loraprune": lora,
-        "taylor": _BaseWeightsOnly(tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None), model),
-        "taylor-square": _BaseWeightsOnly(SquaredTaylor(), model),
+    taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    criteria = {  # name: the pruner whose removal units the allocator reads
+        "loraprune": lambda m, c: LoRAPruner(m, c, importance=lora),
+        "taylor": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(taylor, model)),
+        "taylor-square": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(SquaredTaylor(), model)),
+        "loraprune-whole": lambda m, c: StepScoresPruner(m, c, steps["eq10"], lora, whole=True),
+        "loraprune-projected": lambda m, c: StepScoresPruner(m, c, steps["projected"], lora, whole=False),
+        "loraprune-projected-whole": lambda m, c: StepScoresPruner(m, c, steps["projected"], lora, whole=True),
+        "taylor-whole": lambda m, c: StepScoresPruner(m, c, steps["true"], lora, whole=True),
     }
     base = evaluate(model, tok, None, held_out, args)["held_out_loss"]
     config = LoRAPruneConfig(ratio=0.5, uniform=False, round_to=1)  # only its layer selection and guards matter
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
-    for name, importance in criteria.items():
-        pruner = LoRAPruner(model, config, importance=importance)
+    criteria = {name: criteria[name] for name in args.criteria.split(",")}
+    for name, make_pruner in criteria.items():
+        pruner = make_pruner(model, config)
         units = pruner.removal_units()
         total = sum(pruner._layer_parameters.values())
         for budget in budgets:
@@ -242,7 +326,9 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
 
 
 def run_one(name: str, ratio: float, seed: int, dense: nn.Module, tok, train_pairs, boolq, held_out, args) -> dict:
-    method, overrides = CELLS[name]
+    method, settings = CELLS[name]
+    overrides = dict(settings)
+    gradient = overrides.pop("gradient", "eq10")
     rng = random.Random(seed)
     model = pissa_lora(dense, seed)
     batches = [rng.sample(train_pairs, args.batch_size) for _ in range(args.steps)]
@@ -252,7 +338,8 @@ def run_one(name: str, ratio: float, seed: int, dense: nn.Module, tok, train_pai
     t0 = time.perf_counter()
     pruner = None
     if method == "loraprune":
-        pruner = LoRAPruner(model, config, optimizer=optimizer)
+        importance = LoRAGuidedImportance(ema=config.ema, score=config.score, gradient=gradient)
+        pruner = LoRAPruner(model, config, optimizer=optimizer, importance=importance)
     elif method == "taylor":
         imp, release = taylor_importance(model, tok, batches[: args.calibration_batches], args)
         pruner = LoRAPruner(model, config, importance=imp)
@@ -277,7 +364,7 @@ def run_one(name: str, ratio: float, seed: int, dense: nn.Module, tok, train_pai
         "method": method,
         "ratio": ratio,
         "seed": seed,
-        "config": overrides,
+        "config": settings,
         "encoder_parameters": count_parameters(merged.encoder),
         "prune_and_finetune_s": round(time.perf_counter() - t0, 1),
         "train_loss_last10": round(sum(losses[-10:]) / 10, 4),
@@ -308,6 +395,11 @@ def main(argv=None) -> int:
     p.add_argument("--scale-check", action="store_true", help="the one-shot scale check instead of the runs")
     p.add_argument("--scale-steps", type=int, default=16, help="LoRA steps whose gradients the criteria see")
     p.add_argument("--budgets", default="0.02,0.05,0.1", help="scale check: fractions of the pruned parameters")
+    p.add_argument(
+        "--criteria",
+        default="loraprune,taylor-square,loraprune-whole,loraprune-projected,loraprune-projected-whole,taylor-whole",
+        help="scale check: criteria (also: taylor, |W·∂L/∂W|)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     cells = args.cells.split(",")

@@ -824,6 +824,8 @@ ENCODER_ROWS = (
     ("LoRAPrune, auto per-layer", "lp-auto-per-layer"),
     ("LoRAPrune, ffn_only", "lp-ffn_only"),
     ("LoRAPrune, fixed", "lp-fixed"),
+    ('LoRAPrune, the defaults, `gradient="projected"`', "lp-auto-projected"),
+    ('LoRAPrune, ffn_only, `gradient="projected"`', "lp-ffn_only-projected"),
     ("Taylor, the default allocator", "taylor-auto"),
     ("Taylor, ffn_only", "taylor-ffn_only"),
     ("Taylor, fixed", "taylor-fixed"),

@@ -341,3 +341,26 @@ def test_group_item_indices_skip_members_without_a_root_channel():
     assert _index_pairs([], []) is None
     with pytest.raises(ValueError, match="3 indices but 2 root indices"):
         _index_pairs([3, 4, 5], [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------- gradient estimate
+def test_projected_gradient_scores_every_layer_with_the_projection(peft_gqa, step):
+    from tp_loraprune.lora import lora_factors, lora_layers
+    from tp_loraprune.scores import channel_scores
+
+    step(peft_gqa)
+    imp = LoRAGuidedImportance(ema=0.0, gradient="projected")
+    imp.accumulate(peft_gqa)
+    eq10 = LoRAGuidedImportance(ema=0.0)
+    eq10.accumulate(peft_gqa)
+    for name, layer in lora_layers(peft_gqa).items():
+        f = lora_factors(layer)
+        rows, cols = channel_scores(f.A, f.B, f.dA, f.dB, f.W, f.scaling, "square", gradient="projected")
+        torch.testing.assert_close(imp.channel_scores(layer, "out"), rows)
+        torch.testing.assert_close(imp.channel_scores(layer, "in"), cols)
+        assert not torch.allclose(eq10.channel_scores(layer, "out"), rows), name
+
+
+def test_an_unknown_gradient_estimate_is_refused():
+    with pytest.raises(ValueError, match="'eq10'.*'projected'.*got 'exact'"):
+        LoRAGuidedImportance(gradient="exact")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import reference_channel_scores
 
-from tp_loraprune.scores import channel_scores, l2_normalized, lora_weight_gradient
+from tp_loraprune.scores import channel_scores, l2_normalized, lora_weight_gradient, projected_weight_gradient
 
 
 def _factors(out=5, inp=7, r=3, seed=0, dtype=torch.float32):
@@ -84,3 +84,56 @@ def test_l2_normalized():
     v = torch.tensor([3.0, 4.0])
     torch.testing.assert_close(l2_normalized(v), torch.tensor([0.6, 0.8]))
     assert torch.isfinite(l2_normalized(torch.zeros(3))).all()
+
+
+# ---------------------------------------------------------------------------------------------- projected gradient
+def _lora_layer_gradients(out=6, inp=5, r=2, s=1.5, seed=0):
+    """A LoRA linear y = x·Wᵀ + s·x·Aᵀ·Bᵀ under a nonlinear loss: its factors, their gradients, and the true
+    gradient of the (merged) weight from autograd, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    W, A, B = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((out, inp), (r, inp), (out, r)))
+    x = torch.randn(8, inp, generator=g, dtype=torch.float64)
+    for t in (W, A, B):
+        t.requires_grad_(True)
+    (torch.tanh(x @ W.T + s * (x @ A.T) @ B.T) ** 2).sum().backward()
+    return A.detach(), B.detach(), A.grad, B.grad, W.grad, s
+
+
+def _explicit_projection(G, A, B):
+    P_A = A.T @ torch.linalg.inv(A @ A.T) @ A
+    P_B = B @ torch.linalg.inv(B.T @ B) @ B.T
+    return G @ P_A + P_B @ G - P_B @ G @ P_A
+
+
+def test_projected_gradient_is_the_true_gradient_projected_onto_the_lora_tangent_space():
+    A, B, dA, dB, G, s = _lora_layer_gradients()
+    torch.testing.assert_close(projected_weight_gradient(A, B, dA, dB, s), _explicit_projection(G, A, B))
+
+
+def test_projected_gradient_is_unchanged_by_rescaling_the_factors_where_eq10_is_not():
+    """B·A is the same for (c·A, B/c); the factor gradients become (dA/c, c·dB). The projection stays, Ĝ moves."""
+    A, B, dA, dB, _, s = _lora_layer_gradients(seed=1)
+    c = 3.0
+    torch.testing.assert_close(
+        projected_weight_gradient(c * A, B / c, dA / c, c * dB, s), projected_weight_gradient(A, B, dA, dB, s)
+    )
+    assert not torch.allclose(lora_weight_gradient(c * A, B / c, dA / c, c * dB), lora_weight_gradient(A, B, dA, dB))
+
+
+def test_projected_gradient_with_b_zero_keeps_the_row_space_part():
+    """PEFT's default init (B = 0): only G·P_A is visible, and the pseudo-inverse does not blow up."""
+    A, B, dA, dB, G, s = _lora_layer_gradients(seed=2)
+    B = torch.zeros_like(B)
+    dB = s * G @ A.T
+    dA = s * B.T @ G
+    P_A = A.T @ torch.linalg.inv(A @ A.T) @ A
+    torch.testing.assert_close(projected_weight_gradient(A, B, dA, dB, s), G @ P_A)
+
+
+def test_channel_scores_with_the_projected_gradient_sum_its_elements():
+    A, B, dA, dB, G, s = _lora_layer_gradients(seed=3)
+    W = torch.randn(G.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rows, cols = channel_scores(A, B, dA, dB, W, s, "square", gradient="projected")
+    element = (_explicit_projection(G, A, B) * (W + s * B @ A)) ** 2
+    torch.testing.assert_close(rows.double(), element.sum(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cols.double(), element.sum(0), rtol=1e-4, atol=1e-6)

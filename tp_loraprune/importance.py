@@ -29,7 +29,7 @@ from .indices import index_tensor
 from .kernels import channel_scores
 from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
 from .moe import expert_channel_scores, is_expert_wrapper
-from .scores import ScoreKind, l2_normalized
+from .scores import GradientEstimate, ScoreKind, l2_normalized
 
 
 def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -54,6 +54,11 @@ class LoRAGuidedImportance(tp.importance.Importance):
         score: "square" for the paper's (Ĝ ∘ W')², "abs" for the official code's |Ĝ ∘ W'|.
         normalize: divide each layer's channel scores by their L2 norm before they are summed into a
             group (the official code does; it balances layers whose gradients differ in scale).
+        gradient: "eq10" (default) estimates the weight gradient by the paper's Ĝ; "projected" (experimental)
+            by its projection onto what LoRA can see (`scores.projected_weight_gradient`), which does not grow
+            with the factors' magnitudes. On all-MiniLM-L6-v2, Eq. 10 put a head at half a channel's cost per
+            parameter where removing heads costs 2–3× more, and the projection got the order right (one-shot,
+            docs/benchmarks.md); not yet measured on decoders after a fine-tune. Not for routed experts.
 
     Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
     layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
@@ -67,13 +72,24 @@ class LoRAGuidedImportance(tp.importance.Importance):
     `tp_loraprune.LoRAMetaPruner` or `LoRAPruner`, which declare whole heads.
     """
 
-    def __init__(self, ema: float = 0.9, score: ScoreKind = "square", normalize: bool = False):
+    def __init__(
+        self,
+        ema: float = 0.9,
+        score: ScoreKind = "square",
+        normalize: bool = False,
+        gradient: GradientEstimate = "eq10",
+    ):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"`ema` must be in [0, 1), got {ema}. 0.9 is the paper's value.")
         if score not in ("square", "abs"):
             raise ValueError(f"`score` must be 'square' (paper) or 'abs' (official code), got {score!r}.")
+        if gradient not in ("eq10", "projected"):
+            raise ValueError(
+                f"`gradient` must be 'eq10' (the paper's estimate) or 'projected' (experimental), got {gradient!r}."
+            )
         self.ema = float(ema)
         self.score: ScoreKind = score
+        self.gradient: GradientEstimate = gradient
         self.normalize = bool(normalize)
         self.steps = 0
         self._scores: dict[str, dict[Direction, torch.Tensor]] = {}
@@ -92,6 +108,11 @@ class LoRAGuidedImportance(tp.importance.Importance):
         folds: list[tuple[str, Direction, torch.Tensor]] = []
         for name, layer in layers.items():
             if is_expert_wrapper(layer):  # routed experts (MoE): one score per expert and channel
+                if self.gradient != "eq10":
+                    raise ValueError(
+                        f"{name}: gradient={self.gradient!r} is not implemented for routed experts; use "
+                        "LoRAGuidedImportance(gradient='eq10') on mixture-of-experts models."
+                    )
                 self._name_of[layer] = name
                 scores = expert_channel_scores(layer, self.score)
                 if scores is not None:
@@ -101,7 +122,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             f = lora_factors(layer)
             if f is None:
                 continue
-            out_scores, in_scores = channel_scores(f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score)
+            out_scores, in_scores = channel_scores(f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score, self.gradient)
             folds += [(name, "out", out_scores), (name, "in", in_scores)]
         if not folds:
             raise ValueError(

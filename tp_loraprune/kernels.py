@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import scores
-from .scores import ScoreKind
+from .scores import GradientEstimate, ScoreKind
 
 # Environment variable that turns the kernel off ("0"); any other value, or none, leaves it on.
 FUSED_ENV = "TP_LORAPRUNE_FUSED"
@@ -77,11 +77,13 @@ def channel_scores(
     W: torch.Tensor,
     scaling: float,
     kind: ScoreKind = "square",
+    gradient: GradientEstimate = "eq10",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.channel_scores`, through the fused kernel where `use_fused(W)`, else the torch reference."""
-    if use_fused(W):
+    """`scores.channel_scores`, through the fused kernel where `use_fused(W)` (Eq. 10 only), else the torch
+    reference."""
+    if gradient == "eq10" and use_fused(W):
         return fused_channel_scores(A, B, dA, dB, W, scaling, kind)
-    return scores.channel_scores(A, B, dA, dB, W, scaling, kind)
+    return scores.channel_scores(A, B, dA, dB, W, scaling, kind, gradient)
 
 
 def _check(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor, W: torch.Tensor, kind: str) -> None:
