@@ -902,7 +902,8 @@ def encoder_scale_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     by = {(r["criterion"], r["budget"], r["kind"]): r for r in data["rows"]}
-    for criterion, budget in sorted({(r["criterion"], r["budget"]) for r in data["rows"]}, key=lambda k: k):
+    budgets = sorted({r["budget"] for r in data["rows"]})
+    for criterion, budget in ((c, b) for c in data["summary"] for b in budgets):
         h, c, a = (by[criterion, budget, k] for k in ("heads", "channels", "auto"))
         lines.append(
             f"| {criterion} | {budget:.0%} | {h['predicted_score'] / c['predicted_score']:.2f} | "
