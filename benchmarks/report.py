@@ -790,8 +790,8 @@ def allocation_extra_table() -> str:
     return "\n".join(lines)
 
 
-def allocation_scale_table() -> str:
-    path = RESULTS / "allocation_scale_h200.json"
+def allocation_scale_table(name: str = "allocation_scale_h200.json") -> str:
+    path = RESULTS / name
     if not path.exists():
         return "(no allocation_scale results)"
     data = json.loads(path.read_text())
@@ -805,14 +805,15 @@ def allocation_scale_table() -> str:
             f"{r['removed_parameters'] / 1e6:.2f}M | {r['predicted_score']:.4g} | {r['measured_delta_loss']:.3f} |"
         )
     lines.append("")
-    for name, s in data["summary"].items():
+    for criterion, s in data["summary"].items():
+        agrees = all(s["heads_vs_channels_order_agrees"])
         lines.append(
-            f"* {name}: heads-vs-channels order agrees at every budget: {all(s['heads_vs_channels_order_agrees'])}; "
+            f"* {criterion}: heads-vs-channels order agrees at every budget: {agrees}; "
             f"Spearman ρ(predicted, measured) over the 9 cells = {s['spearman_predicted_vs_measured']}"
         )
     lines.append(
         f"\nUnpruned (LoRA of the {data['settings']['steps']} steps in place): WikiText-2 "
-        f"{data['unpruned_wikitext2_ppl']}. {data['environment'].get('gpu', '')}."
+        f"{data['unpruned_wikitext2_ppl']}. {data['environment'].get('gpu', 'CPU')}. `{name}`."
     )
     return "\n".join(lines)
 
@@ -1195,6 +1196,10 @@ def main() -> int:
         "### Are head and channel scores on one scale? Predicted vs measured one-shot damage",
         "",
         allocation_scale_table(),
+        "",
+        'Eq. 10 against `gradient="projected"` on the same model, on the 2-core CPU (16 windows of WikiText-2):',
+        "",
+        allocation_scale_table("allocation_scale_projected_cpu.json"),
         "",
         "### Allocation on a real encoder: all-MiniLM-L6-v2 tuned for retrieval (2-core CPU)",
         "",
