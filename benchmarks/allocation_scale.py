@@ -46,6 +46,66 @@ def spearman(x: list[float], y: list[float]) -> float:
     return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
 
 
+def one_shot_rows(
+    model, pruners: dict, config: LoRAPruneConfig, budgets: list[float], measure
+) -> tuple[float, list[dict]]:
+    """For every criterion (name → `make(model, config)` giving the LoRAPruner whose removal units the allocator
+    reads), budget and kind: remove the allocator's pick one-shot from a copy of `model` and measure its damage,
+    `measure(pruned) − measure(model)`. Returns `measure(model)` and the rows."""
+    base = measure(model)
+    rows = []
+    for name, make in pruners.items():
+        pruner = make(model, config)
+        units = pruner.removal_units()  # before any removal, positions are the original ids
+        total = sum(pruner._layer_parameters.values())
+        for budget in budgets:
+            for kind in KINDS:
+                chosen = allocate([u for u in units if kind == "auto" or u.kind == kind], budget * total)
+                pruned = copy.deepcopy(model)
+                LoRAPruner(pruned, config).replay([{"removed": chosen.removals}])
+                rows.append(
+                    {
+                        "criterion": name,
+                        "budget": budget,
+                        "kind": kind,
+                        "removed_parameters": chosen.cost,
+                        "predicted_score": chosen.score,
+                        "measured_delta_loss": round(measure(pruned) - base, 5),
+                        "heads_removed": sum(len(v) for k, v in chosen.removals.items() if k in pruner._heads),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                del pruned
+        del pruner
+    return base, rows
+
+
+def summarize(rows: list[dict], budgets: list[float]) -> dict:
+    """Per criterion: does the predicted order of heads-only vs channels-only match the measured one at every
+    budget, the rank correlation of predicted score and measured damage over all cells, and whether the mix
+    (auto) did at most the damage of the better single kind."""
+    summary = {}
+    for name in dict.fromkeys(r["criterion"] for r in rows):
+        by = {(r["budget"], r["kind"]): r for r in rows if r["criterion"] == name}
+        mine = list(by.values())
+        summary[name] = {
+            "heads_vs_channels_order_agrees": [
+                (by[b, "heads"]["predicted_score"] < by[b, "channels"]["predicted_score"])
+                == (by[b, "heads"]["measured_delta_loss"] < by[b, "channels"]["measured_delta_loss"])
+                for b in budgets
+            ],
+            "spearman_predicted_vs_measured": round(
+                spearman([r["predicted_score"] for r in mine], [r["measured_delta_loss"] for r in mine]), 3
+            ),
+            "auto_at_most_the_best_single_kind": [
+                by[b, "auto"]["measured_delta_loss"]
+                <= min(by[b, "heads"]["measured_delta_loss"], by[b, "channels"]["measured_delta_loss"]) + 1e-9
+                for b in budgets
+            ],
+        }
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=16, help="LoRA steps whose gradients the criteria see")
@@ -63,68 +123,24 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lora, projected = LoRAGuidedImportance(), LoRAGuidedImportance(gradient="projected")
     peft_model, tok, wikitext = pissa_lora_after_steps(args, [lora, projected])
+    taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
     criteria = {
-        "loraprune": lora,
-        "loraprune-projected": projected,
-        "taylor": _BaseWeightsOnly(
-            tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None), peft_model
-        ),
-        "taylor-square": _BaseWeightsOnly(SquaredTaylor(), peft_model),
+        "loraprune": lambda m, c: LoRAPruner(m, c, importance=lora),
+        "loraprune-projected": lambda m, c: LoRAPruner(m, c, importance=projected),
+        "taylor": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(taylor, peft_model)),
+        "taylor-square": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(SquaredTaylor(), peft_model)),
     }
 
     def log_ppl(m) -> float:
         with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
             return math.log(perplexity(m, tok, wikitext, seq_len=512, max_windows=args.ppl_windows))
 
-    base = log_ppl(peft_model)
     # only its layer selection and guards matter (nothing is pruned here); per-layer units, as the results were made
     config = LoRAPruneConfig(ratio=0.5, uniform=False, round_to=1)
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = []
-    for name in args.criteria.split(","):
-        pruner = LoRAPruner(peft_model, config, importance=criteria[name])
-        blocks_now = pruner.removal_units()  # before any removal, positions are the original ids
-        total = sum(pruner._layer_parameters.values())
-        for budget in budgets:
-            for kind in KINDS:
-                chosen = allocate([b for b in blocks_now if kind == "auto" or b.kind == kind], budget * total)
-                pruned = copy.deepcopy(peft_model)
-                LoRAPruner(pruned, config).replay([{"removed": chosen.removals}])
-                d_loss = log_ppl(pruned) - base
-                rows.append(
-                    {
-                        "criterion": name,
-                        "budget": budget,
-                        "kind": kind,
-                        "removed_parameters": chosen.cost,
-                        "predicted_score": chosen.score,
-                        "measured_delta_loss": round(d_loss, 5),
-                        "heads_removed": sum(len(v) for k, v in chosen.removals.items() if k.endswith("attn")),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-                del pruned
-        del pruner
-    summary = {}
-    for name in args.criteria.split(","):
-        mine = [r for r in rows if r["criterion"] == name]
-        agree = []
-        for budget in budgets:
-            h, c = (next(r for r in mine if r["budget"] == budget and r["kind"] == k) for k in ("heads", "channels"))
-            agree.append(
-                (h["predicted_score"] < c["predicted_score"]) == (h["measured_delta_loss"] < c["measured_delta_loss"])
-            )
-        summary[name] = {
-            "heads_vs_channels_order_agrees": agree,
-            "spearman_predicted_vs_measured": round(
-                spearman([r["predicted_score"] for r in mine], [r["measured_delta_loss"] for r in mine]), 3
-            ),
-            "auto_at_most_the_best_single_kind": [
-                next(r for r in mine if r["budget"] == b and r["kind"] == "auto")["measured_delta_loss"]
-                <= min(r["measured_delta_loss"] for r in mine if r["budget"] == b and r["kind"] != "auto") + 1e-9
-                for b in budgets
-            ],
-        }
+    chosen = {name: criteria[name] for name in args.criteria.split(",")}
+    base, rows = one_shot_rows(peft_model, chosen, config, budgets, log_ppl)
+    summary = summarize(rows, budgets)
     result = {
         "what": "one-shot damage (WikiText-2 ΔL, no fine-tune) of heads-only / channels-only / auto removals at equal "
         "parameter budgets, against the allocator's predicted (summed) score",

@@ -40,12 +40,11 @@ import torch_pruning as tp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocation_scale import KINDS, spearman  # noqa: E402
+from allocation_scale import one_shot_rows, summarize  # noqa: E402
 from baselines import _BaseWeightsOnly, _lora_parts, cpu_environment  # noqa: E402
 from criterion_damage import SquaredTaylor  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner  # noqa: E402
-from tp_loraprune.allocation import allocate  # noqa: E402
 from tp_loraprune.eval import find_data_dir  # noqa: E402
 from tp_loraprune.graph import pruning_direction  # noqa: E402
 from tp_loraprune.importance import _index_pairs  # noqa: E402
@@ -281,47 +280,13 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
         "loraprune-projected-whole": lambda m, c: StepScoresPruner(m, c, steps["projected"], lora, whole=True),
         "taylor-whole": lambda m, c: StepScoresPruner(m, c, steps["true"], lora, whole=True),
     }
-    base = evaluate(model, tok, None, held_out, args)["held_out_loss"]
     config = LoRAPruneConfig(ratio=0.5, uniform=False, round_to=1)  # only its layer selection and guards matter
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = []
-    criteria = {name: criteria[name] for name in args.criteria.split(",")}
-    for name, make_pruner in criteria.items():
-        pruner = make_pruner(model, config)
-        units = pruner.removal_units()
-        total = sum(pruner._layer_parameters.values())
-        for budget in budgets:
-            for kind in KINDS:
-                chosen = allocate([b for b in units if kind == "auto" or b.kind == kind], budget * total)
-                pruned = copy.deepcopy(model)
-                LoRAPruner(pruned, config).replay([{"removed": chosen.removals}])
-                d_loss = evaluate(pruned, tok, None, held_out, args)["held_out_loss"] - base
-                rows.append(
-                    {
-                        "criterion": name,
-                        "budget": budget,
-                        "kind": kind,
-                        "removed_parameters": chosen.cost,
-                        "predicted_score": chosen.score,
-                        "measured_delta_loss": round(d_loss, 5),
-                        "heads_removed": sum(len(v) for k, v in chosen.removals.items() if k in pruner._heads),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-    summary = {}
-    for name in criteria:
-        mine = [r for r in rows if r["criterion"] == name]
-        by = {(r["budget"], r["kind"]): r for r in mine}
-        summary[name] = {
-            "heads_vs_channels_order_agrees": [
-                (by[b, "heads"]["predicted_score"] < by[b, "channels"]["predicted_score"])
-                == (by[b, "heads"]["measured_delta_loss"] < by[b, "channels"]["measured_delta_loss"])
-                for b in budgets
-            ],
-            "spearman_predicted_vs_measured": round(
-                spearman([r["predicted_score"] for r in mine], [r["measured_delta_loss"] for r in mine]), 3
-            ),
-        }
+    chosen = {name: criteria[name] for name in args.criteria.split(",")}
+    base, rows = one_shot_rows(
+        model, chosen, config, budgets, lambda m: evaluate(m, tok, None, held_out, args)["held_out_loss"]
+    )
+    summary = summarize(rows, budgets)
     return {"unpruned_held_out_loss": base, "summary": summary, "rows": rows}
 
 

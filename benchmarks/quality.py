@@ -220,6 +220,9 @@ ALLOCATION_CELLS = {
     "taylor-fixed-wsd": ("taylor", {"round_to": 1, "allocation": "fixed", "lr_schedule": "wsd"}),
     "taylor-fixed-lr4e-4": ("taylor", {"round_to": 1, "allocation": "fixed", "lr": 4e-4}),
     "taylor-default-wsd": ("taylor", {"lr_schedule": "wsd"}),
+    # the weight-gradient estimate: Eq. 10 (the defaults) vs its projection onto what LoRA can see
+    "lp-default-projected": ("loraprune", _DEFAULT | {"gradient": "projected"}),
+    "lp-default-wsd-projected": ("loraprune", _DEFAULT | {"lr_schedule": "wsd", "gradient": "projected"}),
 }
 
 
@@ -239,6 +242,8 @@ SEEDED_CELLS = (
     "lp-default-wsd-every2",
     "lp-ffn_only-wsd",
     "taylor-fixed-wsd",
+    "lp-default-projected",
+    "lp-default-wsd-projected",
 )
 
 
@@ -281,11 +286,22 @@ def schedule_plan(args) -> list[tuple]:
     return [run for run in allocation_plan(args) if run[0] in wanted]
 
 
+def gradient_plan(args) -> list[tuple]:
+    """Eq. 10 vs the projected gradient (docs/benchmarks.md), each under the linear decay and "wsd", with Taylor
+    fixed beside them: every ratio, every seed, dense first."""
+    cells = ("lp-default", "lp-default-projected", "lp-default-wsd", "lp-default-wsd-projected", "taylor-fixed")
+    seeds = args.seeds + args.extra_seeds
+    wanted = {"dense"} | {f"{c}@{r}/s{s}" for c in cells for r in args.ratios for s in seeds}
+    return [run for run in allocation_plan(args) if run[0] in wanted]
+
+
 def plan(args) -> list[tuple]:
     if args.plan == "allocation":
         return allocation_plan(args)
     if args.plan == "schedule":
         return schedule_plan(args)
+    if args.plan == "gradient":
+        return gradient_plan(args)
     runs = [("dense", "dense", 0.0, args.seeds[0], None)]
     for ratio in args.ratios:
         for method in args.methods:
@@ -411,7 +427,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="gpu")
     p.add_argument(
-        "--plan", choices=["methods", "allocation", "schedule"], default="methods", help="which table's runs"
+        "--plan", choices=["methods", "allocation", "schedule", "gradient"], default="methods", help="which table's runs"
     )
     p.add_argument("--long-steps", type=int, default=1000, help="the allocation plan's longer LoRA budget")
     p.add_argument("--mmlu-limit", type=int, default=0, help="MMLU (5-shot) questions per subject; 0 skips it")

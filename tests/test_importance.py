@@ -364,3 +364,16 @@ def test_projected_gradient_scores_every_layer_with_the_projection(peft_gqa, ste
 def test_an_unknown_gradient_estimate_is_refused():
     with pytest.raises(ValueError, match="'eq10'.*'projected'.*got 'exact'"):
         LoRAGuidedImportance(gradient="exact")
+
+
+def test_the_config_gradient_reaches_the_pruners_importance(peft_gqa, step):
+    from tp_loraprune import LoRAPruneConfig, LoRAPruner
+
+    pruner = LoRAPruner(peft_gqa, LoRAPruneConfig(ratio=0.3, gradient="projected"))
+    assert pruner.importance.gradient == "projected"
+    step(peft_gqa)
+    pruner.importance.accumulate(peft_gqa)
+    reference = LoRAGuidedImportance(gradient="projected")
+    reference.accumulate(peft_gqa)
+    for layer in list(pruner.importance._name_of)[:4]:
+        torch.testing.assert_close(pruner.importance.channel_scores(layer, "out"), reference.channel_scores(layer, "out"))

@@ -484,6 +484,11 @@ def test_all_linear_wraps_experts_and_accumulates_per_expert_scores():
     _, want = channel_scores(A_e, B_e, dA_e, dB_e, layout.down[e], w.scaling["default"])
     torch.testing.assert_close(down[e], (1 - imp.ema) * want)
 
+    projected = LoRAGuidedImportance(gradient="projected")  # the projection works expert by expert the same way
+    projected.accumulate(model)
+    _, want = channel_scores(A_e, B_e, dA_e, dB_e, layout.down[e], w.scaling["default"], gradient="projected")
+    torch.testing.assert_close(projected.channel_scores(w, "in")[e], (1 - projected.ema) * want)
+
 
 def test_an_expert_no_token_picks_scores_zero_and_goes_first():
     """Scores are router-weighted by construction: gradients reach an expert only through the tokens routed to it,

@@ -638,6 +638,7 @@ def test_prune_fraction_out_of_range_raises(peft_gqa):
         (dict(ranking="best"), "best"),
         (dict(schedule="exp"), "exp"),
         (dict(score="l1"), "l1"),
+        (dict(gradient="exact"), "exact"),
         (dict(skip_first=1.0), "1.0"),
         (dict(skip_last=-1), "-1"),
         (dict(total_steps=0), "0"),

@@ -72,6 +72,7 @@ LEGACY_SETTINGS = {
         "latency_tokens": 2048,
         "latency_phase": "prefill",
         "servable": False,
+        "gradient": "eq10",  # the paper's estimate, the only one before the option existed
     },
     "train": {
         "lora_init": "default",  # PEFT's init (B = 0) before lora_init existed

@@ -79,6 +79,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="auto: every pruned layer keeps the same widths (--no-uniform lets the scores decide per layer)",
     )
+    g.add_argument(
+        "--gradient",
+        choices=["eq10", "projected"],
+        default="eq10",
+        help="the weight-gradient estimate of the score: eq10 = the paper's, projected = onto what LoRA can see "
+        "(experimental)",
+    )
     g.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
     g.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
     g.add_argument("--max-layer-ratio", type=float, default=1.0, help="auto: most any layer may lose (fraction)")
@@ -368,7 +375,7 @@ _CHECKPOINTED_FLAGS = {
         dest: ("config", dest)
         for dest in (
             "ratio head_ratio channel_ratio head_mode prune_every schedule ranking allocation uniform "
-            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable"
+            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable gradient"
         ).split()
     },
     "steps": ("config", "total_steps"),
@@ -502,6 +509,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             latency_phase=args.latency_phase,
             round_to=args.round_to,
             servable=args.servable,
+            gradient=args.gradient,
         )
         train = TrainConfig(
             lr=args.lr,

@@ -68,7 +68,8 @@ class LoRAPruneConfig:
             in the first `warmup` fraction of steps, the target is reached before the last `cooldown`.
 
     Score (see LoRAGuidedImportance):
-        ema, score, normalize.
+        ema, score, normalize, gradient ("eq10": the paper's estimate of the weight gradient; "projected": its
+        projection onto what LoRA can see, experimental).
 
     Hardware:
         round_to: keep FFN widths at multiples of this. None (default) picks the largest of 64 and 8 that leaves
@@ -105,6 +106,7 @@ class LoRAPruneConfig:
     ema: float = 0.9
     score: Literal["square", "abs"] = "square"
     normalize: bool = False
+    gradient: Literal["eq10", "projected"] = "eq10"
     round_to: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -120,6 +122,7 @@ class LoRAPruneConfig:
             "latency_phase": ("prefill", "decode"),
             "schedule": ("cubic", "linear"),
             "score": ("square", "abs"),
+            "gradient": ("eq10", "projected"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -58,7 +58,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             by its projection onto what LoRA can see (`scores.projected_weight_gradient`), which does not grow
             with the factors' magnitudes. On all-MiniLM-L6-v2, Eq. 10 put a head at half a channel's cost per
             parameter where removing heads costs 2–3× more, and the projection got the order right (one-shot,
-            docs/benchmarks.md); not yet measured on decoders after a fine-tune. Not for routed experts.
+            docs/benchmarks.md); not yet measured on decoders after a fine-tune.
 
     Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
     layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
@@ -108,13 +108,8 @@ class LoRAGuidedImportance(tp.importance.Importance):
         folds: list[tuple[str, Direction, torch.Tensor]] = []
         for name, layer in layers.items():
             if is_expert_wrapper(layer):  # routed experts (MoE): one score per expert and channel
-                if self.gradient != "eq10":
-                    raise ValueError(
-                        f"{name}: gradient={self.gradient!r} is not implemented for routed experts; use "
-                        "LoRAGuidedImportance(gradient='eq10') on mixture-of-experts models."
-                    )
                 self._name_of[layer] = name
-                scores = expert_channel_scores(layer, self.score)
+                scores = expert_channel_scores(layer, self.score, self.gradient)
                 if scores is not None:
                     folds += [(name, "out", scores[0]), (name, "in", scores[1])]
                 continue

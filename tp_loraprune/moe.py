@@ -285,11 +285,13 @@ def expert_weight(layer: nn.Module) -> torch.Tensor:
     return param if cast(Any, layer)._did_swap_in_out_features else param.transpose(1, 2)
 
 
-def expert_channel_scores(layer: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def expert_channel_scores(
+    layer: nn.Module, kind: str, gradient: str = "eq10"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """LoRAPrune scores of a ParamWrapper on experts, per expert: ((E, out), (E, in)), or None without gradients.
 
     Every expert is its own W + s·B_e·A_e, scored like a linear layer one expert at a time (so the temporaries are
-    one expert's size, and CUDA tensors use the fused kernel)."""
+    one expert's size, and CUDA tensors use the fused kernel where it applies)."""
     from .kernels import channel_scores
 
     name = active_adapter(layer)
@@ -300,7 +302,9 @@ def expert_channel_scores(layer: nn.Module, kind: str) -> tuple[torch.Tensor, to
     (A3, B3), (dA3, dB3) = expert_factors(A.detach(), B.detach(), E), expert_factors(A.grad, B.grad, E)
     W3, scaling = expert_weight(layer), float(cast(Any, layer).scaling[name])
     per_expert = [
-        channel_scores(A3[e], B3[e].contiguous(), dA3[e], dB3[e].contiguous(), W3[e], scaling, cast(Any, kind))
+        channel_scores(
+            A3[e], B3[e].contiguous(), dA3[e], dB3[e].contiguous(), W3[e], scaling, cast(Any, kind), cast(Any, gradient)
+        )
         for e in range(E)
     ]
     return torch.stack([o for o, _ in per_expert]), torch.stack([i for _, i in per_expert])

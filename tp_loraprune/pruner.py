@@ -148,7 +148,10 @@ class LoRAPruner:
         self.config = config or LoRAPruneConfig()
         self.optimizer = optimizer
         self.importance = importance or LoRAGuidedImportance(
-            ema=self.config.ema, score=self.config.score, normalize=self.config.normalize
+            ema=self.config.ema,
+            score=self.config.score,
+            normalize=self.config.normalize,
+            gradient=self.config.gradient,
         )
         self._accumulates = isinstance(self.importance, LoRAGuidedImportance)
         self.example_inputs = example_inputs if example_inputs is not None else example_input_ids(model)
