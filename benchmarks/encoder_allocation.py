@@ -60,11 +60,12 @@ LORA_TARGETS = ["query", "key", "value", "dense"]
 # name: (method, LoRAPruneConfig overrides). method None: the same fine-tune without pruning.
 CELLS = {
     "dense-finetuned": (None, {}),
-    "lp-auto": ("loraprune", {}),  # the defaults: allocation="auto", uniform=True
-    "lp-auto-per-layer": ("loraprune", {"uniform": False}),
-    "lp-ffn_only": ("loraprune", {"allocation": "ffn_only"}),
-    "lp-fixed": ("loraprune", {"allocation": "fixed"}),
-    "lp-auto-projected": ("loraprune", {"gradient": "projected"}),  # LoRAGuidedImportance(gradient="projected")
+    # allocation="auto", uniform=True under Eq. 10 (the defaults until gradient="projected" became one)
+    "lp-auto": ("loraprune", {"gradient": "eq10"}),
+    "lp-auto-per-layer": ("loraprune", {"uniform": False, "gradient": "eq10"}),
+    "lp-ffn_only": ("loraprune", {"allocation": "ffn_only", "gradient": "eq10"}),
+    "lp-fixed": ("loraprune", {"allocation": "fixed", "gradient": "eq10"}),
+    "lp-auto-projected": ("loraprune", {"gradient": "projected"}),  # the defaults
     "lp-ffn_only-projected": ("loraprune", {"allocation": "ffn_only", "gradient": "projected"}),
     "taylor-auto": ("taylor", {}),
     "taylor-ffn_only": ("taylor", {"allocation": "ffn_only"}),
@@ -293,7 +294,6 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
 def run_one(name: str, ratio: float, seed: int, dense: nn.Module, tok, train_pairs, boolq, held_out, args) -> dict:
     method, settings = CELLS[name]
     overrides = dict(settings)
-    gradient = overrides.pop("gradient", "eq10")
     rng = random.Random(seed)
     model = pissa_lora(dense, seed)
     batches = [rng.sample(train_pairs, args.batch_size) for _ in range(args.steps)]
@@ -303,8 +303,7 @@ def run_one(name: str, ratio: float, seed: int, dense: nn.Module, tok, train_pai
     t0 = time.perf_counter()
     pruner = None
     if method == "loraprune":
-        importance = LoRAGuidedImportance(ema=config.ema, score=config.score, gradient=gradient)
-        pruner = LoRAPruner(model, config, optimizer=optimizer, importance=importance)
+        pruner = LoRAPruner(model, config, optimizer=optimizer)
     elif method == "taylor":
         imp, release = taylor_importance(model, tok, batches[: args.calibration_batches], args)
         pruner = LoRAPruner(model, config, importance=imp)

@@ -40,6 +40,17 @@ LLAMA7B = {
     "up_proj": (11008, 4096),
     "down_proj": (4096, 11008),
 }
+# SmolLM2-135M: hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, 30 layers
+SMOLLM2 = {
+    "q_proj": (576, 576),
+    "k_proj": (192, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+    "up_proj": (1536, 576),
+    "down_proj": (576, 1536),
+}
+MODELS = {"llama7b": (LLAMA7B, 32), "smollm2": (SMOLLM2, 30)}
 SMALL_DIVISOR = 32  # --small: every dimension divided by this (128 × 344 for gate/up)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,6 +109,7 @@ def time_shape(shape, run_torch, run_fused, args, dtype, device, gen) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=sorted(MODELS), default="llama7b", help="projection shapes and layer count")
     p.add_argument("--small", action="store_true", help=f"shapes divided by {SMALL_DIVISOR}, 2 layers (smoke test)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers in the model loop (default 32; 2 small)")
     p.add_argument("--rank", type=int, default=8)
@@ -115,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device} but CUDA is not available; use --device cpu.", file=sys.stderr)
         return 2
-    layers = args.layers if args.layers is not None else (2 if args.small else 32)
+    model_shapes, model_layers = MODELS[args.model]
+    layers = args.layers if args.layers is not None else (2 if args.small else model_layers)
     div = SMALL_DIVISOR if args.small else 1
-    shapes = {name: (o // div, i // div) for name, (o, i) in LLAMA7B.items()}
+    shapes = {name: (o // div, i // div) for name, (o, i) in model_shapes.items()}
     dtype = DTYPES[args.dtype]
     fused = device.type == "cuda" and kernels.use_fused(torch.empty(0, device=device))
     fused_note = None if fused else "torch path only: the fused kernel needs CUDA, Triton and TP_LORAPRUNE_FUSED!=0"
@@ -150,6 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     if fused:
         total["fused_s"] = median_seconds(lambda: score_model(run_fused), 1, args.model_repeat, device)
         total["speedup"] = total["torch_s"] / total["fused_s"]
+
+    # gradient="projected": the torch path with two r×r pseudo-inverses per layer (one solver call each), the
+    # torch path with all of them in one batched call, and what LoRAGuidedImportance.accumulate runs (batched
+    # pseudo-inverses, then the dispatcher: the fused kernel where it applies)
+    def projected_per_layer() -> None:
+        for layer in model:
+            scores.channel_scores(*layer, args.scaling, args.kind, "projected")
+
+    def projected(channel_scores) -> Callable[[], None]:
+        def run() -> None:
+            pinvs = scores.gram_pseudo_inverses([(A, B) for A, B, *_ in model])
+            for layer, layer_pinvs in zip(model, pinvs, strict=True):
+                channel_scores(*layer, args.scaling, args.kind, "projected", layer_pinvs)
+
+        return run
+
+    total["projected_per_layer_s"] = median_seconds(projected_per_layer, 1, args.model_repeat, device)
+    total["projected_batched_s"] = median_seconds(projected(scores.channel_scores), 1, args.model_repeat, device)
+    total["projected_s"] = median_seconds(projected(kernels.channel_scores), 1, args.model_repeat, device)
+    total["projected_over_eq10"] = total["projected_s"] / total.get("fused_s", total["torch_s"])
     print(json.dumps(total))
 
     agree = worst <= args.rtol

@@ -370,7 +370,13 @@ def _as_written_before_the_new_settings(ckpt: Path, *, fingerprint: bool = True)
 def _legacy_run(allocation="fixed", uniform=False, **kwargs):
     """`_run` with the settings every checkpoint had before `allocation` and `lora_init` existed."""
     config = LoRAPruneConfig(
-        ratio=0.3, layers=[0, 1, 2], total_steps=8, prune_every=2, allocation=allocation, uniform=uniform
+        ratio=0.3,
+        layers=[0, 1, 2],
+        total_steps=8,
+        prune_every=2,
+        allocation=allocation,
+        uniform=uniform,
+        gradient="eq10",
     )
     train = TrainConfig(
         lr=1e-2, batch_size=2, block_size=12, lora_r=2, progress=False, checkpoint_every=2, lora_init="default"
@@ -398,7 +404,17 @@ def test_a_checkpoint_older_than_its_settings_resumes_as_it_ran(tmp_path, finger
 def test_cli_resume_of_an_older_checkpoint_takes_its_settings_for_flags_left_out(tiny, tmp_path, monkeypatch, capsys):
     from tp_loraprune import checkpoint, cli
 
-    legacy = ["--allocation", "fixed", "--no-uniform", "--round-to", "1", "--lora-init", "default"]
+    legacy = [
+        "--allocation",
+        "fixed",
+        "--no-uniform",
+        "--round-to",
+        "1",
+        "--lora-init",
+        "default",
+        "--gradient",
+        "eq10",
+    ]
     reference = tmp_path / "reference"
     assert cli.main(cli_args(tiny, reference, *legacy)) == 0
     out = tmp_path / "out"
@@ -425,7 +441,7 @@ def test_cli_resume_of_an_older_checkpoint_takes_its_settings_for_flags_left_out
     text = capsys.readouterr().out
     assert (
         "resuming with the checkpoint's values of flags this command leaves out: --allocation fixed --no-uniform "
-        "--round-to 1 --lora-init default" in text
+        "--round-to 1 --gradient eq10 --lora-init default" in text
     )
     assert_same_model(out, weights(reference))
 

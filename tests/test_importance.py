@@ -376,4 +376,6 @@ def test_the_config_gradient_reaches_the_pruners_importance(peft_gqa, step):
     reference = LoRAGuidedImportance(gradient="projected")
     reference.accumulate(peft_gqa)
     for layer in list(pruner.importance._name_of)[:4]:
-        torch.testing.assert_close(pruner.importance.channel_scores(layer, "out"), reference.channel_scores(layer, "out"))
+        torch.testing.assert_close(
+            pruner.importance.channel_scores(layer, "out"), reference.channel_scores(layer, "out")
+        )

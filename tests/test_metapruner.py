@@ -85,9 +85,10 @@ def test_one_step_equals_loraprune_and_the_masked_model(name, head_mode):
     event = pruner.step()
 
     twin = _model(name)
-    reference = LoRAPruner(
-        twin, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.5, head_mode=head_mode, layers=list(range(_layers(twin))))
+    config = LoRAPruneConfig(
+        head_ratio=0.5, channel_ratio=0.5, head_mode=head_mode, layers=list(range(_layers(twin))), gradient=imp.gradient
     )
+    reference = LoRAPruner(twin, config)  # LoRAGuidedImportance() is the paper's Eq. 10; LoRAPruner's default projects
     reference.importance.accumulate(twin)
     assert event is not None and event["removed"] == reference.prune(1.0)["removed"]
     assert pruner.events == [event]
@@ -112,7 +113,8 @@ def test_global_pruning_ranks_channels_across_layers_like_loraprune():
 
     twin = _model("llama")
     reference = LoRAPruner(
-        twin, LoRAPruneConfig(head_ratio=0.0, channel_ratio=0.25, ranking="global", layers=[0, 1, 2])
+        twin,
+        LoRAPruneConfig(head_ratio=0.0, channel_ratio=0.25, ranking="global", layers=[0, 1, 2], gradient=imp.gradient),
     )
     reference.importance.accumulate(twin)
     assert event["removed"] == reference.prune(1.0)["removed"]

@@ -239,7 +239,9 @@ def test_lora_metapruner_on_a_quantized_base_removes_what_loraprune_removes(tmp_
     imp.accumulate(model)
     pruner = LoRAMetaPruner(model, importance=imp, pruning_ratio=0.25, prune_num_heads=True, head_pruning_ratio=0.5)
     event = pruner.step()
-    reference = LoRAPruner(twin, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.25, layers=[0, 1]))
+    reference = LoRAPruner(
+        twin, LoRAPruneConfig(head_ratio=0.5, channel_ratio=0.25, layers=[0, 1], gradient=imp.gradient)
+    )
     reference.importance.accumulate(twin)
     assert event["removed"] == reference.prune(1.0)["removed"]
     assert all(quantization(base_layer(m)) == kind for m in lora_layers(model).values())  # still quantized

@@ -137,3 +137,22 @@ def test_channel_scores_with_the_projected_gradient_sum_its_elements():
     element = (_explicit_projection(G, A, B) * (W + s * B @ A)) ** 2
     torch.testing.assert_close(rows.double(), element.sum(1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cols.double(), element.sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_batched_gram_pseudo_inverses_equal_one_pinv_per_layer():
+    from tp_loraprune.scores import gram_pseudo_inverses
+
+    g = torch.Generator().manual_seed(0)
+    factors = [
+        (torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)),
+        (torch.randn(2, 7, generator=g), torch.zeros(5, 2)),  # B = 0: its pseudo-inverse is 0
+        (torch.randn(4, 6, generator=g), torch.randn(9, 4, generator=g)),  # same rank as the first: one batch
+        (torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)),
+        (torch.randn(4, 12, generator=g).bfloat16(), torch.randn(10, 4, generator=g).bfloat16()),
+    ]
+    for (A, B), (pa, pb) in zip(factors, gram_pseudo_inverses(factors), strict=True):
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        A, B = A.to(dtype), B.to(dtype)
+        assert pa.dtype == pb.dtype == dtype
+        torch.testing.assert_close(pa, torch.linalg.pinv(A @ A.T), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pb, torch.linalg.pinv(B.T @ B), rtol=1e-4, atol=1e-5)

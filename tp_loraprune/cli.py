@@ -82,9 +82,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gradient",
         choices=["eq10", "projected"],
-        default="eq10",
-        help="the weight-gradient estimate of the score: eq10 = the paper's, projected = onto what LoRA can see "
-        "(experimental)",
+        default="projected",
+        help="the weight-gradient estimate of the score: projected = onto what LoRA can see (one scale for heads "
+        "and channels), eq10 = the paper's",
     )
     g.add_argument("--min-heads-per-group", type=int, default=1, help="auto: query heads every KV group keeps")
     g.add_argument("--min-ffn-width", type=int, default=1, help="auto: FFN channels every layer keeps")
@@ -375,7 +375,8 @@ _CHECKPOINTED_FLAGS = {
         dest: ("config", dest)
         for dest in (
             "ratio head_ratio channel_ratio head_mode prune_every schedule ranking allocation uniform "
-            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable gradient"
+            "min_heads_per_group min_ffn_width max_layer_ratio target latency_tokens latency_phase round_to servable "
+            "gradient"
         ).split()
     },
     "steps": ("config", "total_steps"),

@@ -27,9 +27,9 @@ from .graph import Direction, pruning_direction
 from .group_check import GroupChecker
 from .indices import index_tensor
 from .kernels import channel_scores
-from .lora import NO_LORA_HELP, base_layer, lora_factors, lora_layers
+from .lora import NO_LORA_HELP, LoRAFactors, base_layer, lora_factors, lora_layers, lora_pair
 from .moe import expert_channel_scores, is_expert_wrapper
-from .scores import GradientEstimate, ScoreKind, l2_normalized
+from .scores import GradientEstimate, ScoreKind, gram_pseudo_inverses, l2_normalized
 
 
 def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -54,11 +54,11 @@ class LoRAGuidedImportance(tp.importance.Importance):
         score: "square" for the paper's (Ĝ ∘ W')², "abs" for the official code's |Ĝ ∘ W'|.
         normalize: divide each layer's channel scores by their L2 norm before they are summed into a
             group (the official code does; it balances layers whose gradients differ in scale).
-        gradient: "eq10" (default) estimates the weight gradient by the paper's Ĝ; "projected" (experimental)
-            by its projection onto what LoRA can see (`scores.projected_weight_gradient`), which does not grow
-            with the factors' magnitudes. On all-MiniLM-L6-v2, Eq. 10 put a head at half a channel's cost per
-            parameter where removing heads costs 2–3× more, and the projection got the order right (one-shot,
-            docs/benchmarks.md); not yet measured on decoders after a fine-tune.
+        gradient: "eq10" (default) estimates the weight gradient by the paper's Ĝ; "projected" by its projection
+            onto what LoRA can see (`scores.projected_weight_gradient`), which does not grow with the factors'
+            magnitudes. `LoRAPruneConfig.gradient` (default "projected") sets it for `LoRAPruner`: the
+            allocation compares heads with channels, and on all-MiniLM-L6-v2 Eq. 10 put a head at half a
+            channel's cost per parameter where removing heads costs 2–3× more (docs/benchmarks.md).
 
     Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
     layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
@@ -106,6 +106,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             raise ValueError(f"LoRAGuidedImportance found no LoRA layers in {type(model).__name__}. {NO_LORA_HELP}")
         self._watch(model)
         folds: list[tuple[str, Direction, torch.Tensor]] = []
+        linear: dict[str, tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, layer in layers.items():
             if is_expert_wrapper(layer):  # routed experts (MoE): one score per expert and channel
                 self._name_of[layer] = name
@@ -114,10 +115,18 @@ class LoRAGuidedImportance(tp.importance.Importance):
                     folds += [(name, "out", scores[0]), (name, "in", scores[1])]
                 continue
             self._name_of[layer] = self._name_of[base_layer(layer)] = name
-            f = lora_factors(layer)
-            if f is None:
-                continue
-            out_scores, in_scores = channel_scores(f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score, self.gradient)
+            pair = lora_pair(layer)
+            if pair is not None:
+                linear[name] = (layer, pair)
+        # the projection's r×r pseudo-inverses of every layer in one batched call; base weights are read (for
+        # quantized bases: dequantized) one layer at a time below
+        pairs = [pair for _, pair in linear.values()]
+        pinvs = gram_pseudo_inverses(pairs) if self.gradient == "projected" else [None] * len(pairs)
+        for (name, (layer, _)), layer_pinvs in zip(linear.items(), pinvs, strict=True):
+            f = cast(LoRAFactors, lora_factors(layer))
+            out_scores, in_scores = channel_scores(
+                f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score, self.gradient, layer_pinvs
+            )
             folds += [(name, "out", out_scores), (name, "in", in_scores)]
         if not folds:
             raise ValueError(

@@ -7,7 +7,7 @@ size of W. The kernel reads W once and writes O(channels):
     K     = 2r padded with zeros to a power of two ≥ 16 (tl.dot's minimum)
     right = [A − dA; dA]                      (K × BN), loaded once per program
     for each of the program's ROW_TILES row tiles (BM × BN of W):
-        left = [dB, B]                        (BM × K)
+        left = [dB, B]                        (BM × K; [L₁, L₂] for the projected gradient)
         W'   = dot(s·[B, B], right) + W       ([B, B] @ [A − dA; dA] = B·A, so both products share `right`)
         Ĝ    = dot(left, right)
         S    = (Ĝ ∘ W')² or |Ĝ ∘ W'|
@@ -78,12 +78,15 @@ def channel_scores(
     scaling: float,
     kind: ScoreKind = "square",
     gradient: GradientEstimate = "eq10",
+    pinvs: scores.Pinvs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.channel_scores`, through the fused kernel where `use_fused(W)` (Eq. 10 only), else the torch
-    reference."""
-    if gradient == "eq10" and use_fused(W):
+    """`scores.channel_scores`, through the fused kernel where `use_fused(W)`, else the torch reference."""
+    if not use_fused(W):
+        return scores.channel_scores(A, B, dA, dB, W, scaling, kind, gradient, pinvs)
+    if gradient == "eq10":
         return fused_channel_scores(A, B, dA, dB, W, scaling, kind)
-    return scores.channel_scores(A, B, dA, dB, W, scaling, kind, gradient)
+    first, second = scores.projected_left_factors(A.float(), B.float(), dB.float(), scaling, pinvs)
+    return fused_channel_scores(A, B, dA, first, W, scaling, kind, second_left=second)
 
 
 def _check(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor, W: torch.Tensor, kind: str) -> None:
@@ -121,13 +124,21 @@ def fused_channel_scores(
     W: torch.Tensor,
     scaling: float,
     kind: ScoreKind = "square",
+    second_left: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.channel_scores` in one pass over W: (per output channel, per input channel) in float32.
 
+    The gradient is [dB, L₂] @ [A − dA; dA] with L₂ = `second_left`, B by default (Eq. 10); the projected
+    gradient passes its two left factors as dB and `second_left` (`scores.projected_left_factors`).
     Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the first call (Triton's
     interpreter, for tests).
     """
     _check(A, B, dA, dB, W, kind)
+    if second_left is not None and (second_left.shape != B.shape or second_left.device != W.device):
+        raise ValueError(
+            f"second_left must have B's shape {tuple(B.shape)} on {W.device}, got {tuple(second_left.shape)} on "
+            f"{second_left.device}."
+        )
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if not W.is_cuda and not interpret:
         raise ValueError(
@@ -160,6 +171,7 @@ def fused_channel_scores(
         row_part = torch.zeros(out + in_, device=W.device, dtype=torch.float32)
         row_part, col_part = row_part[:out], row_part[out:]
     A, B, dA, dB, W = (t.contiguous() for t in (A, B, dA, dB, W))
+    L2 = B if second_left is None else second_left.contiguous()
     on_other_gpu = W.is_cuda and W.device.index != torch.cuda.current_device()
     with torch.cuda.device(W.device) if on_other_gpu else contextlib.nullcontext():
         _kernel(interpret)[(grid_n, grid_m)](
@@ -168,6 +180,7 @@ def fused_channel_scores(
             dA,
             B,
             dB,
+            L2,
             row_part,
             col_part,
             out,
@@ -179,6 +192,7 @@ def fused_channel_scores(
             BN=BN,
             ROW_TILES=row_tiles,
             SQUARE=kind == "square",
+            SEPARATE=second_left is not None,
             DETERMINISTIC=deterministic,
             PRECISION="ieee" if torch.version.hip else DOT_PRECISION,
             num_warps=warps,
@@ -202,6 +216,7 @@ def _kernel(interpret: bool) -> Any:
         dA,  # (R, N)
         B,  # (M, R)
         dB,  # (M, R)
+        L2,  # (M, R): the left factor of the dA term when SEPARATE (else B is)
         row_out,  # (M,) fp32 zeros; DETERMINISTIC: (column programs, M) partial sums
         col_out,  # (N,) fp32 zeros; DETERMINISTIC: (row programs, N) partial sums
         M,
@@ -213,6 +228,7 @@ def _kernel(interpret: bool) -> Any:
         BN: tl.constexpr,
         ROW_TILES: tl.constexpr,
         SQUARE: tl.constexpr,
+        SEPARATE: tl.constexpr,
         DETERMINISTIC: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -242,7 +258,15 @@ def _kernel(interpret: bool) -> Any:
             )
             db = tl.load(dB + rows64[:, None] * R + k_src[None, :], mask=row_ok[:, None] & (ks < R)[None, :], other=0.0)
             bb = bb.to(tl.float32)
-            left = tl.where((ks < R)[None, :], db.to(tl.float32), bb)
+            if SEPARATE:  # left = [dB, L2, 0]
+                l2 = tl.load(
+                    L2 + rows64[:, None] * R + k_src[None, :],
+                    mask=row_ok[:, None] & ((ks >= R) & (ks < 2 * R))[None, :],
+                    other=0.0,
+                )
+                left = tl.where((ks < R)[None, :], db.to(tl.float32), l2.to(tl.float32))
+            else:
+                left = tl.where((ks < R)[None, :], db.to(tl.float32), bb)
 
             w_mask = row_ok[:, None] & col_ok[None, :]
             w = tl.load(W + rows64[:, None] * N + cols64[None, :], mask=w_mask, other=0.0).to(tl.float32)

@@ -81,6 +81,16 @@ class LoRAFactors:
     scaling: float
 
 
+def lora_pair(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The active adapter's factors (A, B), detached, or None when the layer has no gradient yet (no base weight
+    is read, so nothing is dequantized)."""
+    name = active_adapter(layer)
+    A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
+    if A.grad is None or B.grad is None:
+        return None
+    return A.detach(), B.detach()
+
+
 def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     """The factors and gradients of the active adapter, or None when the layer has no gradient yet."""
     name = active_adapter(layer)

@@ -15,12 +15,14 @@ A structure (output channel, input channel, attention head) is scored by summing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 ScoreKind = Literal["square", "abs"]
 GradientEstimate = Literal["eq10", "projected"]
+Pinvs = tuple[torch.Tensor, torch.Tensor]  # (AAᵀ)⁺, (BᵀB)⁺ of one LoRA layer
 
 
 def lora_weight_gradient(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
@@ -33,8 +35,44 @@ def lora_weight_gradient(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB:
     return left @ right
 
 
+def gram_pseudo_inverses(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Pinvs]:
+    """(AAᵀ)⁺ and (BᵀB)⁺ (r×r, at least float32) of many LoRA layers' (A, B), in one batched solver call per rank
+    and device: per layer, two small solver calls (and on CUDA their host syncs) cost more than the rest of its
+    score."""
+    out: list[Pinvs | None] = [None] * len(factors)
+    groups: dict[tuple, list[int]] = {}
+    for i, (A, _) in enumerate(factors):
+        groups.setdefault((A.shape[0], A.device, torch.promote_types(A.dtype, torch.float32)), []).append(i)
+    for (_, _, dtype), members in groups.items():
+        grams = []
+        for i in members:
+            A, B = (t.to(dtype) for t in factors[i])
+            grams += [A @ A.T, B.T @ B]
+        inverses = torch.linalg.pinv(torch.stack(grams), hermitian=True)  # Gram matrices: symmetric, PSD
+        for k, i in enumerate(members):
+            out[i] = (inverses[2 * k], inverses[2 * k + 1])
+    return out  # type: ignore[return-value]
+
+
+def projected_left_factors(
+    A: torch.Tensor, B: torch.Tensor, dB: torch.Tensor, scaling: float, pinvs: Pinvs | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L₁, L₂), both (out, r), with the projected weight gradient = L₁·(A − dA) + L₂·dA: Eq. 10's form
+    [dB, B] @ [A − dA; dA] with other left factors, so the fused kernel computes either."""
+    gram_a, gram_b = pinvs if pinvs is not None else gram_pseudo_inverses([(A, B)])[0]
+    row_part = dB @ gram_a  # (out, r): G·Aᵀ(AAᵀ)⁺ · s
+    col_part = B @ gram_b  # (out, r): B(BᵀB)⁺
+    on_a = (row_part - col_part @ (B.T @ row_part)) / scaling  # G·P_A − P_B·G·P_A = on_a · A
+    return on_a, on_a + col_part / scaling  # X·A + C·dA = X·(A − dA) + (X + C)·dA
+
+
 def projected_weight_gradient(
-    A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor, scaling: float
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dA: torch.Tensor,
+    dB: torch.Tensor,
+    scaling: float,
+    pinvs: Pinvs | None = None,
 ) -> torch.Tensor:
     """The weight gradient G projected onto the tangent space of the rank-r matrices at B·A, shape (out, in).
 
@@ -45,14 +83,9 @@ def projected_weight_gradient(
     from r×r pseudo-inverses only. Eq. 10's Ĝ is, to first order, G·AᵀA·s + s·BBᵀ·G: it grows with the
     factors' magnitudes, which under PiSSA are the weight's top singular values, so layers with different
     spectra get scores on different scales. The projection is the same for any rescaling of A and B (B = 0
-    leaves only the G·P_A term)."""
-    gram_a = torch.linalg.pinv(A @ A.T)  # (r, r)
-    gram_b = torch.linalg.pinv(B.T @ B)  # (r, r)
-    row_part = dB @ gram_a  # (out, r): G·Aᵀ(AAᵀ)⁺ · s
-    col_part = B @ gram_b  # (out, r): B(BᵀB)⁺
-    left = torch.cat([row_part - col_part @ (B.T @ row_part), col_part], dim=1)  # (out, 2r)
-    right = torch.cat([A, dA], dim=0)  # (2r, in)
-    return (left @ right) / scaling
+    leaves only the G·P_A term). `pinvs`: the two pseudo-inverses, if already computed (`gram_pseudo_inverses`)."""
+    first, second = projected_left_factors(A, B, dB, scaling, pinvs)
+    return torch.cat([first, second], dim=1) @ torch.cat([A - dA, dA], dim=0)
 
 
 def element_importance(
@@ -73,14 +106,18 @@ def channel_scores(
     scaling: float,
     kind: ScoreKind = "square",
     gradient: GradientEstimate = "eq10",
+    pinvs: Pinvs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of one LoRA layer reduced to channels: (per output channel, per input channel).
 
     Holds at most two (out, in) temporaries, and only while this layer is scored. Everything is
-    computed in float32 whatever the dtype of the inputs.
+    computed in float32 whatever the dtype of the inputs. `pinvs`: see `projected_weight_gradient`.
     """
     A, B, dA, dB, W = (t.float() for t in (A, B, dA, dB, W))
-    G = lora_weight_gradient(A, B, dA, dB) if gradient == "eq10" else projected_weight_gradient(A, B, dA, dB, scaling)
+    if gradient == "eq10":
+        G = lora_weight_gradient(A, B, dA, dB)
+    else:
+        G = projected_weight_gradient(A, B, dA, dB, scaling, pinvs)
     S = element_importance(G, W, A, B, scaling, kind)
     return S.sum(dim=1), S.sum(dim=0)
 
