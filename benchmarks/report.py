@@ -737,26 +737,37 @@ SCHEDULE_RATIOS = (
 )
 
 
-def schedule_table() -> str:
-    """The allocation cells under a stronger fine-tune: the wsd schedule and a twice higher peak."""
-    rows = allocation_rows()
-    ratios = (0.2, 0.3, 0.5)
+def _seeded_table(rows: list[dict], specs, first: str, ratios, ptb: bool) -> list[str]:
+    """Markdown lines, one per (label, learning rate, cell): per ratio the seed mean (and range) of WikiText-2,
+    with `ptb` the mean PTB perplexity, and the zero-shot mean; the seeds column lists the seed counts seen."""
+    kinds = ["WikiText-2 (512)", *(["PTB"] if ptb else []), "0-shot"]
     lines = [
-        "| allocation | learning rate | seeds | "
-        + " | ".join(f"{int(q * 100)}%: WikiText-2 (512) | {int(q * 100)}%: 0-shot" for q in ratios)
+        f"| {first} | learning rate | seeds | "
+        + " | ".join(f"{int(q * 100)}%: {kind}" for q in ratios for kind in kinds)
         + " |",
-        "|" + "---|" * (3 + 2 * len(ratios)),
+        "|" + "---|" * (3 + len(kinds) * len(ratios)),
     ]
-    for label, lr, cell in SCHEDULE_ROWS:
+    for label, lr, cell in specs:
         cols, seeds = [], set()
         for q in ratios:
             runs = _cell_runs(rows, cell, q)
             seeds.add(len(runs))
             zs = [100 * r["zero_shot"]["mean"] for r in runs if "mean" in (r.get("zero_shot") or {})]
-            wiki = _mean_and_range([r["wikitext2_ppl"] for r in runs])
-            cols.append(f"{wiki} | {fmt(sum(zs) / len(zs)) if zs else '–'}")
+            parts = [_mean_and_range([r["wikitext2_ppl"] for r in runs])]
+            if ptb:
+                parts.append(fmt(sum(r["ptb_ppl"] for r in runs) / len(runs)) if runs else "–")
+            parts.append(fmt(sum(zs) / len(zs)) if zs else "–")
+            cols.append(" | ".join(parts))
         n = "/".join(str(k) for k in sorted(seeds - {0}, reverse=True))
         lines.append(f"| {label} | {lr} | {n} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def schedule_table() -> str:
+    """The allocation cells under a stronger fine-tune: the wsd schedule and a twice higher peak."""
+    rows = allocation_rows()
+    ratios = (0.2, 0.3, 0.5)
+    lines = _seeded_table(rows, SCHEDULE_ROWS, "allocation", ratios, ptb=False)
     lines += ["", *_ratio_rows(rows, SCHEDULE_RATIOS, ratios)]
     lines.append(
         '\nwsd: `TrainConfig(lr_schedule="wsd")`, the peak held until the last 10% of the steps (the cooldown, '
@@ -788,27 +799,7 @@ def gradient_table() -> str:
     if not rows:
         return f"(no `{GRADIENT_FILE}` yet)"
     ratios = (0.2, 0.3, 0.5)
-    lines = [
-        "| criterion | learning rate | seeds | "
-        + " | ".join(
-            f"{int(q * 100)}%: WikiText-2 (512) | {int(q * 100)}%: PTB | {int(q * 100)}%: 0-shot" for q in ratios
-        )
-        + " |",
-        "|" + "---|" * (3 + 3 * len(ratios)),
-    ]
-    for label, lr, cell in GRADIENT_ROWS:
-        cols, seeds = [], set()
-        for q in ratios:
-            runs = _cell_runs(rows, cell, q)
-            seeds.add(len(runs))
-            zs = [100 * r["zero_shot"]["mean"] for r in runs if "mean" in (r.get("zero_shot") or {})]
-            cols.append(
-                f"{_mean_and_range([r['wikitext2_ppl'] for r in runs])} | "
-                f"{fmt(sum(r['ptb_ppl'] for r in runs) / len(runs)) if runs else '–'} | "
-                f"{fmt(sum(zs) / len(zs)) if zs else '–'}"
-            )
-        n = "/".join(str(k) for k in sorted(seeds - {0}, reverse=True))
-        lines.append(f"| {label} | {lr} | {n} | " + " | ".join(cols) + " |")
+    lines = _seeded_table(rows, GRADIENT_ROWS, "criterion", ratios, ptb=True)
     lines += ["", *_ratio_rows(rows, GRADIENT_RATIOS, ratios)]
     lines.append(
         f"\n100 steps, PiSSA, the defaults otherwise; 3 seeds (2 where the run's time budget left one out). "

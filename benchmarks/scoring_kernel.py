@@ -30,26 +30,22 @@ import torch
 
 from tp_loraprune import kernels, scores
 
-# LLaMA-7B: hidden 4096, intermediate 11008, 32 layers; (out, in) of each LoRA-wrapped projection.
-LLAMA7B = {
-    "q_proj": (4096, 4096),
-    "k_proj": (4096, 4096),
-    "v_proj": (4096, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (11008, 4096),
-    "up_proj": (11008, 4096),
-    "down_proj": (4096, 11008),
-}
-# SmolLM2-135M: hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, 30 layers
-SMOLLM2 = {
-    "q_proj": (576, 576),
-    "k_proj": (192, 576),
-    "v_proj": (192, 576),
-    "o_proj": (576, 576),
-    "gate_proj": (1536, 576),
-    "up_proj": (1536, 576),
-    "down_proj": (576, 1536),
-}
+
+def projections(hidden: int, intermediate: int, kv_width: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA-wrapped projection of a LLaMA-style decoder layer."""
+    return {
+        "q_proj": (hidden, hidden),
+        "k_proj": (kv_width, hidden),
+        "v_proj": (kv_width, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden),
+        "down_proj": (hidden, intermediate),
+    }
+
+
+LLAMA7B = projections(4096, 11008, 4096)  # 32 layers
+SMOLLM2 = projections(576, 1536, 192)  # SmolLM2-135M: 9 query / 3 KV heads of 64, 30 layers
 MODELS = {"llama7b": (LLAMA7B, 32), "smollm2": (SMOLLM2, 30)}
 SMALL_DIVISOR = 32  # --small: every dimension divided by this (128 × 344 for gate/up)
 

@@ -81,25 +81,29 @@ class LoRAFactors:
     scaling: float
 
 
+def _trained_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The active adapter's A and B parameters, or None when either has no gradient yet."""
+    name = active_adapter(layer)
+    A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
+    return None if A.grad is None or B.grad is None else (A, B)
+
+
 def lora_pair(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The active adapter's factors (A, B), detached, or None when the layer has no gradient yet (no base weight
     is read, so nothing is dequantized)."""
-    name = active_adapter(layer)
-    A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
-    if A.grad is None or B.grad is None:
-        return None
-    return A.detach(), B.detach()
+    factors = _trained_factors(layer)
+    return None if factors is None else (factors[0].detach(), factors[1].detach())
 
 
 def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     """The factors and gradients of the active adapter, or None when the layer has no gradient yet."""
-    name = active_adapter(layer)
-    A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
-    if A.grad is None or B.grad is None:
+    factors = _trained_factors(layer)
+    if factors is None:
         return None
-    return LoRAFactors(
-        A.detach(), B.detach(), A.grad, B.grad, base_weight(layer), float(cast(Any, layer).scaling[name])
-    )
+    A, B = factors
+    scaling = float(cast(Any, layer).scaling[active_adapter(layer)])
+    dA, dB = cast(torch.Tensor, A.grad), cast(torch.Tensor, B.grad)  # both set: `_trained_factors` checked
+    return LoRAFactors(A.detach(), B.detach(), dA, dB, base_weight(layer), scaling)
 
 
 def lora_b_is_zero(model: nn.Module) -> bool:
