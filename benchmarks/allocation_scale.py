@@ -57,7 +57,8 @@ def one_shot_rows(
     for name, make in pruners.items():
         pruner = make(model, config)
         units = pruner.removal_units()  # before any removal, positions are the original ids
-        total = sum(pruner._layer_parameters.values())
+        total = pruner.budget / config.ratio  # the pruned layers' parameters
+        head_blocks = set(pruner.summary()["heads"])
         for budget in budgets:
             for kind in KINDS:
                 chosen = allocate([u for u in units if kind == "auto" or u.kind == kind], budget * total)
@@ -71,7 +72,7 @@ def one_shot_rows(
                         "removed_parameters": chosen.cost,
                         "predicted_score": chosen.score,
                         "measured_delta_loss": round(measure(pruned) - base, 5),
-                        "heads_removed": sum(len(v) for k, v in chosen.removals.items() if k in pruner._heads),
+                        "heads_removed": sum(len(v) for k, v in chosen.removals.items() if k in head_blocks),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)

@@ -51,7 +51,6 @@ from tp_loraprune.importance import _index_pairs  # noqa: E402
 from tp_loraprune.lora import base_layer, lora_factors, lora_layers  # noqa: E402
 from tp_loraprune.models import attention_layouts, count_parameters, mlp_widths  # noqa: E402
 from tp_loraprune.scores import lora_weight_gradient, projected_weight_gradient  # noqa: E402
-from tp_loraprune.surgery import head_group  # noqa: E402
 from tp_loraprune.train import TrainConfig, make_optimizer  # noqa: E402
 
 SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
@@ -67,6 +66,7 @@ CELLS = {
     "lp-fixed": ("loraprune", {"allocation": "fixed", "gradient": "eq10"}),
     "lp-auto-projected": ("loraprune", {"gradient": "projected"}),  # the defaults
     "lp-ffn_only-projected": ("loraprune", {"allocation": "ffn_only", "gradient": "projected"}),
+    "lp-fixed-projected": ("loraprune", {"allocation": "fixed", "gradient": "projected"}),
     "taylor-auto": ("taylor", {}),
     "taylor-ffn_only": ("taylor", {"allocation": "ffn_only"}),
     "taylor-fixed": ("taylor", {"allocation": "fixed"}),
@@ -223,27 +223,25 @@ def group_step_sums(group, steps: list[dict], roots: int, squared: bool) -> torc
     return total
 
 
-class StepScoresPruner(LoRAPruner):
+class StepSumsImportance:
     """Scores heads and FFN channels from per-step sums (`step_sums`), averaged over the steps: "whole" is a
     structure's squared whole-structure first-order change, E[(Σ_{w ∈ structure} g·w)²] (the empirical Fisher of
     removing it); "diagonal" the sum of per-element squares, Σ E[(g·w)²] (what LoRAPrune's and squared Taylor's
-    scores are). Diagnostic only: the one-shot allocator reads these through the pruner's removal units."""
+    scores are). An importance as Torch-Pruning calls it, one score per root of a group; a head's roots (its
+    `head_dim` query rows, `head_dims` maps each query projection to it) share the head's score equally, so the
+    pruner's per-head sum is that score. Diagnostic only."""
 
-    def __init__(self, model, config, steps: list[dict], importance, whole: bool):
-        self._steps, self._whole = steps, whole
-        super().__init__(model, config, importance=importance)
+    def __init__(self, steps: list[dict], whole: bool, head_dims: dict[nn.Module, int]):
+        self.steps, self.whole, self.head_dims = steps, whole, head_dims
 
-    def _head_scores(self, graph, h):
-        a = h.layout
-        heads, kv = a.num_heads, a.num_kv_heads
-        group = head_group(graph, a, list(range(heads)), list(range(kv)) if heads == kv else [])
-        sums = group_step_sums(group, self._steps, heads * a.head_dim, squared=not self._whole)
-        per_head = sums.view(len(self._steps), heads, a.head_dim).sum(2)
-        return (per_head.square() if self._whole else per_head).mean(0)
-
-    def _channel_scores(self, ch, group):
-        sums = group_step_sums(group, self._steps, len(group[0].idxs), squared=not self._whole)
-        return (sums.square() if self._whole else sums).mean(0)
+    def __call__(self, group) -> torch.Tensor:
+        roots = len(group[0].idxs)
+        sums = group_step_sums(group, self.steps, roots, squared=not self.whole)
+        if not self.whole:
+            return sums.mean(0)
+        size = self.head_dims.get(base_layer(group[0].dep.target.module), 1)
+        per_structure = sums.view(len(self.steps), roots // size, size).sum(2)
+        return (per_structure.square().mean(0) / size).repeat_interleave(size)
 
 
 def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
@@ -272,14 +270,19 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
     for m in bases:
         m.weight.requires_grad_(False)
     taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    head_dims = {base_layer(a.q): a.head_dim for a in attention_layouts(model)}
+
+    def from_steps(source: str, whole: bool) -> StepSumsImportance:
+        return StepSumsImportance(steps[source], whole, head_dims)
+
     criteria = {  # name: the pruner whose removal units the allocator reads
         "loraprune": lambda m, c: LoRAPruner(m, c, importance=lora),
         "taylor": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(taylor, model)),
         "taylor-square": lambda m, c: LoRAPruner(m, c, importance=_BaseWeightsOnly(SquaredTaylor(), model)),
-        "loraprune-whole": lambda m, c: StepScoresPruner(m, c, steps["eq10"], lora, whole=True),
-        "loraprune-projected": lambda m, c: StepScoresPruner(m, c, steps["projected"], lora, whole=False),
-        "loraprune-projected-whole": lambda m, c: StepScoresPruner(m, c, steps["projected"], lora, whole=True),
-        "taylor-whole": lambda m, c: StepScoresPruner(m, c, steps["true"], lora, whole=True),
+        "loraprune-whole": lambda m, c: LoRAPruner(m, c, importance=from_steps("eq10", whole=True)),
+        "loraprune-projected": lambda m, c: LoRAPruner(m, c, importance=from_steps("projected", whole=False)),
+        "loraprune-projected-whole": lambda m, c: LoRAPruner(m, c, importance=from_steps("projected", whole=True)),
+        "taylor-whole": lambda m, c: LoRAPruner(m, c, importance=from_steps("true", whole=True)),
     }
     config = LoRAPruneConfig(ratio=0.5, uniform=False, round_to=1)  # only its layer selection and guards matter
     budgets = [float(b) for b in args.budgets.split(",")]

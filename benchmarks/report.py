@@ -901,6 +901,7 @@ ENCODER_ROWS = (
     ("LoRAPrune, fixed", "lp-fixed"),
     ('LoRAPrune, the defaults, `gradient="projected"`', "lp-auto-projected"),
     ('LoRAPrune, ffn_only, `gradient="projected"`', "lp-ffn_only-projected"),
+    ('LoRAPrune, fixed, `gradient="projected"`', "lp-fixed-projected"),
     ("Taylor, the default allocator", "taylor-auto"),
     ("Taylor, ffn_only", "taylor-ffn_only"),
     ("Taylor, fixed", "taylor-fixed"),
