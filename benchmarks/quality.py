@@ -224,6 +224,8 @@ ALLOCATION_CELLS = {
     # the weight-gradient estimate: Eq. 10 (the defaults) vs its projection onto what LoRA can see
     "lp-default-projected": ("loraprune", _DEFAULT | {"gradient": "projected"}),
     "lp-default-wsd-projected": ("loraprune", _DEFAULT | {"lr_schedule": "wsd", "gradient": "projected"}),
+    # per-layer widths, where the scores of different layers are compared with each other
+    "lp-auto-projected": ("loraprune", _PISSA | {"uniform": False, "gradient": "projected"}),
 }
 
 
@@ -245,6 +247,7 @@ SEEDED_CELLS = (
     "taylor-fixed-wsd",
     "lp-default-projected",
     "lp-default-wsd-projected",
+    "lp-auto-projected",
 )
 
 
@@ -288,9 +291,10 @@ def schedule_plan(args) -> list[tuple]:
 
 
 def gradient_plan(args) -> list[tuple]:
-    """Eq. 10 vs the projected gradient (docs/benchmarks.md), each under the linear decay and "wsd", with Taylor
-    fixed beside them: every ratio, every seed, dense first."""
+    """Eq. 10 vs the projected gradient (docs/benchmarks.md), each under the linear decay and "wsd" and with
+    per-layer widths, with Taylor fixed beside them: every ratio, every seed, dense first."""
     cells = ("lp-default", "lp-default-projected", "lp-default-wsd", "lp-default-wsd-projected", "taylor-fixed")
+    cells += ("lp-auto", "lp-auto-projected")
     seeds = args.seeds + args.extra_seeds
     wanted = {"dense"} | {f"{c}@{r}/s{s}" for c in cells for r in args.ratios for s in seeds}
     return [run for run in allocation_plan(args) if run[0] in wanted]
