@@ -160,33 +160,41 @@ def main(argv: list[str] | None = None) -> int:
         total["fused_s"] = median_seconds(lambda: score_model(run_fused), 1, args.model_repeat, device)
         total["speedup"] = total["torch_s"] / total["fused_s"]
 
-    # gradient="projected": the torch path with two r×r pseudo-inverses per layer (one solver call each), the
-    # torch path with all of them in one batched call, and what LoRAGuidedImportance.accumulate runs (batched
-    # pseudo-inverses, then the dispatcher: the fused kernel where it applies)
-    def projected_per_layer() -> None:
-        for layer in model:
-            scores.channel_scores(*layer, args.scaling, args.kind, "projected")
-
-    def projected(channel_scores) -> Callable[[], None]:
+    # gradient="projected": left factors (two r×r pseudo-inverses each) one layer at a time or all in a few batched
+    # calls (`batched_projected_left_factors`, what LoRAGuidedImportance.accumulate runs), each followed by the
+    # torch path or the dispatcher (the fused kernel where it applies)
+    def projected(channel_scores, batched: bool) -> Callable[[], None]:
         def run() -> None:
-            pinvs = scores.gram_pseudo_inverses([(A, B) for A, B, *_ in model])
-            for layer, layer_pinvs in zip(model, pinvs, strict=True):
-                channel_scores(*layer, args.scaling, args.kind, "projected", layer_pinvs)
+            if batched:
+                lefts = scores.batched_projected_left_factors([(A, B, dB, args.scaling) for A, B, _, dB, _ in model])
+            else:
+                lefts = [None] * len(model)
+            for layer, left in zip(model, lefts, strict=True):
+                channel_scores(*layer, args.scaling, args.kind, "projected", left)
 
         return run
 
-    total["projected_per_layer_s"] = median_seconds(projected_per_layer, 1, args.model_repeat, device)
-    total["projected_batched_s"] = median_seconds(projected(scores.channel_scores), 1, args.model_repeat, device)
-    total["projected_s"] = median_seconds(projected(kernels.channel_scores), 1, args.model_repeat, device)
+    def left_factors_only() -> None:
+        scores.batched_projected_left_factors([(A, B, dB, args.scaling) for A, B, _, dB, _ in model])
+
+    for key, fn in (
+        ("projected_per_layer_s", projected(scores.channel_scores, batched=False)),
+        ("projected_batched_s", projected(scores.channel_scores, batched=True)),
+        ("projected_fused_per_layer_s", projected(kernels.channel_scores, batched=False)),
+        ("projected_s", projected(kernels.channel_scores, batched=True)),
+        ("projected_left_factors_s", left_factors_only),
+    ):
+        total[key] = median_seconds(fn, 1, args.model_repeat, device)
     total["projected_over_eq10"] = total["projected_s"] / total.get("fused_s", total["torch_s"])
     print(json.dumps(total))
 
     # the dispatcher's projected scores (fused where it applies) against the torch path, one layer per shape
     projected_worst = 0.0
     for layer in {layer[-1].shape: layer for layer in model}.values():
-        (pinv,) = scores.gram_pseudo_inverses([layer[:2]])
-        ref = scores.channel_scores(*layer, args.scaling, args.kind, "projected", pinv)
-        got = kernels.channel_scores(*layer, args.scaling, args.kind, "projected", pinv)
+        A, B, _, dB, _ = layer
+        (left,) = scores.batched_projected_left_factors([(A, B, dB, args.scaling)])
+        ref = scores.channel_scores(*layer, args.scaling, args.kind, "projected")
+        got = kernels.channel_scores(*layer, args.scaling, args.kind, "projected", left)
         projected_worst = max([projected_worst, *(max_rel_error(g, r) for g, r in zip(got, ref, strict=True))])
 
     agree = worst <= args.rtol and projected_worst <= args.rtol

@@ -167,14 +167,14 @@ def test_dispatcher_runs_kernel_on_cuda_at_llama_sizes(monkeypatch, shape, kind)
 @pytest.mark.parametrize("r", [1, 3, 8])
 def test_fused_projected_gradient_matches_reference(interpreter, monkeypatch, r, kind):
     """The projected gradient through the kernel (its two left factors as dB and second_left) equals the torch
-    reference, also through the dispatcher with batched pseudo-inverses."""
+    reference, also through the dispatcher with batched left factors."""
     A, B, dA, dB, W = _layer(45, 70, r, torch.bfloat16, seed=r)
     ref_rows, ref_cols = scores.channel_scores(A, B, dA, dB, W, 2.0, kind, "projected")
     first, second = scores.projected_left_factors(A, B, dB, 2.0)
     rows, cols = kernels.fused_channel_scores(A, B, dA, first, W, 2.0, kind, second_left=second)
     monkeypatch.setattr(kernels, "use_fused", lambda W: True)
-    pinvs = scores.gram_pseudo_inverses([(A, B)])[0]
-    via_dispatcher = kernels.channel_scores(A, B, dA, dB, W, 2.0, kind, "projected", pinvs)
+    (left,) = scores.batched_projected_left_factors([(A, B, dB, 2.0)])
+    via_dispatcher = kernels.channel_scores(A, B, dA, dB, W, 2.0, kind, "projected", left)
     for got, ref in ((rows, ref_rows), (cols, ref_cols), *zip(via_dispatcher, (ref_rows, ref_cols), strict=True)):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) * 1e-2)
     with pytest.raises(ValueError, match="second_left must have B's shape"):

@@ -139,20 +139,25 @@ def test_channel_scores_with_the_projected_gradient_sum_its_elements():
     torch.testing.assert_close(cols.double(), element.sum(0), rtol=1e-4, atol=1e-6)
 
 
-def test_batched_gram_pseudo_inverses_equal_one_pinv_per_layer():
-    from tp_loraprune.scores import gram_pseudo_inverses
+def test_batched_left_factors_equal_one_layer_at_a_time():
+    """Stacked by shape, one pseudo-inverse call per rank: the same left factors as one layer at a time, in at
+    least float32, whatever mix of shapes, ranks, scalings, dtypes and B = 0 the model has."""
+    from tp_loraprune.scores import batched_projected_left_factors, projected_left_factors
 
     g = torch.Generator().manual_seed(0)
-    factors = [
-        (torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)),
-        (torch.randn(2, 7, generator=g), torch.zeros(5, 2)),  # B = 0: its pseudo-inverse is 0
-        (torch.randn(4, 6, generator=g), torch.randn(9, 4, generator=g)),  # same rank as the first: one batch
-        (torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)),
-        (torch.randn(4, 12, generator=g).bfloat16(), torch.randn(10, 4, generator=g).bfloat16()),
+    f64 = {"generator": g, "dtype": torch.float64}
+    layers = [
+        (torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g), 2.0),
+        (torch.randn(2, 7, generator=g), torch.zeros(5, 2), torch.randn(5, 2, generator=g), 1.0),  # B = 0
+        (torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g), 0.5),
+        (torch.randn(4, 6, generator=g), torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g), 2.0),
+        (torch.randn(3, 5, **f64), torch.randn(8, 3, **f64), torch.randn(8, 3, **f64), 4.0),
+        (*(torch.randn(*shape, generator=g).bfloat16() for shape in ((4, 12), (10, 4), (10, 4))), 2.0),
     ]
-    for (A, B), (pa, pb) in zip(factors, gram_pseudo_inverses(factors), strict=True):
+    for (A, B, dB, s), got in zip(layers, batched_projected_left_factors(layers), strict=True):
         dtype = torch.promote_types(A.dtype, torch.float32)
-        A, B = A.to(dtype), B.to(dtype)
-        assert pa.dtype == pb.dtype == dtype
-        torch.testing.assert_close(pa, torch.linalg.pinv(A @ A.T), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(pb, torch.linalg.pinv(B.T @ B), rtol=1e-4, atol=1e-5)
+        ref = projected_left_factors(A.to(dtype), B.to(dtype), dB.to(dtype), s)
+        for mine, theirs in zip(got, ref, strict=True):
+            assert mine.dtype == dtype and mine.shape == B.shape and mine.is_contiguous()
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert batched_projected_left_factors([]) == []

@@ -27,9 +27,9 @@ from .graph import Direction, pruning_direction
 from .group_check import GroupChecker
 from .indices import index_tensor
 from .kernels import channel_scores
-from .lora import NO_LORA_HELP, LoRAFactors, base_layer, lora_factors, lora_layers, lora_pair
+from .lora import NO_LORA_HELP, LoRAGradients, base_layer, base_weight, lora_gradients, lora_layers
 from .moe import expert_channel_scores, is_expert_wrapper
-from .scores import GradientEstimate, ScoreKind, gram_pseudo_inverses, l2_normalized
+from .scores import GradientEstimate, LeftFactors, ScoreKind, batched_projected_left_factors, l2_normalized
 
 
 def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -106,7 +106,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             raise ValueError(f"LoRAGuidedImportance found no LoRA layers in {type(model).__name__}. {NO_LORA_HELP}")
         self._watch(model)
         folds: list[tuple[str, Direction, torch.Tensor]] = []
-        linear: dict[str, tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]] = {}
+        linear: dict[str, tuple[nn.Module, LoRAGradients]] = {}
         for name, layer in layers.items():
             if is_expert_wrapper(layer):  # routed experts (MoE): one score per expert and channel
                 self._name_of[layer] = name
@@ -115,17 +115,21 @@ class LoRAGuidedImportance(tp.importance.Importance):
                     folds += [(name, "out", scores[0]), (name, "in", scores[1])]
                 continue
             self._name_of[layer] = self._name_of[base_layer(layer)] = name
-            pair = lora_pair(layer)
-            if pair is not None:
-                linear[name] = (layer, pair)
-        # the projection's r×r pseudo-inverses of every layer in one batched call; base weights are read (for
+            g = lora_gradients(layer)
+            if g is not None:
+                linear[name] = (layer, g)
+        # the projection's left factors of every layer in a few batched calls; base weights are read (for
         # quantized bases: dequantized) one layer at a time below
-        pairs = [pair for _, pair in linear.values()]
-        pinvs = gram_pseudo_inverses(pairs) if self.gradient == "projected" else [None] * len(pairs)
-        for (name, (layer, _)), layer_pinvs in zip(linear.items(), pinvs, strict=True):
-            f = cast(LoRAFactors, lora_factors(layer))
+        grads = [g for _, g in linear.values()]
+        if self.gradient == "projected":
+            lefts: list[LeftFactors | None] = list(
+                batched_projected_left_factors([(g.A, g.B, g.dB, g.scaling) for g in grads])
+            )
+        else:
+            lefts = [None] * len(grads)
+        for (name, (layer, g)), left in zip(linear.items(), lefts, strict=True):
             out_scores, in_scores = channel_scores(
-                f.A, f.B, f.dA, f.dB, f.W, f.scaling, self.score, self.gradient, layer_pinvs
+                g.A, g.B, g.dA, g.dB, base_weight(layer), g.scaling, self.score, self.gradient, left
             )
             folds += [(name, "out", out_scores), (name, "in", in_scores)]
         if not folds:

@@ -78,14 +78,16 @@ def channel_scores(
     scaling: float,
     kind: ScoreKind = "square",
     gradient: GradientEstimate = "eq10",
-    pinvs: scores.Pinvs | None = None,
+    left: scores.LeftFactors | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.channel_scores`, through the fused kernel where `use_fused(W)`, else the torch reference."""
     if not use_fused(W):
-        return scores.channel_scores(A, B, dA, dB, W, scaling, kind, gradient, pinvs)
+        return scores.channel_scores(A, B, dA, dB, W, scaling, kind, gradient, left)
     if gradient == "eq10":
         return fused_channel_scores(A, B, dA, dB, W, scaling, kind)
-    first, second = scores.projected_left_factors(A.float(), B.float(), dB.float(), scaling, pinvs)
+    if left is None:
+        left = scores.projected_left_factors(A.float(), B.float(), dB.float(), scaling)
+    first, second = left
     return fused_channel_scores(A, B, dA, first, W, scaling, kind, second_left=second)
 
 

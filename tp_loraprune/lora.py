@@ -81,29 +81,31 @@ class LoRAFactors:
     scaling: float
 
 
-def _trained_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The active adapter's A and B parameters, or None when either has no gradient yet."""
+@dataclass(frozen=True)
+class LoRAGradients:
+    """The factors of one LoRA layer's active adapter, their gradients and the scaling: no base weight."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    dA: torch.Tensor  # (r, in)
+    dB: torch.Tensor  # (out, r)
+    scaling: float
+
+
+def lora_gradients(layer: nn.Module) -> LoRAGradients | None:
+    """The active adapter's factors (detached), their gradients and the scaling, or None when the layer has no
+    gradient yet. No base weight is read, so nothing is dequantized."""
     name = active_adapter(layer)
     A, B = cast(Any, layer).lora_A[name].weight, cast(Any, layer).lora_B[name].weight
-    return None if A.grad is None or B.grad is None else (A, B)
-
-
-def lora_pair(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The active adapter's factors (A, B), detached, or None when the layer has no gradient yet (no base weight
-    is read, so nothing is dequantized)."""
-    factors = _trained_factors(layer)
-    return None if factors is None else (factors[0].detach(), factors[1].detach())
+    if A.grad is None or B.grad is None:
+        return None
+    return LoRAGradients(A.detach(), B.detach(), A.grad, B.grad, float(cast(Any, layer).scaling[name]))
 
 
 def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     """The factors and gradients of the active adapter, or None when the layer has no gradient yet."""
-    factors = _trained_factors(layer)
-    if factors is None:
-        return None
-    A, B = factors
-    scaling = float(cast(Any, layer).scaling[active_adapter(layer)])
-    dA, dB = cast(torch.Tensor, A.grad), cast(torch.Tensor, B.grad)  # both set: `_trained_factors` checked
-    return LoRAFactors(A.detach(), B.detach(), dA, dB, base_weight(layer), scaling)
+    g = lora_gradients(layer)
+    return None if g is None else LoRAFactors(g.A, g.B, g.dA, g.dB, base_weight(layer), g.scaling)
 
 
 def lora_b_is_zero(model: nn.Module) -> bool:

@@ -22,7 +22,7 @@ import torch
 
 ScoreKind = Literal["square", "abs"]
 GradientEstimate = Literal["eq10", "projected"]
-Pinvs = tuple[torch.Tensor, torch.Tensor]  # (AAᵀ)⁺, (BᵀB)⁺ of one LoRA layer
+LeftFactors = tuple[torch.Tensor, torch.Tensor]  # (L₁, L₂): a projected gradient is L₁·(A − dA) + L₂·dA
 
 
 def lora_weight_gradient(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
@@ -35,35 +35,58 @@ def lora_weight_gradient(A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB:
     return left @ right
 
 
-def gram_pseudo_inverses(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Pinvs]:
-    """(AAᵀ)⁺ and (BᵀB)⁺ (r×r, at least float32) of many LoRA layers' (A, B), in one batched solver call per rank
-    and device: per layer, two small solver calls (and on CUDA their host syncs) cost more than the rest of its
-    score."""
-    out: list[Pinvs | None] = [None] * len(factors)
-    groups: dict[tuple, list[int]] = {}
-    for i, (A, _) in enumerate(factors):
-        groups.setdefault((A.shape[0], A.device, torch.promote_types(A.dtype, torch.float32)), []).append(i)
-    for (_, _, dtype), members in groups.items():
-        grams = []
-        for i in members:
-            A, B = (t.to(dtype) for t in factors[i])
-            grams += [A @ A.T, B.T @ B]
-        inverses = torch.linalg.pinv(torch.stack(grams), hermitian=True)  # Gram matrices: symmetric, PSD
-        for k, i in enumerate(members):
-            out[i] = (inverses[2 * k], inverses[2 * k + 1])
-    return out  # type: ignore[return-value]
-
-
-def projected_left_factors(
-    A: torch.Tensor, B: torch.Tensor, dB: torch.Tensor, scaling: float, pinvs: Pinvs | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L₁, L₂), both (out, r), with the projected weight gradient = L₁·(A − dA) + L₂·dA: Eq. 10's form
-    [dB, B] @ [A − dA; dA] with other left factors, so the fused kernel computes either."""
-    gram_a, gram_b = pinvs if pinvs is not None else gram_pseudo_inverses([(A, B)])[0]
-    row_part = dB @ gram_a  # (out, r): G·Aᵀ(AAᵀ)⁺ · s
-    col_part = B @ gram_b  # (out, r): B(BᵀB)⁺
-    on_a = (row_part - col_part @ (B.T @ row_part)) / scaling  # G·P_A − P_B·G·P_A = on_a · A
+def _left_factors(
+    B: torch.Tensor, dB: torch.Tensor, pinv_a: torch.Tensor, pinv_b: torch.Tensor, scaling: float | torch.Tensor
+) -> LeftFactors:
+    """(L₁, L₂) from B, dB and the pseudo-inverses (AAᵀ)⁺, (BᵀB)⁺; batched over leading dimensions alike."""
+    row_part = dB @ pinv_a  # (out, r): G·Aᵀ(AAᵀ)⁺ · s
+    col_part = B @ pinv_b  # (out, r): B(BᵀB)⁺
+    on_a = (row_part - col_part @ (B.mT @ row_part)) / scaling  # G·P_A − P_B·G·P_A = on_a · A
     return on_a, on_a + col_part / scaling  # X·A + C·dA = X·(A − dA) + (X + C)·dA
+
+
+def projected_left_factors(A: torch.Tensor, B: torch.Tensor, dB: torch.Tensor, scaling: float) -> LeftFactors:
+    """(L₁, L₂), both (out, r), with the projected weight gradient = L₁·(A − dA) + L₂·dA: Eq. 10's form
+    [dB, B] @ [A − dA; dA] with other left factors, so the fused kernel computes either. Needs the r×r
+    pseudo-inverses (AAᵀ)⁺ and (BᵀB)⁺ (Gram matrices: symmetric, PSD; B = 0 gives (BᵀB)⁺ = 0)."""
+    pinv_a = torch.linalg.pinv(A @ A.T, hermitian=True)
+    pinv_b = torch.linalg.pinv(B.T @ B, hermitian=True)
+    return _left_factors(B, dB, pinv_a, pinv_b, scaling)
+
+
+def batched_projected_left_factors(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
+) -> list[LeftFactors]:
+    """`projected_left_factors` of many layers (A, B, dB, scaling) at once, in at least float32: layers of one
+    shape, device and dtype are stacked and computed by batched matrix products, and all Gram matrices of one
+    rank, device and dtype go through one pseudo-inverse call. Per layer, the ten small kernels and two solver
+    calls (each a host sync on CUDA) cost more than the fused score itself."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (A, B, _, _) in enumerate(layers):
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        groups.setdefault((tuple(A.shape), tuple(B.shape), A.device, dtype), []).append(i)
+    stacked: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    grams: dict[tuple, list[torch.Tensor]] = {}
+    for (_, _, device, dtype), members in groups.items():
+        A = torch.stack([layers[i][0].to(dtype) for i in members])
+        B = torch.stack([layers[i][1].to(dtype) for i in members])
+        dB = torch.stack([layers[i][2].to(dtype) for i in members])
+        scaling = torch.tensor([layers[i][3] for i in members], device=device, dtype=dtype).view(-1, 1, 1)
+        stacked.append((members, B, dB, scaling))
+        grams.setdefault((A.shape[1], device, dtype), []).append(torch.cat([A @ A.mT, B.mT @ B]))
+    # one solver call per (rank, device, dtype), split back in the order the groups were stacked
+    inverses = {key: torch.linalg.pinv(torch.cat(parts), hermitian=True) for key, parts in grams.items()}
+    offsets = dict.fromkeys(inverses, 0)
+    out: list[LeftFactors | None] = [None] * len(layers)
+    for members, B, dB, scaling in stacked:
+        key, n = (B.shape[2], B.device, B.dtype), len(members)
+        start = offsets[key]
+        pinv_a, pinv_b = inverses[key][start : start + n], inverses[key][start + n : start + 2 * n]
+        offsets[key] = start + 2 * n
+        first, second = _left_factors(B, dB, pinv_a, pinv_b, scaling)
+        for k, i in enumerate(members):
+            out[i] = (first[k], second[k])
+    return out  # type: ignore[return-value]
 
 
 def projected_weight_gradient(
@@ -72,7 +95,7 @@ def projected_weight_gradient(
     dA: torch.Tensor,
     dB: torch.Tensor,
     scaling: float,
-    pinvs: Pinvs | None = None,
+    left: LeftFactors | None = None,
 ) -> torch.Tensor:
     """The weight gradient G projected onto the tangent space of the rank-r matrices at B·A, shape (out, in).
 
@@ -83,8 +106,8 @@ def projected_weight_gradient(
     from r×r pseudo-inverses only. Eq. 10's Ĝ is, to first order, G·AᵀA·s + s·BBᵀ·G: it grows with the
     factors' magnitudes, which under PiSSA are the weight's top singular values, so layers with different
     spectra get scores on different scales. The projection is the same for any rescaling of A and B (B = 0
-    leaves only the G·P_A term). `pinvs`: the two pseudo-inverses, if already computed (`gram_pseudo_inverses`)."""
-    first, second = projected_left_factors(A, B, dB, scaling, pinvs)
+    leaves only the G·P_A term). `left`: its left factors, if already computed (`batched_projected_left_factors`)."""
+    first, second = left if left is not None else projected_left_factors(A, B, dB, scaling)
     return torch.cat([first, second], dim=1) @ torch.cat([A - dA, dA], dim=0)
 
 
@@ -106,18 +129,18 @@ def channel_scores(
     scaling: float,
     kind: ScoreKind = "square",
     gradient: GradientEstimate = "eq10",
-    pinvs: Pinvs | None = None,
+    left: LeftFactors | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of one LoRA layer reduced to channels: (per output channel, per input channel).
 
     Holds at most two (out, in) temporaries, and only while this layer is scored. Everything is
-    computed in float32 whatever the dtype of the inputs. `pinvs`: see `projected_weight_gradient`.
+    computed in float32 whatever the dtype of the inputs. `left`: see `projected_weight_gradient`.
     """
     A, B, dA, dB, W = (t.float() for t in (A, B, dA, dB, W))
     if gradient == "eq10":
         G = lora_weight_gradient(A, B, dA, dB)
     else:
-        G = projected_weight_gradient(A, B, dA, dB, scaling, pinvs)
+        G = projected_weight_gradient(A, B, dA, dB, scaling, left)
     S = element_importance(G, W, A, B, scaling, kind)
     return S.sum(dim=1), S.sum(dim=0)
 
