@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    lora, projected = LoRAGuidedImportance(), LoRAGuidedImportance(gradient="projected")
+    lora, projected = LoRAGuidedImportance(gradient="eq10"), LoRAGuidedImportance(gradient="projected")
     peft_model, tok, wikitext = pissa_lora_after_steps(args, [lora, projected])
     taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
     criteria = {

@@ -79,7 +79,9 @@ def make_importance(method: str, peft_model: nn.Module, batches: list[torch.Tens
         imp.release = lambda: [(m.weight.requires_grad_(False), setattr(m.weight, "grad", None)) for m in bases]
         return imp
     if method == "separate":
-        imp = LoRAGuidedImportance(ema=config.ema, score=config.score, normalize=config.normalize)
+        imp = LoRAGuidedImportance(
+            ema=config.ema, score=config.score, normalize=config.normalize, gradient=config.gradient
+        )
         for ids in batches:
             peft_model(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(peft_model)

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     wikitext = perplexity_text("wikitext2", data_dir)
     train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init=args.lora_init, progress=False)
     peft_model = prepare_lora_model(model, train)
-    lora = {"square": LoRAGuidedImportance(), "abs": LoRAGuidedImportance(score="abs")}
+    lora = {"square": LoRAGuidedImportance(gradient="eq10"), "abs": LoRAGuidedImportance(score="abs", gradient="eq10")}
     lora_steps_with_weight_gradients(peft_model, blocks, args.steps, args.batch_size, args.lr, lora.values(), len(tok))
 
     def ppl(m: nn.Module) -> float:

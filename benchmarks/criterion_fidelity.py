@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     )
     train = TrainConfig(lr=args.lr, lora_dropout=0.0, lora_init=args.lora_init, progress=False)
     peft_model = prepare_lora_model(model, train)
-    imps = {name: LoRAGuidedImportance(score=s, normalize=n) for name, (s, n) in VARIANTS.items()}
+    imps = {name: LoRAGuidedImportance(score=s, normalize=n, gradient="eq10") for name, (s, n) in VARIANTS.items()}
     pruner = LoRAPruner(peft_model, LoRAPruneConfig(ratio=0.2), importance=imps["square"])
     lora_steps_with_weight_gradients(
         peft_model, blocks, args.steps, args.batch_size, args.lr, imps.values(), tok.vocab_size

@@ -233,7 +233,7 @@ def step_variants(shape: str, args) -> list[dict]:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
             after, extra, imp = None, {}, None
             if variant == "loraprune":
-                imp = LoRAGuidedImportance()
+                imp = LoRAGuidedImportance(gradient="eq10")
                 after = lambda: imp.accumulate(model)  # noqa: E731
             try:
                 sec, peak = timed_steps(lambda: train_step(model, opt, after), args.warmup, args.steps, device)
@@ -320,7 +320,7 @@ def quantized_step_variants(shape: str, args) -> list[dict]:
                 model.enable_input_require_grads()
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            imp = LoRAGuidedImportance()
+            imp = LoRAGuidedImportance(gradient="eq10")
 
             def step(score: bool):
                 model(input_ids=ids, labels=ids).loss.backward()
@@ -372,7 +372,7 @@ def inference_speed(shape: str, args) -> list[dict]:
         if ratio > 0:
             pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
             ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
-            imp = LoRAGuidedImportance()
+            imp = LoRAGuidedImportance(gradient="eq10")
             with torch.enable_grad():
                 pm(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(pm)

@@ -248,7 +248,7 @@ def scale_check(dense: nn.Module, tok, train_pairs, held_out, args) -> dict:
     """One-shot ΔL (held-out contrastive loss) of heads-only / channels-only / auto removals at equal parameter
     budgets against the allocator's predicted score, for LoRAPrune's score and Taylor's (|W∘∂L/∂W| and squared)."""
     model = pissa_lora(dense, 0)
-    lora = LoRAGuidedImportance()
+    lora = LoRAGuidedImportance(gradient="eq10")
     skip = _lora_parts(model)
     bases = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in skip and not m.weight.requires_grad]
     for m in bases:

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    imp = LoRAGuidedImportance()
+    imp = LoRAGuidedImportance(gradient="eq10")
     peft_model, tok, wikitext = pissa_lora_after_steps(args, [imp])
     if args.dtype == "bf16":  # what a GPU serves; the latency table is measured in the weights' dtype
         peft_model.to(torch.bfloat16)

@@ -784,30 +784,56 @@ GRADIENT_ROWS = (
     ('LoRAPrune, the defaults, `gradient="projected"`', "linear decay", "lp-default-projected"),
     ("LoRAPrune, the defaults, Eq. 10", "wsd", "lp-default-wsd"),
     ('LoRAPrune, the defaults, `gradient="projected"`', "wsd", "lp-default-wsd-projected"),
+    ("LoRAPrune, auto per-layer (`uniform=False`, round_to=1), Eq. 10", "linear decay", "lp-auto"),
+    (
+        'LoRAPrune, auto per-layer (`uniform=False`, round_to=1), `gradient="projected"`',
+        "linear decay",
+        "lp-auto-projected",
+    ),
     ("Taylor (full gradients), fixed", "linear decay", "taylor-fixed"),
 )
 GRADIENT_RATIOS = (
     ("projected vs Eq. 10, linear decay", "lp-default-projected", "lp-default"),
     ("projected vs Eq. 10, wsd", "lp-default-wsd-projected", "lp-default-wsd"),
+    ("projected vs Eq. 10, per-layer widths (layers compared with each other)", "lp-auto-projected", "lp-auto"),
+    ("per-layer vs uniform widths, projected", "lp-auto-projected", "lp-default-projected"),
     ("projected (linear) vs Taylor fixed (target ≤ 0.80)", "lp-default-projected", "taylor-fixed"),
 )
+# the second and third runs: the seeds the first left out, the per-layer cells, and Eq. 10 / projected pairs timed
+# side by side with the batched left factors and the fused kernel
+GRADIENT_MORE_FILES = ("quality_gradient_2_h200.json", "quality_gradient_3_h200.json")
 
 
 def gradient_table() -> str:
     """Eq. 10 vs the projected gradient after the fine-tune (one run, same seeds, Taylor fixed beside them)."""
-    rows = _load_runs(GRADIENT_FILE)
-    if not rows:
+    first = _load_runs(GRADIENT_FILE)
+    if not first:
         return f"(no `{GRADIENT_FILE}` yet)"
+    seen = {r["name"] for r in first}
+    more = [r for name in GRADIENT_MORE_FILES for r in _load_runs(name)]
+    rows = first + [r for r in more if r["name"] not in seen]  # a rerun of a cell and seed counts once
     ratios = (0.2, 0.3, 0.5)
     lines = _seeded_table(rows, GRADIENT_ROWS, "criterion", ratios, ptb=True)
     lines += ["", *_ratio_rows(rows, GRADIENT_RATIOS, ratios)]
+    timed = _load_runs(GRADIENT_MORE_FILES[0])
+    pairs = [
+        (p["prune_and_finetune_s"], e["prune_and_finetune_s"])
+        for p in timed
+        for e in timed
+        if p["name"].startswith("lp-default-projected@") and e["name"] == p["name"].replace("-projected", "")
+    ]
+    ratio = statistics.median(p / e for p, e in pairs) if pairs else float("nan")
+    span = lambda t: f"{min(t):.0f}–{max(t):.0f} s" if t else "–"  # noqa: E731
     lines.append(
-        f"\n100 steps, PiSSA, the defaults otherwise; 3 seeds (2 where the run's time budget left one out). "
-        f"`{GRADIENT_FILE}` (14 workers on one H200). The projected runs took {_seconds(rows, 'projected')} against "
-        f"{_seconds(rows, 'eq10')} for Eq. 10 (prune and fine-tune): that run solved two r×r pseudo-inverses per layer "
-        "and step, each a solver call and a host sync on a GPU that 14 processes shared; they are now one batched "
-        "call per step (timed in the table below), and the fused kernel computes the projected form too (checked "
-        "against the torch path in Triton's interpreter; not yet timed on a GPU)."
+        f"\n100 steps, PiSSA, the defaults otherwise; 3 seeds; `{GRADIENT_FILE}` (14 workers on one H200, zero-shot "
+        f"100 per task), its missing seeds and the per-layer cells from `{'`, `'.join(GRADIENT_MORE_FILES)}` "
+        "(perplexity only; the reruns of a cell and seed there reproduced the first run's perplexity within 1%). "
+        f"The first run's projected runs took {_seconds(first, 'projected')} against {_seconds(first, 'eq10')} for "
+        "Eq. 10 (prune and fine-tune; two r×r pseudo-inverses and ten small kernels per layer and step on a GPU that "
+        "14 processes shared). With the left factors batched over layers and the fused kernel, the second run "
+        f"timed Eq. 10 and projected side by side (the defaults at each ratio, seed 0, 14 workers): "
+        f"{span([e for _, e in pairs])} against {span([p for p, _ in pairs])}, projected / Eq. 10 {ratio:.2f}× "
+        f"(median of {len(pairs)} pairs)."
     )
     return "\n".join(lines)
 
@@ -824,19 +850,33 @@ def _seconds(rows: list[dict], gradient: str) -> str:
 
 def projected_cost_table() -> str:
     """Per-step cost of the channel scores on the H200: Eq. 10 (fused kernel) vs the projected gradient."""
-    lines = [
-        "| shape | LoRA layers | Eq. 10, torch | Eq. 10, fused kernel | projected, a pinv per layer | "
-        "projected, batched pinv |",
-        "|---|---|---|---|---|---|",
-    ]
+    columns = {
+        "torch_s": "Eq. 10, torch",
+        "fused_s": "Eq. 10, fused kernel",
+        "projected_per_layer_s": "projected, torch, per layer",
+        "projected_batched_s": "projected, torch, batched",
+        "projected_fused_per_layer_s": "projected, fused, per layer",
+        "projected_s": "**projected, fused, batched** (what runs)",
+        "projected_left_factors_s": "of which the batched left factors",
+    }
+    lines = ["| shape | LoRA layers | " + " | ".join(columns.values()) + " |", "|---|---|" + "---|" * len(columns)]
+    agree = []
     for model in ("smollm2", "llama7b"):
         path = RESULTS / f"scoring_projected_{model}_h200.json"
         if not path.exists():
             continue
-        m = json.loads(path.read_text())["model"]
-        keys = ("torch_s", "fused_s", "projected_per_layer_s", "projected_batched_s")
-        cells = [f"{1000 * m[key]:.1f} ms" if key in m else "–" for key in keys]
+        data = json.loads(path.read_text())
+        m = data["model"]
+        cells = [f"{1000 * m[key]:.1f} ms" if key in m else "–" for key in columns]
         lines.append(f"| {model} | {m['lora_layers']} | " + " | ".join(cells) + " |")
+        if "projected_max_rel_error" in data["fused"]:
+            agree.append(f"{model} {data['fused']['projected_max_rel_error']:.1e}")
+    if agree:
+        lines.append(
+            "\nThe fused projected scores against the torch path, largest error relative to the largest score: "
+            + ", ".join(agree)
+            + "."
+        )
     return "\n".join(lines)
 
 
@@ -1269,7 +1309,8 @@ def main() -> int:
         gradient_table(),
         "",
         "What the projected gradient costs per step (all LoRA layers scored once, random factors, bf16 W, r = 8; "
-        "`benchmarks/scoring_kernel.py --model smollm2|llama7b`, before the kernel learned the projected form):",
+        "`benchmarks/scoring_kernel.py --model smollm2|llama7b`; per layer: two r×r pseudo-inverses and the left "
+        "factors one layer at a time; batched: `scores.batched_projected_left_factors`, layers stacked by shape):",
         "",
         projected_cost_table(),
         "",

@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from conftest import reference_channel_scores
 
-from tp_loraprune import LoRAGuidedImportance
+from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig
 from tp_loraprune.graph import build_graph, traceable
 from tp_loraprune.models import attention_layouts
 from tp_loraprune.surgery import head_group
@@ -70,7 +70,7 @@ def _close(got, ref, rtol=1e-4):
 @pytest.mark.parametrize("kind", ["square", "abs"])
 def test_mlp_group_score_matches_reference(peft_gqa, step, kind):
     step(peft_gqa)
-    imp = LoRAGuidedImportance(score=kind)
+    imp = LoRAGuidedImportance(score=kind, gradient="eq10")
     imp.accumulate(peft_gqa)
     graph = build_graph(peft_gqa)
     for layer in _layers(peft_gqa):
@@ -82,7 +82,7 @@ def test_mlp_group_score_matches_reference(peft_gqa, step, kind):
 
 def test_mha_attention_group_sums_q_k_v_rows_and_o_columns(peft_mha, step):
     step(peft_mha)
-    imp = LoRAGuidedImportance()
+    imp = LoRAGuidedImportance(gradient="eq10")
     imp.accumulate(peft_mha)
     graph = build_graph(peft_mha)
     for layer in _layers(peft_mha):
@@ -94,7 +94,7 @@ def test_mha_attention_group_sums_q_k_v_rows_and_o_columns(peft_mha, step):
 def test_gqa_attention_group_sums_q_rows_and_o_columns_only(peft_gqa, step):
     """Under GQA, k/v items are reached without root indices and are (documented) not summed."""
     step(peft_gqa)
-    imp = LoRAGuidedImportance()
+    imp = LoRAGuidedImportance(gradient="eq10")
     imp.accumulate(peft_gqa)
     graph = build_graph(peft_gqa)
     for layer in _layers(peft_gqa):
@@ -115,7 +115,7 @@ def test_gqa_attention_group_sums_q_rows_and_o_columns_only(peft_gqa, step):
 
 def test_ema_over_two_steps(peft_gqa, step, make_batch):
     lam = 0.7
-    imp = LoRAGuidedImportance(ema=lam)
+    imp = LoRAGuidedImportance(ema=lam, gradient="eq10")
     mlp = _layers(peft_gqa)[1].mlp
     step(peft_gqa, make_batch(seed=1))
     imp.accumulate(peft_gqa)
@@ -130,7 +130,7 @@ def test_ema_over_two_steps(peft_gqa, step, make_batch):
 
 
 def test_ema_zero_keeps_last_step_only(peft_gqa, step, make_batch):
-    imp = LoRAGuidedImportance(ema=0.0)
+    imp = LoRAGuidedImportance(ema=0.0, gradient="eq10")
     mlp = _layers(peft_gqa)[0].mlp
     step(peft_gqa, make_batch(seed=1))
     imp.accumulate(peft_gqa)
@@ -141,7 +141,7 @@ def test_ema_zero_keeps_last_step_only(peft_gqa, step, make_batch):
 
 def test_normalize_divides_each_module_by_its_l2_norm(peft_gqa, step):
     step(peft_gqa)
-    imp = LoRAGuidedImportance(normalize=True)
+    imp = LoRAGuidedImportance(normalize=True, gradient="eq10")
     imp.accumulate(peft_gqa)
     mlp = _layers(peft_gqa)[2].mlp
     unit = lambda v: v / v.norm()  # noqa: E731  (the (1 - ema) factor cancels)
@@ -351,7 +351,7 @@ def test_projected_gradient_scores_every_layer_with_the_projection(peft_gqa, ste
     step(peft_gqa)
     imp = LoRAGuidedImportance(ema=0.0, gradient="projected")
     imp.accumulate(peft_gqa)
-    eq10 = LoRAGuidedImportance(ema=0.0)
+    eq10 = LoRAGuidedImportance(ema=0.0, gradient="eq10")
     eq10.accumulate(peft_gqa)
     for name, layer in lora_layers(peft_gqa).items():
         f = lora_factors(layer)
@@ -361,8 +361,9 @@ def test_projected_gradient_scores_every_layer_with_the_projection(peft_gqa, ste
         assert not torch.allclose(eq10.channel_scores(layer, "out"), rows), name
 
 
-def test_an_unknown_gradient_estimate_is_refused():
-    with pytest.raises(ValueError, match="'eq10'.*'projected'.*got 'exact'"):
+def test_the_projected_gradient_is_the_default_and_an_unknown_estimate_is_refused():
+    assert LoRAGuidedImportance().gradient == LoRAPruneConfig().gradient == "projected"
+    with pytest.raises(ValueError, match="'projected'.*'eq10'.*got 'exact'"):
         LoRAGuidedImportance(gradient="exact")
 
 

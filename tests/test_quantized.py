@@ -171,7 +171,7 @@ def _float_copy(quantized, tmp_path, device="cpu"):
 def test_scores_on_a_quantized_base_follow_eq10_on_the_dequantized_weight(tmp_path, kind):
     model = _quantized_llama(tmp_path, kind)
     train_step(model)
-    imp = LoRAGuidedImportance(ema=0.0)
+    imp = LoRAGuidedImportance(ema=0.0, gradient="eq10")
     imp.accumulate(model)
     layer = lora_layers(model)["base_model.model.model.layers.1.mlp.down_proj"]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight

@@ -47,18 +47,19 @@ def _index_pairs(idxs: list[int], root_idxs: list[int | None]) -> tuple[torch.Te
 
 
 class LoRAGuidedImportance(tp.importance.Importance):
-    """LoRAPrune's criterion (arXiv 2305.18403, Eq. 10) as a `tp.importance.Importance`.
+    """LoRAPrune's criterion (arXiv 2305.18403) as a `tp.importance.Importance`.
 
     Args:
         ema: λ of the moving average across steps, S̄_t = λ·S̄_{t−1} + (1−λ)·S_t (0 keeps only the last step).
         score: "square" for the paper's (Ĝ ∘ W')², "abs" for the official code's |Ĝ ∘ W'|.
         normalize: divide each layer's channel scores by their L2 norm before they are summed into a
             group (the official code does; it balances layers whose gradients differ in scale).
-        gradient: "eq10" (default) estimates the weight gradient by the paper's Ĝ; "projected" by its projection
-            onto what LoRA can see (`scores.projected_weight_gradient`), which does not grow with the factors'
-            magnitudes. `LoRAPruneConfig.gradient` (default "projected") sets it for `LoRAPruner`: the
-            allocation compares heads with channels, and on all-MiniLM-L6-v2 Eq. 10 put a head at half a
-            channel's cost per parameter where removing heads costs 2–3× more (docs/benchmarks.md).
+        gradient: "projected" (default) estimates the weight gradient by its projection onto what LoRA can see
+            (`scores.projected_weight_gradient`), which does not grow with the factors' magnitudes, so layers and
+            kinds of structure are scored on one scale; "eq10" by the paper's Ĝ, which grows with them. On
+            all-MiniLM-L6-v2 Eq. 10 put a head at half a channel's cost per parameter where removing heads costs
+            2–3× more; on SmolLM2-135M the two tie within a layer and the projection is better across layers
+            (docs/benchmarks.md).
 
     Calling it on a group returns one score per root index: the sum, over the group's coupled LoRA
     layers (q/k/v/o for a head, gate/up/down for an FFN channel, whatever the graph couples), of each
@@ -77,7 +78,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
         ema: float = 0.9,
         score: ScoreKind = "square",
         normalize: bool = False,
-        gradient: GradientEstimate = "eq10",
+        gradient: GradientEstimate = "projected",
     ):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"`ema` must be in [0, 1), got {ema}. 0.9 is the paper's value.")
@@ -85,7 +86,7 @@ class LoRAGuidedImportance(tp.importance.Importance):
             raise ValueError(f"`score` must be 'square' (paper) or 'abs' (official code), got {score!r}.")
         if gradient not in ("eq10", "projected"):
             raise ValueError(
-                f"`gradient` must be 'eq10' (the paper's estimate) or 'projected' (experimental), got {gradient!r}."
+                f"`gradient` must be 'projected' (the default) or 'eq10' (the paper's estimate), got {gradient!r}."
             )
         self.ema = float(ema)
         self.score: ScoreKind = score

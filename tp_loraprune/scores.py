@@ -10,7 +10,8 @@ and scores every weight element by  I = (Ĝ ∘ W')²  (the paper), or  |Ĝ ∘ 
 A structure (output channel, input channel, attention head) is scored by summing its elements.
 
 `gradient="projected"` replaces Ĝ by the projection of the weight gradient onto what LoRA can see
-(`projected_weight_gradient`), which does not grow with the factors' magnitudes (experimental).
+(`projected_weight_gradient`), which does not grow with the factors' magnitudes (the default of
+`LoRAGuidedImportance` and `LoRAPruneConfig`).
 """
 
 from __future__ import annotations
