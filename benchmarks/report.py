@@ -823,7 +823,6 @@ def gradient_table() -> str:
         if p["name"].startswith("lp-default-projected@") and e["name"] == p["name"].replace("-projected", "")
     ]
     ratio = statistics.median(p / e for p, e in pairs) if pairs else float("nan")
-    span = lambda t: f"{min(t):.0f}–{max(t):.0f} s" if t else "–"  # noqa: E731
     lines.append(
         f"\n100 steps, PiSSA, the defaults otherwise; 3 seeds; `{GRADIENT_FILE}` (14 workers on one H200, zero-shot "
         f"100 per task), its missing seeds and the per-layer cells from `{'`, `'.join(GRADIENT_MORE_FILES)}` "
@@ -832,7 +831,7 @@ def gradient_table() -> str:
         "Eq. 10 (prune and fine-tune; two r×r pseudo-inverses and ten small kernels per layer and step on a GPU that "
         "14 processes shared). With the left factors batched over layers and the fused kernel, the second run "
         f"timed Eq. 10 and projected side by side (the defaults at each ratio, seed 0, 14 workers): "
-        f"{span([e for _, e in pairs])} against {span([p for p, _ in pairs])}, projected / Eq. 10 {ratio:.2f}× "
+        f"{_span([e for _, e in pairs])} against {_span([p for p, _ in pairs])}, projected / Eq. 10 {ratio:.2f}× "
         f"(median of {len(pairs)} pairs)."
     )
     return "\n".join(lines)
@@ -840,12 +839,18 @@ def gradient_table() -> str:
 
 def _seconds(rows: list[dict], gradient: str) -> str:
     """'245–438 s': the range of prune-and-fine-tune seconds of the LoRAPrune runs with that gradient estimate."""
-    t = [
-        r["prune_and_finetune_s"]
-        for r in rows
-        if r["method"] == "loraprune" and (r.get("config") or {}).get("gradient", "eq10") == gradient
-    ]
-    return f"{min(t):.0f}–{max(t):.0f} s" if t else "–"
+    return _span(
+        [
+            r["prune_and_finetune_s"]
+            for r in rows
+            if r["method"] == "loraprune" and (r.get("config") or {}).get("gradient", "eq10") == gradient
+        ]
+    )
+
+
+def _span(seconds: list[float]) -> str:
+    """'77–87 s', or '–' for none."""
+    return f"{min(seconds):.0f}–{max(seconds):.0f} s" if seconds else "–"
 
 
 def projected_cost_table() -> str:

@@ -70,18 +70,6 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LoRAFactors:
-    """What Eq. 10 reads from one LoRA layer: factors, their gradients, the base weight, the scaling."""
-
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    dA: torch.Tensor  # (r, in)
-    dB: torch.Tensor  # (out, r)
-    W: torch.Tensor  # (out, in)
-    scaling: float
-
-
-@dataclass(frozen=True)
 class LoRAGradients:
     """The factors of one LoRA layer's active adapter, their gradients and the scaling: no base weight."""
 
@@ -90,6 +78,13 @@ class LoRAGradients:
     dA: torch.Tensor  # (r, in)
     dB: torch.Tensor  # (out, r)
     scaling: float
+
+
+@dataclass(frozen=True)
+class LoRAFactors(LoRAGradients):
+    """What Eq. 10 reads from one LoRA layer: factors, their gradients, the scaling and the base weight."""
+
+    W: torch.Tensor  # (out, in)
 
 
 def lora_gradients(layer: nn.Module) -> LoRAGradients | None:
@@ -105,7 +100,7 @@ def lora_gradients(layer: nn.Module) -> LoRAGradients | None:
 def lora_factors(layer: nn.Module) -> LoRAFactors | None:
     """The factors and gradients of the active adapter, or None when the layer has no gradient yet."""
     g = lora_gradients(layer)
-    return None if g is None else LoRAFactors(g.A, g.B, g.dA, g.dB, base_weight(layer), g.scaling)
+    return None if g is None else LoRAFactors(g.A, g.B, g.dA, g.dB, g.scaling, base_weight(layer))
 
 
 def lora_b_is_zero(model: nn.Module) -> bool:

@@ -17,7 +17,7 @@ A structure (output channel, input channel, attention head) is scored by summing
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -59,31 +59,18 @@ def batched_projected_left_factors(
     layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
 ) -> list[LeftFactors]:
     """`projected_left_factors` of many layers (A, B, dB, scaling) at once, in at least float32: layers of one
-    shape, device and dtype are stacked and computed by batched matrix products, and all Gram matrices of one
-    rank, device and dtype go through one pseudo-inverse call. Per layer, the ten small kernels and two solver
-    calls (each a host sync on CUDA) cost more than the fused score itself."""
+    shape, device and dtype are stacked and computed by batched matrix products, with one pseudo-inverse call for
+    all their Gram matrices. Per layer, the ten small kernels and two solver calls (each a host sync on CUDA) cost
+    more than the fused score itself."""
     groups: dict[tuple, list[int]] = {}
     for i, (A, B, _, _) in enumerate(layers):
         dtype = torch.promote_types(A.dtype, torch.float32)
         groups.setdefault((tuple(A.shape), tuple(B.shape), A.device, dtype), []).append(i)
-    stacked: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    grams: dict[tuple, list[torch.Tensor]] = {}
-    for (_, _, device, dtype), members in groups.items():
-        A = torch.stack([layers[i][0].to(dtype) for i in members])
-        B = torch.stack([layers[i][1].to(dtype) for i in members])
-        dB = torch.stack([layers[i][2].to(dtype) for i in members])
-        scaling = torch.tensor([layers[i][3] for i in members], device=device, dtype=dtype).view(-1, 1, 1)
-        stacked.append((members, B, dB, scaling))
-        grams.setdefault((A.shape[1], device, dtype), []).append(torch.cat([A @ A.mT, B.mT @ B]))
-    # one solver call per (rank, device, dtype), split back in the order the groups were stacked
-    inverses = {key: torch.linalg.pinv(torch.cat(parts), hermitian=True) for key, parts in grams.items()}
-    offsets = dict.fromkeys(inverses, 0)
     out: list[LeftFactors | None] = [None] * len(layers)
-    for members, B, dB, scaling in stacked:
-        key, n = (B.shape[2], B.device, B.dtype), len(members)
-        start = offsets[key]
-        pinv_a, pinv_b = inverses[key][start : start + n], inverses[key][start + n : start + 2 * n]
-        offsets[key] = start + 2 * n
+    for (_, _, device, dtype), members in groups.items():
+        A, B, dB = (torch.stack([cast(torch.Tensor, layers[i][k]).to(dtype) for i in members]) for k in range(3))
+        scaling = torch.tensor([layers[i][3] for i in members], device=device, dtype=dtype).view(-1, 1, 1)
+        pinv_a, pinv_b = torch.linalg.pinv(torch.cat([A @ A.mT, B.mT @ B]), hermitian=True).chunk(2)
         first, second = _left_factors(B, dB, pinv_a, pinv_b, scaling)
         for k, i in enumerate(members):
             out[i] = (first[k], second[k])
