@@ -140,7 +140,7 @@ def test_channel_scores_with_the_projected_gradient_sum_its_elements():
 
 
 def test_batched_left_factors_equal_one_layer_at_a_time():
-    """Stacked by shape, one pseudo-inverse call per rank: the same left factors as one layer at a time, in at
+    """Stacked by shape, one pseudo-inverse call per stacked group: the same left factors as one layer at a time, in at
     least float32, whatever mix of shapes, ranks, scalings, dtypes and B = 0 the model has."""
     from tp_loraprune.scores import batched_projected_left_factors, projected_left_factors
 
