@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -145,6 +147,21 @@ def allocation_cost(pruner) -> dict:
     """What the allocation counts: the pruned layers' cost before pruning and what it removed (parameters, or the
     latency table's seconds under target="latency")."""
     return {"before": sum(pruner._layer_totals().values()), "removed": sum(pruner._removed_by_layer().values())}
+
+
+@torch.no_grad()
+def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def cpu_environment() -> dict:

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,27 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import allocation_cost, pissa_lora_after_steps, write_result  # noqa: E402
+from baselines import allocation_cost, pissa_lora_after_steps, prefill_seconds, write_result  # noqa: E402
 from quality import environment  # noqa: E402
 
 from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, latency_replay, merge_lora  # noqa: E402
 from tp_loraprune.eval import perplexity  # noqa: E402
 from tp_loraprune.widths import layer_widths  # noqa: E402
-
-
-@torch.no_grad()
-def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager

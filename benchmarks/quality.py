@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import calibration_batches, make_importance  # noqa: E402
+from baselines import calibration_batches, make_importance, prefill_seconds  # noqa: E402
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -104,6 +104,9 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     lr = overrides.pop("lr", args.lr)  # another peak learning rate for this run only
     lr_schedule = overrides.pop("lr_schedule", "linear")  # TrainConfig.lr_schedule / decay_ratio for this run only
     decay_ratio = overrides.pop("decay_ratio", 0.1)
+    lora_r = overrides.pop("lora_r", 8)  # another LoRA rank for this run only (alpha stays 2 * r)
+    if overrides.get("target") == "latency" and args.time_prefill:  # the table is timed at the timed length
+        overrides.setdefault("latency_tokens", args.time_prefill)
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=prune_every, **overrides)
     train = TrainConfig(
         lr=lr,
@@ -111,8 +114,8 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         decay_ratio=decay_ratio,
         batch_size=args.batch_size,
         block_size=args.block_size,
-        lora_r=8,
-        lora_alpha=16,
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
         lora_init=lora_init,
         precision=args.precision,
         seed=seed,
@@ -156,9 +159,18 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         "peak_gib": None if peak is None else round(peak, 3),
         "prune_events": events,
     }
+    row.update(timed_prefill(merged, args))
     row.update(evaluate_model(merged, tokenizer, args, mmlu=mmlu))
     del merged, model
     return row
+
+
+def timed_prefill(model, args) -> dict:
+    """{"prefill_s": median of 11 prefills of `--time-prefill` tokens} in the evaluation dtype, or {} when off."""
+    if not args.time_prefill:
+        return {}
+    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        return {"prefill_s": round(prefill_seconds(model, args.time_prefill, 11, args.device), 5)}
 
 
 def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
@@ -197,6 +209,9 @@ def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
 # Eq. 10 (`gradient="eq10"`) everywhere the table ran before gradient="projected" became the default.
 _PISSA = {"lora_init": "pissa_niter_4", "round_to": 1, "gradient": "eq10"}
 _DEFAULT = {"lora_init": "pissa_niter_4", "gradient": "eq10"}
+R32 = ("lp-projected-r32", "taylor-fixed-r32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3")
+ALLOCATIONS_LR1E3 = ("lp-ffn_only-lr1e-3", "lp-fixed-lr1e-3", "taylor-default-lr1e-3", "taylor-ffn_only-lr1e-3")
+LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # the learning-rate sweep: the API default, the benchmarks', 2x, the CLI's
 ALLOCATION_CELLS = {
     "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
     "lp-fixed": ("loraprune", _PISSA | {"allocation": "fixed"}),
@@ -226,11 +241,31 @@ ALLOCATION_CELLS = {
     "lp-default-wsd-projected": ("loraprune", _DEFAULT | {"lr_schedule": "wsd", "gradient": "projected"}),
     # per-layer widths, where the scores of different layers are compared with each other
     "lp-auto-projected": ("loraprune", _PISSA | {"uniform": False, "gradient": "projected"}),
+    # the peak learning rate under the linear decay, for today's defaults and their Taylor rival (`--plan lr`)
+    **{f"lp-projected-lr{lr}": ("loraprune", {"lora_init": "pissa_niter_4", "lr": float(lr)}) for lr in LRS},
+    **{f"taylor-fixed-lr{lr}": ("taylor", {"round_to": 1, "allocation": "fixed", "lr": float(lr)}) for lr in LRS},
+    # LoRA rank 32 instead of 8: the projected gradient sees a 4x larger subspace, and the fine-tune recovers more
+    "lp-projected-r32": ("loraprune", {"lora_init": "pissa_niter_4", "lora_r": 32}),
+    "taylor-fixed-r32": ("taylor", {"round_to": 1, "allocation": "fixed", "lora_r": 32}),
+    "lp-projected-r32-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "lora_r": 32, "lr": 1e-3}),
+    "taylor-fixed-r32-lr1e-3": ("taylor", {"round_to": 1, "allocation": "fixed", "lora_r": 32, "lr": 1e-3}),
+    # the allocations again under the best peak of the sweep (1e-3): does auto still beat one kind only?
+    "lp-ffn_only-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "ffn_only", "lr": 1e-3}),
+    "lp-fixed-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "round_to": 1, "allocation": "fixed", "lr": 1e-3}),
+    "taylor-default-lr1e-3": ("taylor", {"lr": 1e-3}),
+    "taylor-ffn_only-lr1e-3": ("taylor", {"allocation": "ffn_only", "lr": 1e-3}),
+    # ratio of the pruned layers' measured prefill time instead of their parameters (`--plan latency`)
+    "lp-projected-latency": ("loraprune", {"lora_init": "pissa_niter_4", "target": "latency"}),
 }
 
 
 # cells run at every seed: the auto allocations and their strongest fixed rival
 SEEDED_CELLS = (
+    *R32,
+    "lp-projected-lr4e-4",
+    "taylor-fixed-lr4e-4",
+    "lp-projected-lr1e-3",
+    "taylor-fixed-lr1e-3",
     "lp-auto",
     "lp-uniform",
     "lp-ffn_only",
@@ -300,7 +335,36 @@ def gradient_plan(args) -> list[tuple]:
     return [run for run in allocation_plan(args) if run[0] in wanted]
 
 
+def lr_plan(args) -> list[tuple]:
+    """The peak learning rate and the LoRA rank (docs/benchmarks.md): today's defaults and Taylor fixed at every
+    rate in `LRS` and every ratio, at rank 32 at the first and last ratio, first seed; the per-layer projected
+    cells (for their zero-shot); dense first."""
+    cells = [f"{m}-lr{lr}" for lr in LRS for m in ("lp-projected", "taylor-fixed")] + ["lp-auto-projected"]
+    wanted = {"dense"} | {f"{c}@{r}/s{args.seeds[0]}" for c in cells for r in args.ratios}
+    wanted |= {f"{c}@{r}/s{args.seeds[0]}" for c in ("lp-projected-r32", "taylor-fixed-r32") for r in args.ratios}
+    for c in ("lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3", *ALLOCATIONS_LR1E3):
+        wanted |= {f"{c}@{r}/s{args.seeds[0]}" for r in args.ratios}
+    for c in ("lp-projected-lr4e-4", "taylor-fixed-lr4e-4", "lp-projected-lr1e-3", "taylor-fixed-lr1e-3", *R32):
+        wanted |= {f"{c}@{args.ratios[-1]}/s{s}" for s in args.extra_seeds}
+    return [run for run in allocation_plan(args) if run[0] in wanted]
+
+
+def latency_plan(args) -> list[tuple]:
+    """target="latency" vs "parameters" after the same fine-tune, dense first; run with --time-prefill."""
+    wanted = {"dense"} | {
+        f"{c}@{r}/s{s}"
+        for c in ("lp-projected-lr2e-4", "lp-projected-latency")
+        for r in args.ratios
+        for s in args.seeds
+    }
+    return [run for run in allocation_plan(args) if run[0] in wanted]
+
+
 def plan(args) -> list[tuple]:
+    if args.plan == "lr":
+        return lr_plan(args)
+    if args.plan == "latency":
+        return latency_plan(args)
     if args.plan == "allocation":
         return allocation_plan(args)
     if args.plan == "schedule":
@@ -433,7 +497,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=list(PRESETS), default="gpu")
     p.add_argument(
         "--plan",
-        choices=["methods", "allocation", "schedule", "gradient"],
+        choices=["methods", "allocation", "schedule", "gradient", "lr", "latency"],
         default="methods",
         help="which table's runs",
     )
@@ -450,6 +514,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument(
+        "--time-prefill",
+        type=int,
+        default=0,
+        help="also time a prefill of this many tokens (median of 11) of every model; 0 skips it",
+    )
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped past it")
@@ -513,6 +583,7 @@ def main(argv=None) -> int:
                 "parameters": count_parameters(dense),
                 "macs_per_token": macs_per_token(dense, args.ppl_seq_len),
             }
+            row.update(timed_prefill(dense, args))
             row.update(evaluate_model(dense, tokenizer, args))
         else:
             row = run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, overrides)

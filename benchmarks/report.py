@@ -837,6 +837,115 @@ def gradient_table() -> str:
     return "\n".join(lines)
 
 
+LR_FILES = tuple(f"quality_lr_{k}_h200.json" for k in (1, 2, 3, 4, 5))  # five runs of 16 workers, back to back
+# (row label, fine-tune, cell): today's defaults and Taylor fixed under the same fine-tunes
+LR_ROWS = (
+    tuple(
+        (label, f"linear, peak {lr}, r 8", f"{cell}-lr{lr}")
+        for label, cell in (
+            ("LoRAPrune, the defaults", "lp-projected"),
+            ("Taylor (full gradients), fixed", "taylor-fixed"),
+        )
+        for lr in ("1e-4", "2e-4", "4e-4", "1e-3")
+    )
+    + tuple(
+        (label, f"linear, peak {lr}, r 32", f"{cell}-r32{suffix}")
+        for label, cell in (
+            ("LoRAPrune, the defaults", "lp-projected"),
+            ("Taylor (full gradients), fixed", "taylor-fixed"),
+        )
+        for lr, suffix in (("2e-4", ""), ("1e-3", "-lr1e-3"))
+    )
+    + (("LoRAPrune, per-layer widths (`uniform=False`, round_to=1)", "linear, peak 2e-4, r 8", "lp-auto-projected"),)
+)
+LR_RATIOS = tuple(
+    (f"LoRAPrune vs Taylor fixed, peak {lr}, r 8", f"lp-projected-lr{lr}", f"taylor-fixed-lr{lr}")
+    for lr in ("1e-4", "2e-4", "4e-4", "1e-3")
+) + (
+    ("LoRAPrune vs Taylor fixed, peak 2e-4, r 32", "lp-projected-r32", "taylor-fixed-r32"),
+    ("LoRAPrune vs Taylor fixed, peak 1e-3, r 32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3"),
+    ("LoRAPrune, peak 4e-4 vs 1e-4 (the old TrainConfig default)", "lp-projected-lr4e-4", "lp-projected-lr1e-4"),
+    ("LoRAPrune, peak 4e-4 vs 1e-3 (the CLI's default)", "lp-projected-lr4e-4", "lp-projected-lr1e-3"),
+)
+
+
+# (row label, fine-tune, cell): every allocation again under the sweep's best peak at 50% (1e-3, r 8)
+LR_ALLOCATION_ROWS = (
+    ("LoRAPrune, the defaults (auto, uniform)", "linear, peak 1e-3, r 8", "lp-projected-lr1e-3"),
+    ("LoRAPrune, ffn_only", "linear, peak 1e-3, r 8", "lp-ffn_only-lr1e-3"),
+    ("LoRAPrune, fixed (round_to=1)", "linear, peak 1e-3, r 8", "lp-fixed-lr1e-3"),
+    ("Taylor, the default allocator (auto, uniform)", "linear, peak 1e-3, r 8", "taylor-default-lr1e-3"),
+    ("Taylor, ffn_only", "linear, peak 1e-3, r 8", "taylor-ffn_only-lr1e-3"),
+    ("Taylor, fixed (round_to=1)", "linear, peak 1e-3, r 8", "taylor-fixed-lr1e-3"),
+)
+LR_ALLOCATION_RATIOS = (
+    ("LoRAPrune vs Taylor, both in the default allocator", "lp-projected-lr1e-3", "taylor-default-lr1e-3"),
+    ("LoRAPrune vs Taylor, both ffn_only", "lp-ffn_only-lr1e-3", "taylor-ffn_only-lr1e-3"),
+    ("LoRAPrune vs Taylor, both fixed", "lp-fixed-lr1e-3", "taylor-fixed-lr1e-3"),
+    ("LoRAPrune: the defaults vs ffn_only", "lp-projected-lr1e-3", "lp-ffn_only-lr1e-3"),
+    ("LoRAPrune: the defaults vs fixed", "lp-projected-lr1e-3", "lp-fixed-lr1e-3"),
+    ("Taylor: the default allocator vs ffn_only", "taylor-default-lr1e-3", "taylor-ffn_only-lr1e-3"),
+)
+
+
+def lr_allocation_table() -> str:
+    """Each allocation under the peak learning rate that suits Taylor (1e-3): criterion and allocation apart."""
+    rows = lr_rows()
+    ratios = (0.2, 0.3, 0.5)
+    lines = _seeded_table(rows, LR_ALLOCATION_ROWS, "pruner", ratios, ptb=True)
+    lines += ["", *_ratio_rows(rows, LR_ALLOCATION_RATIOS, ratios)]
+    lines.append(
+        f"\nThe same protocol as the table above; the allocation cells first seed only, `{LR_FILES[-1]}`. At 20% "
+        "Taylor's scores in the default allocator chose FFN channels only (the same model as ffn_only)."
+    )
+    return "\n".join(lines)
+
+
+def lr_rows() -> list[dict]:
+    """The learning-rate / rank runs; the peak-2e-4 cells' seeds past the first from the gradient table's runs of
+    the same configuration (`lp-default-projected`, `taylor-fixed`: PiSSA, projected, linear 2e-4, r 8)."""
+    rows = [r for name in LR_FILES for r in _load_runs(name)]
+    same = {"lp-default-projected": "lp-projected-lr2e-4", "taylor-fixed": "taylor-fixed-lr2e-4"}
+    for r in [r for name in (GRADIENT_FILE, *GRADIENT_MORE_FILES) for r in _load_runs(name)]:
+        cell, _, rest = r["name"].partition("@")
+        if cell in same and not rest.endswith("/s0"):
+            rows.append(dict(r, name=f"{same[cell]}@{rest}"))
+    seen: set[str] = set()
+    return [r for r in rows if not (r["name"] in seen or seen.add(r["name"]))]  # a rerun counts once
+
+
+def _best(rows: list[dict], cells: list[str], ratio: float) -> tuple[str, float]:
+    """The cell with the lowest seed-mean WikiText-2 perplexity at `ratio`."""
+    means = {c: m for c in cells if (m := _cell_mean(rows, c, ratio)) is not None}
+    best = min(means, key=means.__getitem__)
+    return best, means[best]
+
+
+def lr_table() -> str:
+    """The peak learning rate and the LoRA rank of the fine-tune, for LoRAPrune's defaults and Taylor fixed."""
+    rows = lr_rows()
+    if not rows:
+        return f"(no `{LR_FILES[0]}` yet)"
+    ratios = (0.2, 0.3, 0.5)
+    lines = _seeded_table(rows, LR_ROWS, "pruner", ratios, ptb=True)
+    lines += ["", *_ratio_rows(rows, LR_RATIOS, ratios)]
+    lp = [c for _, _, c in LR_ROWS if c.startswith("lp-")]
+    taylor = [c for _, _, c in LR_ROWS if c.startswith("taylor-")]
+    tune = {cell: fine_tune.removeprefix("linear, peak ") for _, fine_tune, cell in LR_ROWS}
+    best = []
+    for q in ratios:
+        (a, x), (b, y) = _best(rows, lp, q), _best(rows, taylor, q)
+        best.append(f"{x / y:.2f}× ({tune[a]} vs {tune[b]})")
+    lines.append("| LoRAPrune vs Taylor fixed, each at its best fine-tune in this grid | " + " | ".join(best) + " |")
+    lines.append(
+        "\n100 steps of 8 × 256 tokens (C4), PiSSA for LoRAPrune, α = 2r, the defaults otherwise (uniform auto, "
+        "projected gradient, aligned widths); zero-shot 100 per task. "
+        f"`{'`, `'.join(LR_FILES)}` (16 workers on one H200 each); the peak-2e-4 rows' seeds 1 and 2 are the "
+        f"gradient table's runs of the same configuration (`{GRADIENT_FILE}`, `{GRADIENT_MORE_FILES[0]}`)."
+    )
+    return "\n".join(lines)
+
+
 def _seconds(rows: list[dict], gradient: str) -> str:
     """'245–438 s': the range of prune-and-fine-tune seconds of the LoRAPrune runs with that gradient estimate."""
     return _span(
@@ -1312,6 +1421,14 @@ def main() -> int:
         "### The weight-gradient estimate after the fine-tune: Eq. 10 vs projected (SmolLM2-135M, H200)",
         "",
         gradient_table(),
+        "",
+        "### The fine-tune's peak learning rate and LoRA rank: LoRAPrune vs Taylor (SmolLM2-135M, H200)",
+        "",
+        lr_table(),
+        "",
+        "Every allocation again at peak 1e-3 (the best peak for Taylor at every ratio, and for LoRAPrune at 50%):",
+        "",
+        lr_allocation_table(),
         "",
         "What the projected gradient costs per step (all LoRA layers scored once, random factors, bf16 W, r = 8; "
         "`benchmarks/scoring_kernel.py --model smollm2|llama7b`; per layer: two r×r pseudo-inverses and the left "
