@@ -211,6 +211,7 @@ _PISSA = {"lora_init": "pissa_niter_4", "round_to": 1, "gradient": "eq10"}
 _DEFAULT = {"lora_init": "pissa_niter_4", "gradient": "eq10"}
 R32 = ("lp-projected-r32", "taylor-fixed-r32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3")
 ALLOCATIONS_LR1E3 = ("lp-ffn_only-lr1e-3", "lp-fixed-lr1e-3", "taylor-default-lr1e-3", "taylor-ffn_only-lr1e-3")
+BEST_R32 = ("lp-projected-r32-lr4e-4", "taylor-default-r32-lr1e-3")
 LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # the learning-rate sweep: the API default, the benchmarks', 2x, the CLI's
 ALLOCATION_CELLS = {
     "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
@@ -249,6 +250,9 @@ ALLOCATION_CELLS = {
     "taylor-fixed-r32": ("taylor", {"round_to": 1, "allocation": "fixed", "lora_r": 32}),
     "lp-projected-r32-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "lora_r": 32, "lr": 1e-3}),
     "taylor-fixed-r32-lr1e-3": ("taylor", {"round_to": 1, "allocation": "fixed", "lora_r": 32, "lr": 1e-3}),
+    # each pruner in the default allocator at its best fine-tune of the grid (rank 32; Taylor's best peak is 1e-3)
+    "lp-projected-r32-lr4e-4": ("loraprune", {"lora_init": "pissa_niter_4", "lora_r": 32, "lr": 4e-4}),
+    "taylor-default-r32-lr1e-3": ("taylor", {"lora_r": 32, "lr": 1e-3}),
     # the allocations again under the best peak of the sweep (1e-3): does auto still beat one kind only?
     "lp-ffn_only-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "allocation": "ffn_only", "lr": 1e-3}),
     "lp-fixed-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "round_to": 1, "allocation": "fixed", "lr": 1e-3}),
@@ -342,7 +346,7 @@ def lr_plan(args) -> list[tuple]:
     cells = [f"{m}-lr{lr}" for lr in LRS for m in ("lp-projected", "taylor-fixed")] + ["lp-auto-projected"]
     wanted = {"dense"} | {f"{c}@{r}/s{args.seeds[0]}" for c in cells for r in args.ratios}
     wanted |= {f"{c}@{r}/s{args.seeds[0]}" for c in ("lp-projected-r32", "taylor-fixed-r32") for r in args.ratios}
-    for c in ("lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3", *ALLOCATIONS_LR1E3):
+    for c in ("lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3", *ALLOCATIONS_LR1E3, *BEST_R32):
         wanted |= {f"{c}@{r}/s{args.seeds[0]}" for r in args.ratios}
     for c in ("lp-projected-lr4e-4", "taylor-fixed-lr4e-4", "lp-projected-lr1e-3", "taylor-fixed-lr1e-3", *R32):
         wanted |= {f"{c}@{args.ratios[-1]}/s{s}" for s in args.extra_seeds}
