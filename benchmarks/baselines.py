@@ -164,6 +164,26 @@ def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def prefill_seconds_in_turns(models: dict, tokens: int, repeats: int, device: str) -> dict[str, float]:
+    """Median prefill time of each model, timed in turns: one warm-up each, then `repeats` rounds of one prefill
+    per model, so whatever else loads the machine falls on every model alike."""
+    vocab = min(m.config.vocab_size for m in models.values())
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for model in models.values():
+        model(input_ids=ids, use_cache=False)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_environment() -> dict:
     """Versions and machine recorded with the CPU studies' results."""
     return {

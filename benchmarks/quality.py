@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import calibration_batches, make_importance, prefill_seconds  # noqa: E402
+from baselines import calibration_batches, make_importance, prefill_seconds_in_turns  # noqa: E402
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -36,6 +36,7 @@ from tp_loraprune.models import count_parameters  # noqa: E402
 from tp_loraprune.quant import quantize_model  # noqa: E402
 from tp_loraprune.results import macs_per_token  # noqa: E402
 from tp_loraprune.train import TrainConfig, finetune, make_optimizer, prepare_lora_model, prune  # noqa: E402
+from tp_loraprune.widths import layer_widths  # noqa: E402
 
 PRESETS = {
     "gpu": dict(
@@ -158,19 +159,25 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         "prune_and_finetune_s": round(seconds, 2),
         "peak_gib": None if peak is None else round(peak, 3),
         "prune_events": events,
+        "layer_widths": [[w["heads"], w["kv_heads"], w["ffn"]] for w in layer_widths(merged)],  # per layer
     }
-    row.update(timed_prefill(merged, args))
     row.update(evaluate_model(merged, tokenizer, args, mmlu=mmlu))
+    if args.time_prefill:  # timed with the others at the end
+        args.timed_models[name] = merged
     del merged, model
     return row
 
 
-def timed_prefill(model, args) -> dict:
-    """{"prefill_s": median of 11 prefills of `--time-prefill` tokens} in the evaluation dtype, or {} when off."""
-    if not args.time_prefill:
-        return {}
+def time_prefills(models: dict, results: dict, args) -> None:
+    """Fill in each run's "prefill_s": the median of 11 prefills of `--time-prefill` tokens, every model of this
+    process timed in turns (in the evaluation dtype), and the speedup over dense when dense ran here."""
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
-        return {"prefill_s": round(prefill_seconds(model, args.time_prefill, 11, args.device), 5)}
+        seconds = prefill_seconds_in_turns(models, args.time_prefill, 11, args.device)
+    for row in results["runs"]:
+        if row["name"] in seconds:
+            row["prefill_s"] = round(seconds[row["name"]], 5)
+            if "dense" in seconds:
+                row["prefill_speedup"] = round(seconds["dense"] / seconds[row["name"]], 3)
 
 
 def evaluate_model(model, tokenizer, args, mmlu: bool = True) -> dict:
@@ -354,14 +361,15 @@ def lr_plan(args) -> list[tuple]:
 
 
 def latency_plan(args) -> list[tuple]:
-    """target="latency" vs "parameters" after the same fine-tune, dense first; run with --time-prefill."""
-    wanted = {"dense"} | {
-        f"{c}@{r}/s{s}"
-        for c in ("lp-projected-lr2e-4", "lp-projected-latency")
-        for r in args.ratios
-        for s in args.seeds
-    }
-    return [run for run in allocation_plan(args) if run[0] in wanted]
+    """target="latency" vs "parameters" after the same fine-tune, every ratio and seed, dense first; run with
+    --time-prefill. A ratio the latency target cannot reach is recorded as refused."""
+    runs = [("dense", "dense", 0.0, args.seeds[0], None)]
+    for ratio in args.ratios:
+        for seed in args.seeds:
+            for cell in ("lp-projected-lr2e-4", "lp-projected-latency"):
+                method, overrides = ALLOCATION_CELLS[cell]
+                runs.append((f"{cell}@{ratio}/s{seed}", method, ratio, seed, overrides))
+    return runs
 
 
 def plan(args) -> list[tuple]:
@@ -522,7 +530,8 @@ def main(argv=None) -> int:
         "--time-prefill",
         type=int,
         default=0,
-        help="also time a prefill of this many tokens (median of 11) of every model; 0 skips it",
+        help="also time a prefill of this many tokens of every model (median of 11, all models in turns at the "
+        "end; keeps them in memory); 0 skips it",
     )
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--ppl-seq-len", type=int, default=512)
@@ -542,6 +551,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.t_start = time.perf_counter()
+    args.timed_models = {}  # name -> merged model, with --time-prefill
     for k, v in PRESETS[args.preset].items():
         setattr(args, k, v)
     for item in args.set:
@@ -571,7 +581,7 @@ def main(argv=None) -> int:
     }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "datasets", "t_start")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "datasets", "t_start", "timed_models")}
     results = {"environment": environment(args.device), "settings": settings, "train_blocks": len(blocks), "runs": []}
     for name, method, ratio, seed, overrides in runs:
         if time.perf_counter() - t_start > args.time_budget:
@@ -586,14 +596,23 @@ def main(argv=None) -> int:
                 "seed": seed,
                 "parameters": count_parameters(dense),
                 "macs_per_token": macs_per_token(dense, args.ppl_seq_len),
+                "layer_widths": [[w["heads"], w["kv_heads"], w["ffn"]] for w in layer_widths(dense)],
             }
-            row.update(timed_prefill(dense, args))
             row.update(evaluate_model(dense, tokenizer, args))
+            if args.time_prefill:
+                args.timed_models["dense"] = dense
         else:
-            row = run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, overrides)
+            try:
+                row = run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, overrides)
+            except ValueError as e:  # refused before any work: a ratio the guards make impossible
+                if "cannot be reached" not in str(e):
+                    raise
+                row = {"name": name, "method": method, "ratio": ratio, "seed": seed, "refused": str(e)}
         print("   ", json.dumps({k: v for k, v in row.items() if k != "zero_shot"}), flush=True)
         results["runs"].append(row)
         out_path.write_text(json.dumps(results, indent=1))
+    if args.timed_models:
+        time_prefills(args.timed_models, results, args)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     out_path.write_text(json.dumps(results, indent=1))
     return 0

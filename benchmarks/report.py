@@ -1371,6 +1371,74 @@ def latency_target_table(name: str = "latency_target_h200.json") -> str:
     return "\n".join(lines)
 
 
+LATENCY_QUALITY_FILES = ("quality_latency_cpu.json", "quality_latency_2_cpu.json")  # 20 / 30%, then 40 / 50%
+
+
+def _pruned_shape(r: dict) -> str:
+    """'9 / 3, 1128': the query / KV heads and FFN width of the pruned layers (the most common shape)."""
+    shapes = [tuple(w) for w in r.get("layer_widths", [])]
+    if not shapes:
+        return "–"
+    heads, kv, ffn = statistics.mode(shapes)
+    return f"{heads} / {kv}, {ffn}"
+
+
+def latency_quality_table() -> str:
+    """target="parameters" vs target="latency" after the same LoRAPrune fine-tune: measured prefill and quality,
+    each file's models timed in turns with its own dense model."""
+    files = [
+        (name, json.loads((RESULTS / name).read_text())) for name in LATENCY_QUALITY_FILES if (RESULTS / name).exists()
+    ]
+    if not files:
+        return f"(no `{LATENCY_QUALITY_FILES[0]}` yet)"
+    tokens = files[0][1]["settings"]["time_prefill"]
+    lines = [
+        "| target | ratio | seeds | pruned layers: query / KV heads, FFN | parameters | "
+        f"prefill {tokens} tokens, s | prefill speedup vs dense | WikiText-2 | PTB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    target = {"lp-projected-lr2e-4": "parameters", "lp-projected-latency": "latency"}
+    for _, data in files:
+        runs, settings = data["runs"], data["settings"]
+        dense = next(r for r in runs if r["name"] == "dense")
+        lines.append(
+            f"| dense | – | 1 | {_pruned_shape(dense)} | {dense['parameters'] / 1e6:.1f}M | {dense['prefill_s']:.3f} | "
+            f"1.00× | {fmt(dense['wikitext2_ppl'])} | {fmt(dense['ptb_ppl'])} |"
+        )
+        for ratio in settings["ratios"]:
+            for cell, name in target.items():
+                rs = _cell_runs(runs, cell, ratio)
+                refused = [r["refused"] for r in rs if "refused" in r]
+                if refused:
+                    lines.append(f"| {name} | {ratio:.0%} | refused: {refused[0][:140]} | | | | | | |")
+                    continue
+                if not rs:
+                    continue
+                lines.append(
+                    f"| {name} | {ratio:.0%} | {len(rs)} | {'; '.join(sorted({_pruned_shape(r) for r in rs}))} | "
+                    f"{statistics.mean(r['parameters'] for r in rs) / 1e6:.1f}M | "
+                    f"{statistics.mean(r['prefill_s'] for r in rs):.3f} | "
+                    f"{statistics.mean(r['prefill_speedup'] for r in rs):.2f}× | "
+                    f"{_mean_and_range([r['wikitext2_ppl'] for r in rs])} | "
+                    f"{fmt(statistics.mean(r['ptb_ppl'] for r in rs))} |"
+                )
+    data = files[0][1]
+    env, settings = data["environment"], data["settings"]
+    commands = "; ".join(
+        f"`python benchmarks/quality.py --preset cpu --plan latency --time-prefill {d['settings']['time_prefill']} "
+        f"--set 'ratios={d['settings']['ratios']}' --out {name}`"
+        for name, d in files
+    )
+    lines.append(
+        f"\n{env.get('gpu') or env['device']} ({env.get('cpu_count')} cores), torch {env['torch']}; "
+        f"{settings['steps']} LoRA steps of {settings['batch_size']} × {settings['block_size']} tokens, PiSSA, peak "
+        f"2e-4, perplexity on the first {settings['ppl_windows']} windows of 512 tokens; the models of one run "
+        f"(each block of rows, with its own dense) timed in turns after all its runs (median of 11), the latency "
+        f"table measured on the same CPU at the same length. {commands}."
+    )
+    return "\n".join(lines)
+
+
 def allocation_plot() -> str | None:
     """WikiText-2 perplexity against the pruned fraction for every allocation cell, seed ranges as bars."""
     try:
@@ -1414,10 +1482,43 @@ def allocation_plot() -> str | None:
     return "img/allocation.png"
 
 
+def latency_quality_plot() -> str | None:
+    """WikiText-2 perplexity against the measured prefill speedup, one line per target (the speed-quality trade)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [r for name in LATENCY_QUALITY_FILES if (RESULTS / name).exists() for r in _load_runs(name)]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for cell, label in (("lp-projected-lr2e-4", 'target="parameters"'), ("lp-projected-latency", 'target="latency"')):
+        points = sorted(
+            (r["prefill_speedup"], r["wikitext2_ppl"], r["ratio"])
+            for r in runs
+            if r["name"].startswith(cell + "@") and "prefill_speedup" in r
+        )
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=label)
+        for x, y, q in points:
+            ax.annotate(f"{q:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("prefill speedup over dense (256 tokens, measured)")
+    ax.set_ylabel("WikiText-2 perplexity (24 windows of 512)")
+    ax.set_title("SmolLM2-135M after 16 LoRAPrune steps, 2-core CPU: labels = ratio asked", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "img" / "latency_quality.png", dpi=110)
+    plt.close(fig)
+    return "img/latency_quality.png"
+
+
 def main() -> int:
     rows = quality_rows()
     out = ROOT / "docs" / "benchmarks.md"
-    made = plots(rows) + [p for p in [allocation_plot()] if p]
+    made = plots(rows) + [p for p in [allocation_plot(), latency_quality_plot()] if p]
     text = [
         BEGIN,
         "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
@@ -1509,6 +1610,12 @@ def main() -> int:
         "halves; `latency-synthetic` is the synthetic table, now with the right FFN shape):",
         "",
         latency_target_table("latency_target_cpu_ffn_replay.json"),
+        "",
+        '### target="parameters" vs target="latency" after the fine-tune (SmolLM2-135M, 2-core CPU)',
+        "",
+        latency_quality_table(),
+        "",
+        "![WikiText-2 against measured prefill speedup for the two targets](img/latency_quality.png)",
         "",
         "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
         "",

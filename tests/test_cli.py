@@ -113,6 +113,19 @@ def test_version_and_help_show_defaults_for_every_flag(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text and "(default 0: never)" in text
 
 
+def test_the_cli_fine_tunes_with_the_library_defaults():
+    """One measured default each (docs/benchmarks.md, the learning-rate sweep): the CLI's flags for the fine-tune
+    default to TrainConfig's values, so `tp-loraprune prune` and `prune(...)` train alike."""
+    from tp_loraprune.train import TrainConfig
+
+    prune = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    defaults = {a.dest: a.default for a in prune._actions}
+    train = TrainConfig()
+    for flag in ("lr", "warmup_ratio", "lr_schedule", "decay_ratio", "lora_r", "block_size"):
+        assert defaults[flag] == getattr(train, flag), flag
+    assert train.lr == 4e-4
+
+
 def _tiny_model_and_tokenizer(*a, **k):
     from tiny_tokenizer import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
