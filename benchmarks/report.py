@@ -1371,7 +1371,8 @@ def latency_target_table(name: str = "latency_target_h200.json") -> str:
     return "\n".join(lines)
 
 
-LATENCY_QUALITY_FILES = ("quality_latency_cpu.json", "quality_latency_2_cpu.json")  # 20 / 30%, then 40 / 50%
+# seed 0 at 20 / 30%, then at 40 / 50%; then seed 1 at every ratio
+LATENCY_QUALITY_FILES = ("quality_latency_cpu.json", "quality_latency_2_cpu.json", "quality_latency_s1_cpu.json")
 
 
 def _pruned_shape(r: dict) -> str:
@@ -1426,7 +1427,13 @@ def latency_quality_table() -> str:
     env, settings = data["environment"], data["settings"]
     commands = "; ".join(
         f"`python benchmarks/quality.py --preset cpu --plan latency --time-prefill {d['settings']['time_prefill']} "
-        f"--set 'ratios={d['settings']['ratios']}' --out {name}`"
+        f"--set 'ratios={d['settings']['ratios']}'"
+        + (
+            f" --set 'seeds={seeds}'"
+            if (seeds := sorted({r["seed"] for r in d["runs"] if r["method"] != "dense"})) != [0]
+            else ""
+        )
+        + f" --out {name}`"
         for name, d in files
     )
     lines.append(
@@ -1495,15 +1502,19 @@ def latency_quality_plot() -> str | None:
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for cell, label in (("lp-projected-lr2e-4", 'target="parameters"'), ("lp-projected-latency", 'target="latency"')):
-        points = sorted(
-            (r["prefill_speedup"], r["wikitext2_ppl"], r["ratio"])
-            for r in runs
-            if r["name"].startswith(cell + "@") and "prefill_speedup" in r
-        )
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=label)
-        for x, y, q in points:
-            ax.annotate(f"{q:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    targets = (("lp-projected-lr2e-4", 'target="parameters"', "C0"), ("lp-projected-latency", 'target="latency"', "C1"))
+    seeds = sorted({r["seed"] for r in runs if r["method"] != "dense"})
+    for seed, style in zip(seeds, ("-", "--", ":", "-."), strict=False):  # at most four seeds get a line style
+        for cell, label, color in targets:
+            points = sorted(
+                (r["prefill_speedup"], r["wikitext2_ppl"], r["ratio"])
+                for r in runs
+                if r["name"].startswith(cell + "@") and r["seed"] == seed and "prefill_speedup" in r
+            )
+            xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
+            ax.plot(xs, ys, marker="o", linestyle=style, color=color, label=f"{label}, seed {seed}")
+            for x, y, q in points:
+                ax.annotate(f"{q:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("prefill speedup over dense (256 tokens, measured)")
     ax.set_ylabel("WikiText-2 perplexity (24 windows of 512)")
