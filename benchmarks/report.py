@@ -926,8 +926,10 @@ def lr_rows() -> list[dict]:
         cell, _, rest = r["name"].partition("@")
         if cell in same and not rest.endswith("/s0"):
             rows.append(dict(r, name=f"{same[cell]}@{rest}"))
-    seen: set[str] = set()
-    return [r for r in rows if not (r["name"] in seen or seen.add(r["name"]))]  # a rerun counts once
+    once: dict[str, dict] = {}
+    for r in rows:  # a rerun of a cell and seed counts once: the first run of it
+        once.setdefault(r["name"], r)
+    return list(once.values())
 
 
 def _best(rows: list[dict], cells: list[str], ratio: float) -> tuple[str, float]:
@@ -1384,6 +1386,19 @@ def _pruned_shape(r: dict) -> str:
     return f"{heads} / {kv}, {ffn}"
 
 
+def _latency_plan_command(name: str, data: dict) -> str:
+    """The command that reproduces one latency-plan file: its ratios, and its seeds when not only seed 0."""
+    settings = data["settings"]
+    seeds = sorted({r["seed"] for r in data["runs"] if r["method"] != "dense"})
+    command = (
+        f"python benchmarks/quality.py --preset cpu --plan latency --time-prefill {settings['time_prefill']} "
+        f"--set 'ratios={settings['ratios']}'"
+    )
+    if seeds != [0]:
+        command += f" --set 'seeds={seeds}'"
+    return f"{command} --out {name}"
+
+
 def latency_quality_table() -> str:
     """target="parameters" vs target="latency" after the same LoRAPrune fine-tune: measured prefill and quality,
     each file's models timed in turns with its own dense model."""
@@ -1425,17 +1440,7 @@ def latency_quality_table() -> str:
                 )
     data = files[0][1]
     env, settings = data["environment"], data["settings"]
-    commands = "; ".join(
-        f"`python benchmarks/quality.py --preset cpu --plan latency --time-prefill {d['settings']['time_prefill']} "
-        f"--set 'ratios={d['settings']['ratios']}'"
-        + (
-            f" --set 'seeds={seeds}'"
-            if (seeds := sorted({r["seed"] for r in d["runs"] if r["method"] != "dense"})) != [0]
-            else ""
-        )
-        + f" --out {name}`"
-        for name, d in files
-    )
+    commands = "; ".join(f"`{_latency_plan_command(name, d)}`" for name, d in files)
     lines.append(
         f"\n{env.get('gpu') or env['device']} ({env.get('cpu_count')} cores), torch {env['torch']}; "
         f"{settings['steps']} LoRA steps of {settings['batch_size']} × {settings['block_size']} tokens, PiSSA, peak "
