@@ -865,7 +865,7 @@ LR_RATIOS = tuple(
     ("LoRAPrune vs Taylor fixed, peak 2e-4, r 32", "lp-projected-r32", "taylor-fixed-r32"),
     ("LoRAPrune vs Taylor fixed, peak 1e-3, r 32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3"),
     ("LoRAPrune, peak 4e-4 vs 1e-4 (the old TrainConfig default)", "lp-projected-lr4e-4", "lp-projected-lr1e-4"),
-    ("LoRAPrune, peak 4e-4 vs 1e-3 (the CLI's default)", "lp-projected-lr4e-4", "lp-projected-lr1e-3"),
+    ("LoRAPrune, peak 4e-4 vs 1e-3 (the CLI's old default)", "lp-projected-lr4e-4", "lp-projected-lr1e-3"),
 )
 
 
