@@ -219,7 +219,7 @@ _DEFAULT = {"lora_init": "pissa_niter_4", "gradient": "eq10"}
 R32 = ("lp-projected-r32", "taylor-fixed-r32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3")
 ALLOCATIONS_LR1E3 = ("lp-ffn_only-lr1e-3", "lp-fixed-lr1e-3", "taylor-default-lr1e-3", "taylor-ffn_only-lr1e-3")
 BEST_R32 = ("lp-projected-r32-lr4e-4", "taylor-default-r32-lr1e-3")
-LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # the learning-rate sweep: the API default, the benchmarks', 2x, the CLI's
+LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # old API default, the tables', 2x (the default since), old CLI default
 ALLOCATION_CELLS = {
     "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
     "lp-fixed": ("loraprune", _PISSA | {"allocation": "fixed"}),
