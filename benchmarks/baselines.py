@@ -149,19 +149,9 @@ def allocation_cost(pruner) -> dict:
     return {"before": sum(pruner._layer_totals().values()), "removed": sum(pruner._removed_by_layer().values())}
 
 
-@torch.no_grad()
 def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median of `repeats` prefills of `tokens` tokens after one warm-up."""
+    return prefill_seconds_in_turns({"model": model}, tokens, repeats, device)["model"]
 
 
 @torch.no_grad()

@@ -159,13 +159,18 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
         "prune_and_finetune_s": round(seconds, 2),
         "peak_gib": None if peak is None else round(peak, 3),
         "prune_events": events,
-        "layer_widths": [[w["heads"], w["kv_heads"], w["ffn"]] for w in layer_widths(merged)],  # per layer
+        "layer_widths": widths_per_layer(merged),
     }
     row.update(evaluate_model(merged, tokenizer, args, mmlu=mmlu))
     if args.time_prefill:  # timed with the others at the end
         args.timed_models[name] = merged
     del merged, model
     return row
+
+
+def widths_per_layer(model) -> list[list[int | None]]:
+    """[query heads, KV heads, FFN width] of every decoder layer."""
+    return [[w["heads"], w["kv_heads"], w["ffn"]] for w in layer_widths(model)]
 
 
 def time_prefills(models: dict, results: dict, args) -> None:
@@ -347,14 +352,13 @@ def gradient_plan(args) -> list[tuple]:
 
 
 def lr_plan(args) -> list[tuple]:
-    """The peak learning rate and the LoRA rank (docs/benchmarks.md): today's defaults and Taylor fixed at every
-    rate in `LRS` and every ratio, at rank 32 at the first and last ratio, first seed; the per-layer projected
-    cells (for their zero-shot); dense first."""
-    cells = [f"{m}-lr{lr}" for lr in LRS for m in ("lp-projected", "taylor-fixed")] + ["lp-auto-projected"]
-    wanted = {"dense"} | {f"{c}@{r}/s{args.seeds[0]}" for c in cells for r in args.ratios}
-    wanted |= {f"{c}@{r}/s{args.seeds[0]}" for c in ("lp-projected-r32", "taylor-fixed-r32") for r in args.ratios}
-    for c in ("lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3", *ALLOCATIONS_LR1E3, *BEST_R32):
-        wanted |= {f"{c}@{r}/s{args.seeds[0]}" for r in args.ratios}
+    """The peak learning rate and the LoRA rank (docs/benchmarks.md), dense first: today's defaults and Taylor fixed
+    at every rate in `LRS`, at rank 32 (`R32`), every allocation at 1e-3 and the best rank-32 fine-tunes, each at
+    every ratio for the first seed; the per-layer projected cells (for their zero-shot); and the extra seeds of the
+    decisive cells at the last ratio."""
+    first = [f"{m}-lr{lr}" for lr in LRS for m in ("lp-projected", "taylor-fixed")]
+    first += ["lp-auto-projected", *R32, *ALLOCATIONS_LR1E3, *BEST_R32]
+    wanted = {"dense"} | {f"{c}@{r}/s{args.seeds[0]}" for c in first for r in args.ratios}
     for c in ("lp-projected-lr4e-4", "taylor-fixed-lr4e-4", "lp-projected-lr1e-3", "taylor-fixed-lr1e-3", *R32):
         wanted |= {f"{c}@{args.ratios[-1]}/s{s}" for s in args.extra_seeds}
     return [run for run in allocation_plan(args) if run[0] in wanted]
@@ -596,7 +600,7 @@ def main(argv=None) -> int:
                 "seed": seed,
                 "parameters": count_parameters(dense),
                 "macs_per_token": macs_per_token(dense, args.ppl_seq_len),
-                "layer_widths": [[w["heads"], w["kv_heads"], w["ffn"]] for w in layer_widths(dense)],
+                "layer_widths": widths_per_layer(dense),
             }
             row.update(evaluate_model(dense, tokenizer, args))
             if args.time_prefill:

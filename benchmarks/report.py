@@ -838,6 +838,7 @@ def gradient_table() -> str:
 
 
 LR_FILES = tuple(f"quality_lr_{k}_h200.json" for k in range(1, 7))  # 16 workers each (the last: 6, no zero-shot)
+LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # the peaks of the sweep (benchmarks/quality.py)
 # (row label, fine-tune, cell): today's defaults and Taylor fixed under the same fine-tunes
 LR_ROWS = (
     tuple(
@@ -846,7 +847,7 @@ LR_ROWS = (
             ("LoRAPrune, the defaults", "lp-projected"),
             ("Taylor (full gradients), fixed", "taylor-fixed"),
         )
-        for lr in ("1e-4", "2e-4", "4e-4", "1e-3")
+        for lr in LRS
     )
     + tuple(
         (label, f"linear, peak {lr}, r 32", f"{cell}-r32{suffix}")
@@ -859,8 +860,7 @@ LR_ROWS = (
     + (("LoRAPrune, per-layer widths (`uniform=False`, round_to=1)", "linear, peak 2e-4, r 8", "lp-auto-projected"),)
 )
 LR_RATIOS = tuple(
-    (f"LoRAPrune vs Taylor fixed, peak {lr}, r 8", f"lp-projected-lr{lr}", f"taylor-fixed-lr{lr}")
-    for lr in ("1e-4", "2e-4", "4e-4", "1e-3")
+    (f"LoRAPrune vs Taylor fixed, peak {lr}, r 8", f"lp-projected-lr{lr}", f"taylor-fixed-lr{lr}") for lr in LRS
 ) + (
     ("LoRAPrune vs Taylor fixed, peak 2e-4, r 32", "lp-projected-r32", "taylor-fixed-r32"),
     ("LoRAPrune vs Taylor fixed, peak 1e-3, r 32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3"),
@@ -880,10 +880,6 @@ LR_ALLOCATION_ROWS = (
     ("LoRAPrune, the defaults (auto, uniform)", "linear, peak 4e-4, r 32", "lp-projected-r32-lr4e-4"),
     ("Taylor, the default allocator (auto, uniform)", "linear, peak 1e-3, r 32", "taylor-default-r32-lr1e-3"),
 )
-# the default allocator, each criterion at its best fine-tune of the grid
-BEST_DEFAULT_LP = ("lp-projected-lr1e-4", "lp-projected-lr2e-4", "lp-projected-lr4e-4", "lp-projected-lr1e-3")
-BEST_DEFAULT_LP += ("lp-projected-r32", "lp-projected-r32-lr1e-3", "lp-projected-r32-lr4e-4")
-BEST_DEFAULT_TAYLOR = ("taylor-default-lr1e-3", "taylor-default-r32-lr1e-3")
 LR_ALLOCATION_RATIOS = (
     ("LoRAPrune vs Taylor, both in the default allocator", "lp-projected-lr1e-3", "taylor-default-lr1e-3"),
     ("LoRAPrune vs Taylor, both ffn_only", "lp-ffn_only-lr1e-3", "taylor-ffn_only-lr1e-3"),
@@ -900,14 +896,11 @@ def lr_allocation_table() -> str:
     ratios = (0.2, 0.3, 0.5)
     lines = _seeded_table(rows, LR_ALLOCATION_ROWS, "pruner", ratios, ptb=True)
     lines += ["", *_ratio_rows(rows, LR_ALLOCATION_RATIOS, ratios)]
-    tune = {cell: fine_tune.removeprefix("linear, peak ") for _, fine_tune, cell in (*LR_ROWS, *LR_ALLOCATION_ROWS)}
-    best = []
-    for q in ratios:
-        (a, x), (b, y) = _best(rows, list(BEST_DEFAULT_LP), q), _best(rows, list(BEST_DEFAULT_TAYLOR), q)
-        best.append(f"{x / y:.2f}× ({tune[a]} vs {tune[b]})")
-    lines.append(
-        "| LoRAPrune vs Taylor in the default allocator, each at its best fine-tune | " + " | ".join(best) + " |"
-    )
+    specs = (*LR_ROWS, *LR_ALLOCATION_ROWS)  # the default allocator: LoRAPrune's defaults, Taylor's default cells
+    lp = [c for _, _, c in specs if c.startswith("lp-projected")]
+    taylor = [c for _, _, c in specs if c.startswith("taylor-default")]
+    label = "LoRAPrune vs Taylor in the default allocator, each at its best fine-tune"
+    lines.append(_best_ratio_row(rows, label, lp, taylor, specs, ratios))
     lines.append(
         f"\nThe same protocol as the table above; the allocation cells first seed only, `{LR_FILES[-2]}`; the rank-32 "
         f"rows `{LR_FILES[-1]}` (6 workers, perplexity only). Taylor's scores in the default allocator chose FFN "
@@ -939,6 +932,16 @@ def _best(rows: list[dict], cells: list[str], ratio: float) -> tuple[str, float]
     return best, means[best]
 
 
+def _best_ratio_row(rows: list[dict], label: str, lp: list[str], taylor: list[str], specs, ratios) -> str:
+    """A ratio-table line: per ratio, LoRAPrune's best cell over Taylor's best, naming both fine-tunes."""
+    tune = {cell: fine_tune.removeprefix("linear, peak ") for _, fine_tune, cell in specs}
+    cols = []
+    for q in ratios:
+        (a, x), (b, y) = _best(rows, lp, q), _best(rows, taylor, q)
+        cols.append(f"{x / y:.2f}× ({tune[a]} vs {tune[b]})")
+    return f"| {label} | " + " | ".join(cols) + " |"
+
+
 def lr_table() -> str:
     """The peak learning rate and the LoRA rank of the fine-tune, for LoRAPrune's defaults and Taylor fixed."""
     rows = lr_rows()
@@ -949,12 +952,8 @@ def lr_table() -> str:
     lines += ["", *_ratio_rows(rows, LR_RATIOS, ratios)]
     lp = [c for _, _, c in LR_ROWS if c.startswith("lp-")]
     taylor = [c for _, _, c in LR_ROWS if c.startswith("taylor-")]
-    tune = {cell: fine_tune.removeprefix("linear, peak ") for _, fine_tune, cell in LR_ROWS}
-    best = []
-    for q in ratios:
-        (a, x), (b, y) = _best(rows, lp, q), _best(rows, taylor, q)
-        best.append(f"{x / y:.2f}× ({tune[a]} vs {tune[b]})")
-    lines.append("| LoRAPrune vs Taylor fixed, each at its best fine-tune in this grid | " + " | ".join(best) + " |")
+    label = "LoRAPrune vs Taylor fixed, each at its best fine-tune in this grid"
+    lines.append(_best_ratio_row(rows, label, lp, taylor, LR_ROWS, ratios))
     lines.append(
         "\n100 steps of 8 × 256 tokens (C4), PiSSA for LoRAPrune, α = 2r, the defaults otherwise (uniform auto, "
         "projected gradient, aligned widths); zero-shot 100 per task. "
