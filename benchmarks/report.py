@@ -958,7 +958,10 @@ def lr_table() -> str:
         "\n100 steps of 8 × 256 tokens (C4), PiSSA for LoRAPrune, α = 2r, the defaults otherwise (uniform auto, "
         "projected gradient, aligned widths); zero-shot 100 per task. "
         f"`{'`, `'.join(LR_FILES)}` (16 workers on one H200 each); the peak-2e-4 rows' seeds 1 and 2 are the "
-        f"gradient table's runs of the same configuration (`{GRADIENT_FILE}`, `{GRADIENT_MORE_FILES[0]}`)."
+        f"gradient table's runs of the same configuration (`{GRADIENT_FILE}`, `{GRADIENT_MORE_FILES[0]}`). Command "
+        "(all of the plan; the stored files are its runs split over six calls with `--only`): `python "
+        "benchmarks/quality.py --plan lr --workers 16 --set zs_limit=100 --mmlu-limit 0 --extra-seq-lens 128 "
+        "--model <SmolLM2 gguf> --data-dir <data> --out quality_lr_h200.json`."
     )
     return "\n".join(lines)
 
