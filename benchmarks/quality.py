@@ -224,6 +224,10 @@ _DEFAULT = {"lora_init": "pissa_niter_4", "gradient": "eq10"}
 R32 = ("lp-projected-r32", "taylor-fixed-r32", "lp-projected-r32-lr1e-3", "taylor-fixed-r32-lr1e-3")
 ALLOCATIONS_LR1E3 = ("lp-ffn_only-lr1e-3", "lp-fixed-lr1e-3", "taylor-default-lr1e-3", "taylor-ffn_only-lr1e-3")
 BEST_R32 = ("lp-projected-r32-lr4e-4", "taylor-default-r32-lr1e-3")
+SEPARATE = ("lp-separate-lr4e-4", "lp-separate-lr1e-3")
+# the tuned comparisons run at every seed and ratio: today's defaults, Taylor fixed and in the default allocator at
+# its best peak, each at its best fine-tune, and LoRAPrune's scores used one-shot ("separate") at both peaks
+TUNED = ("lp-projected-lr4e-4", "taylor-fixed-lr1e-3", "taylor-default-lr1e-3", *BEST_R32, *SEPARATE)
 LRS = ("1e-4", "2e-4", "4e-4", "1e-3")  # old API default, the tables', 2x (the default since), old CLI default
 ALLOCATION_CELLS = {
     "lp-auto": ("loraprune", _PISSA | {"uniform": False}),
@@ -270,6 +274,9 @@ ALLOCATION_CELLS = {
     "lp-fixed-lr1e-3": ("loraprune", {"lora_init": "pissa_niter_4", "round_to": 1, "allocation": "fixed", "lr": 1e-3}),
     "taylor-default-lr1e-3": ("taylor", {"lr": 1e-3}),
     "taylor-ffn_only-lr1e-3": ("taylor", {"allocation": "ffn_only", "lr": 1e-3}),
+    # LoRAPrune's scores from the calibration batches Taylor gets, then one-shot and the same fine-tune as Taylor:
+    # tells the progressive schedule's share of the result from the criterion's
+    **{f"lp-separate-lr{lr}": ("separate", {"lora_init": "pissa_niter_4", "lr": float(lr)}) for lr in ("4e-4", "1e-3")},
     # ratio of the pruned layers' measured prefill time instead of their parameters (`--plan latency`)
     "lp-projected-latency": ("loraprune", {"lora_init": "pissa_niter_4", "target": "latency"}),
 }
@@ -278,6 +285,7 @@ ALLOCATION_CELLS = {
 # cells run at every seed: the auto allocations and their strongest fixed rival
 SEEDED_CELLS = (
     *R32,
+    *TUNED,
     "lp-projected-lr4e-4",
     "taylor-fixed-lr4e-4",
     "lp-projected-lr1e-3",
@@ -354,13 +362,14 @@ def gradient_plan(args) -> list[tuple]:
 def lr_plan(args) -> list[tuple]:
     """The peak learning rate and the LoRA rank (docs/benchmarks.md), dense first: today's defaults and Taylor fixed
     at every rate in `LRS`, at rank 32 (`R32`), every allocation at 1e-3 and the best rank-32 fine-tunes, each at
-    every ratio for the first seed; the per-layer projected cells (for their zero-shot); and the extra seeds of the
-    decisive cells at the last ratio."""
+    every ratio for the first seed; the per-layer projected cells (for their zero-shot); LoRAPrune's scores one-shot
+    (`SEPARATE`); the extra seeds of the decisive cells at the last ratio and of the `TUNED` ones at every ratio."""
     first = [f"{m}-lr{lr}" for lr in LRS for m in ("lp-projected", "taylor-fixed")]
-    first += ["lp-auto-projected", *R32, *ALLOCATIONS_LR1E3, *BEST_R32]
+    first += ["lp-auto-projected", *R32, *ALLOCATIONS_LR1E3, *BEST_R32, *SEPARATE]
     wanted = {"dense"} | {f"{c}@{r}/s{args.seeds[0]}" for c in first for r in args.ratios}
     for c in ("lp-projected-lr4e-4", "taylor-fixed-lr4e-4", "lp-projected-lr1e-3", "taylor-fixed-lr1e-3", *R32):
         wanted |= {f"{c}@{args.ratios[-1]}/s{s}" for s in args.extra_seeds}
+    wanted |= {f"{c}@{r}/s{s}" for c in TUNED for r in args.ratios for s in args.extra_seeds}
     return [run for run in allocation_plan(args) if run[0] in wanted]
 
 

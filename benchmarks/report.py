@@ -903,9 +903,110 @@ def lr_allocation_table() -> str:
     lines.append(_best_ratio_row(rows, label, lp, taylor, specs, ratios))
     lines.append(
         f"\nThe same protocol as the table above; the allocation cells first seed only, `{LR_FILES[-2]}`; the rank-32 "
-        f"rows `{LR_FILES[-1]}` (6 workers, perplexity only). Taylor's scores in the default allocator chose FFN "
-        "channels only at 20% (the same model as ffn_only) and the fixed rule's shape at 50% (the same perplexity as "
-        "Taylor fixed at both ranks). Ratios are of seed means (3 seeds where the row says so, else seed 0)."
+        f"rows `{LR_FILES[-1]}` (6 workers, perplexity only); seeds 1 and 2 of Taylor in the default allocator and of "
+        f"the rank-32 rows `{'`, `'.join(LR_SEED_FILES)}` (with zero-shot). Taylor's scores in the default allocator "
+        "chose FFN channels only at 20% (the same model as ffn_only) and the fixed rule's shape at 50% (the same "
+        "perplexity as Taylor fixed at both ranks). Ratios are of seed means (3 seeds where the row says so, else "
+        "seed 0)."
+    )
+    return "\n".join(lines)
+
+
+# the tuned comparison at every seed and ratio, and LoRAPrune's scores one-shot (`quality.py --plan lr`, TUNED cells)
+LR_SEED_FILES = ("quality_lr_7_h200.json", "quality_lr_8_h200.json")
+_ONE_SHOT = 'LoRAPrune\'s scores one-shot ("separate"), the default allocator'
+# (row label, fine-tune, cell): each pruner at the peak that suits it (the sweep above), three seeds
+TUNED_ROWS = (
+    ("LoRAPrune, the defaults (auto, uniform)", "linear, peak 4e-4, r 8", "lp-projected-lr4e-4"),
+    ("LoRAPrune, the defaults (auto, uniform)", "linear, peak 4e-4, r 32", "lp-projected-r32-lr4e-4"),
+    (_ONE_SHOT, "linear, peak 4e-4, r 8", "lp-separate-lr4e-4"),
+    (_ONE_SHOT, "linear, peak 1e-3, r 8", "lp-separate-lr1e-3"),
+    ("Taylor, the default allocator (auto, uniform)", "linear, peak 1e-3, r 8", "taylor-default-lr1e-3"),
+    ("Taylor, the default allocator (auto, uniform)", "linear, peak 1e-3, r 32", "taylor-default-r32-lr1e-3"),
+    ("Taylor, fixed (round_to=1)", "linear, peak 1e-3, r 8", "taylor-fixed-lr1e-3"),
+)
+TUNED_RATIOS = (
+    ("LoRAPrune vs Taylor in the default allocator, r 8 (target ≤ 1)", "lp-projected-lr4e-4", "taylor-default-lr1e-3"),
+    ("the same, r 32", "lp-projected-r32-lr4e-4", "taylor-default-r32-lr1e-3"),
+    ("LoRAPrune vs Taylor fixed, r 8 (target ≤ 0.80)", "lp-projected-lr4e-4", "taylor-fixed-lr1e-3"),
+    ("LoRAPrune one-shot vs progressive, peak 4e-4", "lp-separate-lr4e-4", "lp-projected-lr4e-4"),
+    ("LoRAPrune one-shot at 1e-3 vs progressive at 4e-4", "lp-separate-lr1e-3", "lp-projected-lr4e-4"),
+)
+
+
+def _seed_ranges(rows: list[dict], a: str, b: str, ratio: float) -> str:
+    """'apart' when the WikiText-2 seed ranges of two cells (two seeds or more each) do not overlap, else
+    'overlap'; '' with fewer seeds."""
+    x, y = ([r["wikitext2_ppl"] for r in _cell_runs(rows, c, ratio)] for c in (a, b))
+    if len(x) < 2 or len(y) < 2:
+        return ""
+    return "apart" if max(x) < min(y) or max(y) < min(x) else "overlap"
+
+
+def tuned_table() -> str:
+    """Each pruner at the fine-tune that suits it, three seeds at every ratio; LoRAPrune's scores used one-shot."""
+    rows = lr_rows()
+    ratios = (0.2, 0.3, 0.5)
+    lines = _seeded_table(rows, TUNED_ROWS, "pruner", ratios, ptb=True)
+    head = "| WikiText-2 perplexity ratio (seed ranges) | " + " | ".join(f"{int(q * 100)}%" for q in ratios) + " |"
+    lines += ["", head]
+    lines.append("|" + "---|" * (1 + len(ratios)))
+    for label, a, b in TUNED_RATIOS:
+        cols = []
+        for q in ratios:
+            x, y, apart = _cell_mean(rows, a, q), _cell_mean(rows, b, q), _seed_ranges(rows, a, b, q)
+            cols.append(f"{x / y:.2f}×" + (f" ({apart})" if apart else "") if x and y else "–")
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    lines.append(
+        "\nRatios of seed means; (apart): the min–max ranges over seeds 0–2 do not overlap. The protocol of the sweep "
+        "above (100 steps of 8 × 256 tokens of C4, zero-shot 100 per task); seeds 1 and 2 of the 20% and 30% cells "
+        f"and the one-shot rows: `{'`, `'.join(LR_SEED_FILES)}` (16 workers each). One-shot: the scores are "
+        "accumulated over the 8 calibration batches Taylor gets, the whole ratio is removed at step 0, and the same "
+        "100 steps fine-tune; progressive: the defaults, 8 prune events between steps 10 and 90. Command: "
+        "`python benchmarks/quality.py --plan lr --workers 16 --set zs_limit=100 --mmlu-limit 0 --extra-seq-lens 128 "
+        "--only <the TUNED cells> ...`."
+    )
+    return "\n".join(lines)
+
+
+# the tuned cells' zero-shot on up to 3000 examples per task (4 and 9 workers; the 9-worker run's lm-eval ran out of
+# GPU memory at batch 64 for the cells the 4-worker run then measured)
+ZERO_SHOT_FILES = ("quality_zeroshot_3000_h200.json", "quality_zeroshot_3000_b_h200.json")
+
+
+def zero_shot_table() -> str:
+    """Per-task zero-shot accuracy of the tuned cells on up to 3000 examples per task, with the mean without BoolQ."""
+    runs = [r for name in ZERO_SHOT_FILES for r in _load_runs(name) if "zero_shot" in r]
+    if not runs:
+        return f"(no `{ZERO_SHOT_FILES[0]}` yet)"
+    tasks = [t for t in runs[0]["zero_shot"] if t != "mean"]
+    labels = {cell: f"{label}, {tune.removeprefix('linear, peak ')}" for label, tune, cell in TUNED_ROWS}
+    labels["lp-projected-lr1e-3"] = "LoRAPrune, the defaults (auto, uniform), 1e-3, r 8"
+    head = "| pruner | ratio | WikiText-2 | " + " | ".join(t.removesuffix("_local") for t in tasks)
+    lines = [head + " | mean | mean without BoolQ |", "|" + "---|" * (5 + len(tasks))]
+    order = {cell: i for i, cell in enumerate(labels)}
+    for r in sorted(runs, key=lambda r: (r["ratio"], order.get(r["name"].split("@")[0], -1))):
+        cell = r["name"].split("@")[0]
+        z = r["zero_shot"]
+        rest = [100 * z[t] for t in tasks if t != "boolq_local"]
+        cols = [fmt(100 * z[t]) for t in tasks] + [fmt(100 * z["mean"]), fmt(sum(rest) / len(rest))]
+        label = "dense" if cell == "dense" else labels.get(cell, cell)
+        lines.append(f"| {label} | {int(100 * r['ratio'])}% | {fmt(r['wikitext2_ppl'])} | " + " | ".join(cols) + " |")
+    earlier = {r["name"]: r["wikitext2_ppl"] for r in lr_rows()}
+    same = sum(earlier.get(r["name"]) == r["wikitext2_ppl"] for r in runs)
+    boolq = [100 * r["zero_shot"]["boolq_local"] for r in runs]
+    lines.append(
+        f"\nSeed 0 of each cell, fine-tuned again ({same} of {len(runs)} give the WikiText-2 of the tables above to "
+        "the last digit); lm-eval 0.4.13, `limit=3000`: hellaswag 3000 of 10042 and boolq 3000 of 3270 examples, "
+        "every example of the others "
+        "(piqa 1838, winogrande 1267, arc_easy 2376, arc_challenge 1172, openbookqa 500), so a task's standard error "
+        "is about ±1 point (±2 on openbookqa). BoolQ is a yes/no task on which this model's answer bias decides the "
+        'score: 62.2% of these examples are "yes", which a model that always answers yes scores; here BoolQ '
+        f"ranges from {fmt(min(boolq))} to {fmt(max(boolq))} across rows of one ratio whose other six tasks differ by "
+        "a point or two, so the mean without it is the comparison to read. The first file's runs without zero-shot ran "
+        "lm-eval out of GPU memory (9 workers at batch 64); the second measured them again (4 workers, batch 32). "
+        f"`{'`, `'.join(ZERO_SHOT_FILES)}`; command: the table above's with `--set zs_limit=3000 --set "
+        "zs_batch_size=32 --workers 4 --mmlu-limit 0`."
     )
     return "\n".join(lines)
 
@@ -913,7 +1014,7 @@ def lr_allocation_table() -> str:
 def lr_rows() -> list[dict]:
     """The learning-rate / rank runs; the peak-2e-4 cells' seeds past the first from the gradient table's runs of
     the same configuration (`lp-default-projected`, `taylor-fixed`: PiSSA, projected, linear 2e-4, r 8)."""
-    rows = [r for name in LR_FILES for r in _load_runs(name)]
+    rows = [r for name in (*LR_FILES, *LR_SEED_FILES) for r in _load_runs(name)]
     same = {"lp-default-projected": "lp-projected-lr2e-4", "taylor-fixed": "taylor-fixed-lr2e-4"}
     for r in [r for name in (GRADIENT_FILE, *GRADIENT_MORE_FILES) for r in _load_runs(name)]:
         cell, _, rest = r["name"].partition("@")
@@ -1564,6 +1665,14 @@ def main() -> int:
         "Every allocation again at peak 1e-3 (the best peak for Taylor at every ratio, and for LoRAPrune at 50%):",
         "",
         lr_allocation_table(),
+        "",
+        "Each pruner at the fine-tune that suits it, three seeds at every ratio, and LoRAPrune's scores used one-shot:",
+        "",
+        tuned_table(),
+        "",
+        "Zero-shot of the tuned cells on up to 3000 examples per task (the tables above use 100):",
+        "",
+        zero_shot_table(),
         "",
         "What the projected gradient costs per step (all LoRA layers scored once, random factors, bf16 W, r = 8; "
         "`benchmarks/scoring_kernel.py --model smollm2|llama7b`; per layer: two r×r pseudo-inverses and the left "
