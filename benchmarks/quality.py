@@ -108,6 +108,11 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     lora_r = overrides.pop("lora_r", 8)  # another LoRA rank for this run only (alpha stays 2 * r)
     if overrides.get("target") == "latency" and args.time_prefill:  # the table is timed at the timed length
         overrides.setdefault("latency_tokens", args.time_prefill)
+    shared_table = None  # --latency-table: the first latency run writes it, every later one allocates by it
+    if overrides.get("target") == "latency" and args.latency_table:
+        shared_table = Path(args.latency_table)
+        if shared_table.is_file():
+            overrides["latency_table"] = str(shared_table)
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=prune_every, **overrides)
     train = TrainConfig(
         lr=lr,
@@ -132,6 +137,8 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     if method == "loraprune":
         result = prune(model, tokenizer, blocks, config, train, dequantize=not keep_quantized)
         merged, events = result.model, len(result.events)
+        if shared_table is not None and result.latency_table is not None and not shared_table.is_file():
+            result.latency_table.save(shared_table)
     else:
         peft_model = prepare_lora_model(model, train)
         batches = calibration_batches(blocks, args.calibration_batches, args.batch_size, device)
@@ -545,6 +552,12 @@ def main(argv=None) -> int:
         default=0,
         help="also time a prefill of this many tokens of every model (median of 11, all models in turns at the "
         "end; keeps them in memory); 0 skips it",
+    )
+    p.add_argument(
+        "--latency-table",
+        default=None,
+        help='target="latency" runs share this table: the first one measures and writes it, the rest reuse it '
+        "(LoRAPruneConfig.latency_table), so they allocate by the same costs",
     )
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--ppl-seq-len", type=int, default=512)

@@ -20,6 +20,7 @@ from tp_loraprune.allocation import (
     per_group_head_units,
     removable,
 )
+from tp_loraprune.latency_table import LatencyTable
 from tp_loraprune.models import count_parameters
 
 ALL3 = [0, 1, 2]
@@ -290,9 +291,75 @@ def test_latency_target_saves_the_measured_time_within_budget_and_stays_exact():
     )
 
 
+def test_per_group_latency_table_covers_whole_kv_groups_below_one_query_head_per_group():
+    """per_group with 3 query heads per KV group: once a group is down to one query head, the allocation removes
+    whole KV groups at the next event, so the table must time those states too, and a target that goes there prunes
+    and runs."""
+    with pytest.warns(UserWarning, match="experimental"):
+        model, pruner = _trained(
+            kv_heads=2, ratio=0.55, target="latency", latency_tokens=512, uniform=False, min_ffn_width=40
+        )
+    for times in pruner.latency_table.attention.values():
+        assert sorted(times) == [(0, 0), (1, 1), (2, 2), (4, 2), (6, 2)]
+    for progress in (0.25, 0.5, 0.75, 1.0):  # a layer at one query head per group can lose KV groups next event
+        pruner.prune(progress)
+    heads = [layer.self_attn.o_proj.in_features // 4 for layer in peft_layers(model)]
+    assert min(heads) < 2  # some layer went below one query head per KV group
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_a_saved_latency_table_is_reused_without_timing_and_allocates_the_same(tmp_path, monkeypatch):
+    """A second pruner given the first one's table times nothing and, with the same scores, removes the same
+    heads and channels within the same budget."""
+    import tp_loraprune.latency as latency
+
+    with pytest.warns(UserWarning, match="target='latency' is experimental"):
+        model, pruner = _trained(kv_heads=2, ratio=0.3, target="latency", latency_tokens=512, uniform=False)
+    path = tmp_path / "latency_table.json"
+    pruner.latency_table.save(path)
+    twin, scores = copy.deepcopy((model, pruner.importance))
+
+    def no_timing(*a, **k):
+        raise AssertionError("a reused latency table must not be measured again")
+
+    monkeypatch.setattr(latency, "fastest_seconds", no_timing)
+    config = LoRAPruneConfig(
+        layers=ALL3, ratio=0.3, target="latency", latency_tokens=512, uniform=False, latency_table=str(path)
+    )
+    with pytest.warns(UserWarning, match="experimental"):
+        reused = LoRAPruner(twin, config, importance=scores)
+    assert reused.latency_table == pruner.latency_table  # the JSON round trip is exact
+    assert reused.budget == pruner.budget
+    assert reused.prune(1.0)["removed"] == pruner.prune(1.0)["removed"]
+
+
+def test_a_latency_table_of_another_model_or_setting_is_refused_before_any_change(tmp_path):
+    with pytest.warns(UserWarning, match="experimental"):
+        _, pruner = _trained(kv_heads=2, ratio=0.3, target="latency", latency_tokens=512, uniform=False, steps=1)
+    path = tmp_path / "t.json"
+    pruner.latency_table.save(path)
+    other = wrap_peft(build_llama(kv_heads=2))
+    before = copy.deepcopy(other.state_dict())
+    cases = [
+        (dict(layers=[0, 1], latency_tokens=512), "not this model's pruned blocks"),
+        (dict(layers=ALL3, latency_tokens=256), "measured for prefill at 512 tokens"),
+        (dict(layers=ALL3, latency_tokens=512, head_mode="kv_groups"), "the allocation can reach"),
+    ]
+    for kwargs, shown in cases:
+        config = LoRAPruneConfig(ratio=0.3, target="latency", uniform=False, latency_table=str(path), **kwargs)
+        with pytest.warns(UserWarning, match="experimental"), pytest.raises(ValueError, match=re.escape(shown)):
+            LoRAPruner(other, config)
+    assert all(torch.equal(t, before[k]) for k, t in other.state_dict().items())
+    (tmp_path / "bad.json").write_text('{"ffn": {}}')
+    with pytest.raises(ValueError, match="is not a latency table"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
 @pytest.mark.parametrize(
     "kwargs, shown",
     [
+        (dict(latency_table="latency_table.json"), "only under target='latency'"),
+        (dict(target="latency", latency_table="/no/such/latency_table.json"), "is not a file"),
         (dict(target="latency", allocation="fixed"), "allocation='auto'"),
         (dict(target="latency", head_ratio=0.2), "head_ratio=0.2"),
         (dict(target="flops"), "flops"),

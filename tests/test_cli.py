@@ -186,6 +186,31 @@ def test_prune_reports_in_domain_and_wikitext_perplexity_and_a_generation(tmp_pa
     assert train["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def test_a_latency_run_writes_its_table_and_the_next_run_reuses_it(tmp_path, monkeypatch):
+    """--target latency writes latency_table.json next to the model; --latency-table in a second run reads it (and
+    times nothing), which with the same seed gives the same model."""
+    import tp_loraprune.latency as latency
+
+    monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", _tiny_model_and_tokenizer)
+    argv = ["prune", "--model", str(_model_dir(tmp_path)), "--steps", "4", "--prune-every", "2", "--block-size", "32"]
+    argv += ["--max-blocks", "8", "--heldout", "1", "--eval-windows", "0", "--target", "latency"]
+    argv += ["--latency-tokens", "16", "--ratio", "0.1"]
+    with pytest.warns(UserWarning, match="experimental"):
+        assert cli.main([*argv, "--out", str(tmp_path / "first")]) == 0
+    table = tmp_path / "first" / "latency_table.json"
+    assert json.loads(table.read_text())["tokens"] == 16
+
+    def no_timing(*a, **k):
+        raise AssertionError("--latency-table must not time the blocks again")
+
+    monkeypatch.setattr(latency, "fastest_seconds", no_timing)
+    with pytest.warns(UserWarning, match="experimental"):
+        assert cli.main([*argv, "--out", str(tmp_path / "second"), "--latency-table", str(table)]) == 0
+    first, second = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("first", "second"))
+    assert second["parameters_after"] == first["parameters_after"] < first["parameters_before"]
+    assert json.loads((tmp_path / "second" / "prune_log.json").read_text())["config"]["latency_table"] == str(table)
+
+
 def test_prune_without_evaluation_data_says_how_to_get_the_general_text_number(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("tp_loraprune.loading.load_model_and_tokenizer", _tiny_model_and_tokenizer)
     monkeypatch.setattr("tp_loraprune.eval.find_data_dir", lambda data_dir=None: None)

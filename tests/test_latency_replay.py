@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tp_loraprune.latency import fastest_seconds
+from tp_loraprune.latency import fastest_seconds, interpolate
 from tp_loraprune.latency_replay import (
     attention_seconds,
     block_inputs,
@@ -109,7 +109,7 @@ def test_a_block_that_cannot_be_replayed_is_timed_synthetic_with_a_warning():
         pruner = LoRAPruner(
             model, LoRAPruneConfig(ratio=0.2, layers=[0, 1], target="latency", latency_tokens=64, uniform=False)
         )
-    assert all(t > 0 for times in pruner._attention_times.values() for state, t in times.items() if state[0])
+    assert all(t > 0 for times in pruner.latency_table.attention.values() for state, t in times.items() if state[0])
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
@@ -172,9 +172,9 @@ def test_the_pruner_replays_llama_ffns_and_times_the_others_synthetic(monkeypatc
     config = LoRAPruneConfig(ratio=0.02, layers=[0, 1], target="latency", latency_tokens=16)
     with pytest.warns(UserWarning, match="experimental"):
         pruner = LoRAPruner(model, config)
-    assert synthetic == [] and len(pruner._ffn_timers) == 2
-    timer = next(iter(pruner._ffn_timers.values()))
-    assert timer(48) >= timer(24) >= timer(0) == 0.0
+    assert synthetic == [] and len(pruner.latency_table.ffn) == 2
+    times = next(iter(pruner.latency_table.ffn.values()))
+    assert interpolate(times, 48) >= interpolate(times, 24) >= interpolate(times, 0) == 0.0
 
 
 def test_a_synthetic_ffn_is_timed_at_the_model_width_with_both_input_projections(monkeypatch):

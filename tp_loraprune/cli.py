@@ -98,6 +98,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-tokens", type=int, default=2048, help="--target latency: prefill length (or cache)")
     g.add_argument("--latency-phase", choices=["prefill", "decode"], default="prefill", help="--target latency")
     g.add_argument(
+        "--latency-table",
+        default=None,
+        help="--target latency: reuse the latency_table.json an earlier run on this device wrote next to its model "
+        "instead of timing again (every run then sees the same costs)",
+    )
+    g.add_argument(
         "--ranking",
         choices=["local", "global"],
         default="local",
@@ -511,6 +517,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             target=args.target,
             latency_tokens=args.latency_tokens,
             latency_phase=args.latency_phase,
+            latency_table=args.latency_table,
             round_to=args.round_to,
             servable=args.servable,
             gradient=args.gradient,
@@ -625,6 +632,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     allocation = _allocation(result.summary, kept)
     files = {"prune_log.json": log_json(result, config, train), "report.json": json.dumps(report, indent=2)}
+    if result.latency_table is not None:  # for --latency-table in the next run on this device
+        files["latency_table.json"] = result.latency_table.to_json()
     llama = getattr(getattr(result.model, "config", None), "model_type", None) == "llama"
     layout = saved_layout(result.model)
     files |= _card_files(args, out, allocation, widths_before, kept, report, gguf=llama, layout=layout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -38,6 +39,9 @@ class LoRAPruneConfig:
             time, measured once on the model's device (`tp_loraprune.latency`) for a prefill of `latency_tokens`
             tokens (`latency_phase="prefill"`) or one decode step against a cache that long ("decode"); the
             allocation then removes what saves the most time per unit of score.
+        latency_table: a JSON file of those timings from an earlier run on the same device, model and pruned layers
+            (`LoRAPruner.latency_table.save(path)`; the CLI writes `latency_table.json` next to the model), used
+            instead of measuring again, so that every run sees the same costs; checked against the model first.
 
     Heads:
         head_mode: "per_group" removes the same number of query heads from every KV group (KV heads stay);
@@ -102,6 +106,7 @@ class LoRAPruneConfig:
     target: Literal["parameters", "latency"] = "parameters"
     latency_tokens: int = 2048
     latency_phase: Literal["prefill", "decode"] = "prefill"
+    latency_table: str | None = None
     total_steps: int = 200
     prune_every: int = 10
     schedule: Literal["cubic", "linear"] = "cubic"
@@ -172,6 +177,18 @@ class LoRAPruneConfig:
             )
         if self.latency_tokens < 1:
             raise ValueError(f"`latency_tokens` must be >= 1, got {self.latency_tokens}.")
+        if self.latency_table is not None:
+            self.latency_table = os.fspath(self.latency_table)  # a Path too; stored as text (saved in JSON)
+            if self.target != "latency":
+                raise ValueError(
+                    f"latency_table={self.latency_table!r} is read only under target='latency' (got target="
+                    f"{self.target!r}). Pass target='latency', or leave latency_table=None."
+                )
+            if not os.path.isfile(self.latency_table):
+                raise ValueError(
+                    f"latency_table={self.latency_table!r} is not a file. Pass the latency_table.json an earlier run "
+                    "wrote, or None to measure the table."
+                )
         if self.allocation == "auto" and self.normalize and not self.explicit_ratios:
             raise ValueError(
                 "allocation='auto' compares head and channel scores across layers, which normalize=True puts on "

@@ -91,17 +91,26 @@ def monotone(values: dict[int, float]) -> dict[int, float]:
     return out
 
 
-def interpolated(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> Callable[[int], float]:
-    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included), made monotone;
-    linear between."""
+def measured_widths(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> dict[int, float]:
+    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included), made monotone."""
     grid = sorted({0, full, *(min(full, round(full * i / (points - 1) / step) * step) for i in range(points))})
-    values = monotone({w: measure(w) for w in grid})
+    return monotone({w: measure(w) for w in grid})
 
-    def at(width: int) -> float:
-        if width in values:
-            return values[width]
-        k = bisect.bisect(grid, width)  # grid[k - 1] < width < grid[k]
-        lo, hi = grid[k - 1], grid[k]
-        return values[lo] + (values[hi] - values[lo]) * (width - lo) / (hi - lo)
 
-    return at
+def interpolate(values: dict[int, float], width: int) -> float:
+    """The time at `width` from times measured at some widths (0 and the full width among them): exact at a
+    measured width, linear between the two around it."""
+    if width in values:
+        return values[width]
+    grid = sorted(values)
+    k = bisect.bisect(grid, width)  # grid[k - 1] < width < grid[k]
+    if k == 0 or k == len(grid):
+        raise ValueError(f"width {width} is outside the measured widths {grid[0]}..{grid[-1]}.")
+    lo, hi = grid[k - 1], grid[k]
+    return values[lo] + (values[hi] - values[lo]) * (width - lo) / (hi - lo)
+
+
+def interpolated(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> Callable[[int], float]:
+    """`measured_widths`, linear between (see `interpolate`)."""
+    values = measured_widths(measure, full, step, points)
+    return lambda width: interpolate(values, width)

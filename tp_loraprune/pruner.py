@@ -35,6 +35,7 @@ from .fused import declared_ffns
 from .graph import build_graph, example_input_ids, pruning_fn, release_trace
 from .importance import Direction, LoRAGuidedImportance
 from .indices import original_ids, positions_of
+from .latency_table import LatencyTable, device_name
 from .lora import NO_LORA_HELP, base_layer, lora_b_is_zero, lora_layers, sync_lora_features
 from .mla import mla_modules
 from .models import (
@@ -407,14 +408,14 @@ class LoRAPruner:
     def _attention_cost(self, h: _Heads, heads: int, kv: int) -> float:
         """Parameters (or seconds, target="latency") of an attention block with `heads` query and `kv` KV heads."""
         if self.config.target == "latency":
-            return self._attention_times[h.layout.name][(heads, kv)]
+            return self._latency.attention[h.layout.name][(heads, kv)]
         per_q, per_kv = self._head_cost(h)
         return heads * per_q + kv * per_kv
 
     def _ffn_cost(self, ch: _Channels, width: int) -> float:
         """Parameters (or seconds, target="latency") of an FFN `width` channels wide."""
         if self.config.target == "latency":
-            return self._ffn_timers[ch.key](width)
+            return latency.interpolate(self._latency.ffn[ch.key], width)
         return width * ch.cost
 
     def _latency_shape(self, module: nn.Module, hidden: int) -> latency.Shape:
@@ -427,15 +428,54 @@ class LoRAPruner:
         c = self.config
         return latency.Shape(hidden, c.latency_tokens, c.latency_phase == "decode", dtype, weight.device)
 
+    @property
+    def latency_table(self) -> LatencyTable | None:
+        """The timings target="latency" allocates by (None under target="parameters"); `.save(path)` writes them
+        for `LoRAPruneConfig(latency_table=path)` to reuse."""
+        return getattr(self, "_latency", None)
+
+    def _head_states(self, h: _Heads) -> list[tuple[int, int]]:
+        """Every (query heads, KV heads) the allocation can leave this attention block with, smallest first."""
+        size, kv0 = h.initial_group_size, h.initial_kv
+        if self.config.head_mode == "per_group" and size > 1:
+            # query heads per group down to one, and from there whole KV groups as for multi-head attention (the
+            # allocation's per-group units become KV-group units once a group has one query head left)
+            return [(g, g) for g in range(kv0)] + [(q * kv0, kv0) for q in range(1, size + 1)]
+        return [(g * size, g) for g in range(kv0 + 1)]
+
     def _measure_latency(self) -> None:
+        """The latency table: loaded from `config.latency_table` and checked against this model, or measured
+        (`_measured_latency`)."""
+        c = self.config
+        weights = [cast(torch.Tensor, base_layer(h.layout.o).weight) for h in self._heads.values()]
+        weights += [cast(torch.Tensor, base_layer(self._ffn_root(key)).weight) for key in self._channels]
+        devices = [w.device for w in weights]
+        device = device_name(devices[0]) if devices else "cpu"
+        if c.latency_table is None:
+            self._latency = self._measured_latency(device)
+            return
+        table = LatencyTable.load(c.latency_table)
+        table.check(
+            c.latency_tokens,
+            c.latency_phase,
+            device,
+            {key: ch.initial for key, ch in self._channels.items()},
+            {key: self._head_states(h) for key, h in self._heads.items()},
+        )
+        self._latency = table
+
+    def _ffn_root(self, key: str) -> nn.Module:
+        return self._channel_roots.get(key) or self._declared_ffns[key].up
+
+    def _measured_latency(self, device: str) -> LatencyTable:
         """Time every FFN at the widths it can take (interpolated between 17) and attention at every head count
         the allocation can reach, once, on the model's device; identical layers share the timings."""
-        self._ffn_timers = {}
-        replayed_ffns: dict[tuple, Callable[[int], float] | None] = {}
+        ffn_times: dict[str, dict[int, float]] = {}
+        replayed_ffns: dict[tuple, dict[int, float] | None] = {}
         for key, ch in self._channels.items():
-            root = self._channel_roots.get(key) or self._declared_ffns[key].up
+            root = self._ffn_root(key)
             shape = self._latency_shape(root, hidden=features(base_layer(root))[1])  # root: hidden → channels
-            timer = None
+            times = None
             block = latency_replay.ffn_block(self.model, key) if key in self._channel_roots else None
             if (
                 block is not None
@@ -445,24 +485,20 @@ class LoRAPruner:
                 ffn = (type(block), ch.initial, shape)
                 if ffn not in replayed_ffns:
                     replayed_ffns[ffn] = self._replayed_ffn(block, shape, ch.initial)
-                timer = replayed_ffns[ffn]
-            if timer is None:  # decode steps, fused or expert FFNs, blocks that cannot be replayed: synthetic
+                times = replayed_ffns[ffn]
+            if times is None:  # decode steps, fused or expert FFNs, blocks that cannot be replayed: synthetic
                 rows = max(ch.cost // shape.hidden - 1, 1)  # output projections per channel (gate and up: 2)
                 measure = partial(latency.ffn_seconds, shape, rows_per_channel=rows)
-                timer = latency.interpolated(measure, ch.initial, self.channel_multiple)
-            self._ffn_timers[key] = timer
-        self._attention_times = {}
+                times = latency.measured_widths(measure, ch.initial, self.channel_multiple)
+            ffn_times[key] = times
+        attention_times: dict[str, dict[tuple[int, int], float]] = {}
         replayed: dict[tuple, dict[int, float] | None] = {}  # identical blocks share the timings of the first
-        for key, h in self._heads.items():  # every head layout the allocation can reach, in removal order
-            size, kv0 = h.initial_group_size, h.initial_kv
+        for key, h in self._heads.items():  # every head layout the allocation can reach, smallest first
             shape = self._latency_shape(h.layout.o, hidden=features(base_layer(h.layout.o))[0])  # o: heads → hidden
-            if self.config.head_mode == "per_group" and size > 1:
-                states = [(q * kv0, kv0) for q in range(size + 1)]
-            else:
-                states = [(g * size, g) for g in range(kv0 + 1)]
+            states = self._head_states(h)
             measured = None
             if not shape.decode and latency_replay.replayable(h.layout):  # the block itself, as the model calls it
-                same = (type(h.layout.module), h.initial_heads, kv0, h.layout.head_dim, shape)
+                same = (type(h.layout.module), h.initial_heads, h.initial_kv, h.layout.head_dim, shape)
                 if same not in replayed:
                     replayed[same] = self._replayed_attention(h, shape, states)
                 measured = replayed[same]
@@ -471,7 +507,9 @@ class LoRAPruner:
                     i: latency.attention_seconds(shape, q, kv, h.layout.head_dim) for i, (q, kv) in enumerate(states)
                 }
             times = latency.monotone(measured)
-            self._attention_times[key] = {state: times[i] for i, state in enumerate(states)}
+            attention_times[key] = {state: times[i] for i, state in enumerate(states)}
+        c = self.config
+        return LatencyTable(c.latency_tokens, c.latency_phase, device, ffn_times, attention_times)
 
     def _replayed_attention(
         self, h: _Heads, shape: latency.Shape, states: list[tuple[int, int]]
@@ -494,14 +532,14 @@ class LoRAPruner:
             )
             return None
 
-    def _replayed_ffn(self, block: nn.Module, shape: latency.Shape, width: int) -> Callable[[int], float] | None:
-        """The FFN block's own time at every width (interpolated), or None (with a warning) when it cannot be cut
-        and called outside the model."""
+    def _replayed_ffn(self, block: nn.Module, shape: latency.Shape, width: int) -> dict[int, float] | None:
+        """The FFN block's own time at the measured widths (interpolated between), or None (with a warning) when it
+        cannot be cut and called outside the model."""
         try:
             inputs = latency_replay.block_inputs(self.model, block, shape.tokens)
             timed = partial(latency.fastest_seconds, device=shape.device, repeats=shape.repeats)
             measure = partial(latency_replay.ffn_seconds, block, inputs, width, timed=timed)
-            return latency.interpolated(measure, width, self.channel_multiple)
+            return latency.measured_widths(measure, width, self.channel_multiple)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
@@ -632,8 +670,9 @@ class LoRAPruner:
                 "down to 3-5% of their width there). After a fine-tune of SmolLM2-135M on a 2-core CPU it traded "
                 "quality for measured speed as well as target='parameters' and reached more speed, but the time "
                 "saved did not follow the ratio steadily (the table is timed on the machine as it is, noise "
-                "included); decode is timed with synthetic blocks (docs/benchmarks.md). Measure the result's "
-                "speed and quality, and compare with target='parameters'.",
+                "included; measure it once and reuse it with latency_table=...); decode is timed with synthetic "
+                "blocks (docs/benchmarks.md). Measure the result's speed and quality, and compare with "
+                "target='parameters'.",
                 stacklevel=3,
             )
             self._measure_latency()

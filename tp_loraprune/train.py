@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .config import LoRAPruneConfig
 from .integrity import NonFiniteError, check_finite, check_writable
+from .latency_table import LatencyTable
 from .lora import lora_layers
 from .models import count_parameters
 from .moe import EXPERT_PARAMETERS, moe_layouts
@@ -121,6 +122,7 @@ class PruneResult:
     summary: dict
     seconds: float
     losses: list[float]
+    latency_table: LatencyTable | None = None  # what target="latency" allocated by (`.save(path)` to reuse it)
 
 
 LR_SCHEDULES = ("linear", "wsd")
@@ -452,7 +454,7 @@ def prune(
     seconds = time.perf_counter() - t0
     summary = pruner.summary()
     if stop_after is not None and pruner.step_count < config.total_steps:
-        return PruneResult(peft_model, pruner.events, summary, seconds, losses)
+        return PruneResult(peft_model, pruner.events, summary, seconds, losses, pruner.latency_table)
     if pruner.progress < 1.0:
         pruner.prune(1.0)
     merged = merge_lora(peft_model, dequantize=dequantize).eval()
@@ -462,7 +464,7 @@ def prune(
         fix=_NON_FINITE_FIX,
     )
     summary = dict(pruner.summary(), parameters=count_parameters(merged))
-    return PruneResult(merged, pruner.events, summary, seconds, losses)
+    return PruneResult(merged, pruner.events, summary, seconds, losses, pruner.latency_table)
 
 
 _NON_FINITE_FIX = (
