@@ -369,6 +369,7 @@ def inference_speed(shape: str, args) -> list[dict]:
     ]
     for ratio, allocation, multiple, target in cells:
         model = build(shape, device)
+        reused = False
         if ratio > 0:
             pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
             ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
@@ -377,6 +378,8 @@ def inference_speed(shape: str, args) -> list[dict]:
                 pm(input_ids=ids, labels=ids).loss.backward()
             imp.accumulate(pm)
             layers = list(range(model.config.num_hidden_layers))
+            table = Path(args.latency_table) if target == "latency" and args.latency_table else None
+            reused = table is not None and table.is_file()
             config = LoRAPruneConfig(
                 ratio=ratio,
                 layers=layers,
@@ -385,8 +388,11 @@ def inference_speed(shape: str, args) -> list[dict]:
                 uniform=args.uniform,
                 target=target,
                 latency_tokens=args.prefill,
+                latency_table=str(table) if reused else None,
             )
             pruner = LoRAPruner(pm, config, importance=imp)  # under target="latency" this measures the table
+            if table is not None and not reused:
+                pruner.latency_table.save(table)
             profile = cProfile.Profile() if args.profile_events else None
             t0 = time.perf_counter()
             if profile:
@@ -416,6 +422,7 @@ def inference_speed(shape: str, args) -> list[dict]:
                 {layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers}
             ),
             "target": target,
+            "latency_table": ("reused" if reused else "measured") if ratio > 0 and target == "latency" else None,
             "prune_event_s": round(prune_s, 3) if ratio > 0 else None,
             "allocation_cost": believed if ratio > 0 else None,
             "prefill_s": round(prefill, 4),
@@ -463,6 +470,11 @@ def main(argv=None) -> int:
     p.add_argument("--uniform", type=int, default=1, help="inference: LoRAPruneConfig.uniform (1 or 0)")
     p.add_argument(
         "--targets", default="parameters", help="inference: comma list of LoRAPruneConfig.target (parameters,latency)"
+    )
+    p.add_argument(
+        "--latency-table",
+        default=None,
+        help='inference: target="latency" cells share this table (the first measures and writes it, the rest reuse it)',
     )
     p.add_argument(
         "--profile-events", action="store_true", help="inference: write a cProfile of each prune event next to --out"

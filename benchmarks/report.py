@@ -1438,6 +1438,68 @@ def latency_prediction_table() -> str:
     return "\n".join(lines)
 
 
+SHARED_TABLE_RUNS = (  # (what the code did, run, file): one latency table per code version, measured once
+    ("table measured once, reused", "1a", "efficiency_shared_table_1a_h200.json"),
+    ("table measured once, reused", "1b", "efficiency_shared_table_1b_h200.json"),
+    ("table measured once, reused", "1", "efficiency_shared_table_1_perlayer_h200.json"),
+    ("+ the smallest FFN width timed", "2", "efficiency_shared_table_2a_h200.json"),
+    ("+ the smallest FFN width timed", "2", "efficiency_shared_table_2_perlayer_h200.json"),
+    ("+ running minimum, no removal that saves nothing (now)", "3a", "efficiency_shared_table_3a_h200.json"),
+    ("+ running minimum, no removal that saves nothing (now)", "3b", "efficiency_shared_table_3b_h200.json"),
+    ("+ running minimum, no removal that saves nothing (now)", "3", "efficiency_shared_table_3_perlayer_h200.json"),
+)
+
+
+def _spread(values: list[int]) -> str:
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
+def shared_table_speed_table() -> str:
+    """target="latency" at the LLaMA-7B shape with one table per code version, measured by the first run and
+    reused by the others: what the table predicted for the prefill against what was measured, uniform and
+    per-layer widths."""
+    lines = [
+        "| code | run | widths | target | ratio | FFN width | query heads | parameters | prefill vs dense, the "
+        "table's prediction | prefill vs dense, measured | static decode vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    env = None
+    for code, run, name in SHARED_TABLE_RUNS:
+        loaded = _inference_results(name)
+        if loaded is None:
+            continue
+        data, rows, dense = loaded
+        env = data["environment"]
+        for r in rows:
+            if not r["ratio"]:
+                continue
+            cost = r["allocation_cost"]
+            believed = (
+                f"{dense['prefill_s'] / (dense['prefill_s'] - cost['removed']):.2f}×"
+                if r["target"] == "latency"
+                else "–"
+            )
+            decode = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            lines.append(
+                f"| {code} | {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} "
+                f"| {_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
+                f"{believed} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {decode:.2f}× |"
+            )
+    if env is None:
+        return "(no shared latency table results)"
+    lines.append(
+        f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights (the same "
+        "scores in every run), every layer pruned, prefill of 2048 tokens (dense 0.060–0.062 s), static-cache decode "
+        "of 128 tokens. The prediction is the dense prefill less the time the table says was removed. Command: "
+        "`python benchmarks/efficiency.py --device cuda --skip steps,init --inference-shapes llama7b --ratios "
+        "0.2,0.5 --multiples none --targets latency --decode-mode static --latency-table lt.json [--uniform 0] "
+        "--out ...` (runs 1a: `--targets parameters,latency`; the first run of each code version measures "
+        "`lt.json`, the others reuse it); " + ", ".join(f"`{n}`" for _, _, n in SHARED_TABLE_RUNS) + "; the tables: "
+        "`latency_table_llama7b_2_h200.json`, `latency_table_llama7b_3_h200.json`."
+    )
+    return "\n".join(lines)
+
+
 def latency_target_table(name: str = "latency_target_h200.json") -> str:
     """The two targets on the real SmolLM2-135M (one-shot, scores of a few LoRA steps): what each removed, the
     share of the time the allocation believed it removed against the share the prefill lost."""
@@ -1717,6 +1779,11 @@ def main() -> int:
         "of the model's): what the table predicts against what the model saves, two runs:",
         "",
         latency_prediction_table(),
+        "",
+        "One table per code version, measured by the first run and reused by the others (`latency_table=`), so the "
+        "allocation is the same in every run of a version and what varies is the measurement of the pruned model:",
+        "",
+        shared_table_speed_table(),
         "",
         '### target="parameters" vs target="latency" on SmolLM2-135M (H200, bf16, one-shot)',
         "",

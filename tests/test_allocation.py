@@ -261,6 +261,26 @@ def test_allocation_config_validation(kwargs, shown):
 
 
 # ---------------------------------------------------------------------------------------------- latency target
+def test_a_unit_that_saves_nothing_is_taken_only_with_the_saving_after_it():
+    """Under a latency target a block's time can stay flat over several head counts: removing those heads alone
+    saves nothing and costs quality, so they go only together with the unit that saves, and never at a chain's
+    end."""
+    from tp_loraprune.allocation import Block, Unit, allocate
+
+    free, pays, tail = (Unit(0.1, c, {"a": (i,)}, {0: c}) for i, c in enumerate((0.0, 10.0, 0.0)))
+    blocks = [Block("a", "heads", (free, pays, tail)), Block("b", "channels", (Unit(5.0, 4.0, {"b": (0,)}, {1: 4.0}),))]
+    assert allocate(blocks, budget=5).removals == {"b": [0]}  # the free unit alone is not taken
+    taken = allocate(blocks, budget=20)
+    assert taken.removals == {"a": [0, 1], "b": [0]} and taken.cost == 14.0
+
+
+def test_monotone_latency_keeps_the_faster_time_of_a_wider_block():
+    """One slow outlier at a narrow width must not flatten the widths above it (timing noise only adds time)."""
+    from tp_loraprune.latency import monotone
+
+    assert monotone({0: 0.0, 5: 9.0, 6: 3.0, 32: 7.0}) == {0: 0.0, 5: 3.0, 6: 3.0, 32: 7.0}
+
+
 def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
     from tp_loraprune.latency import interpolated
 
@@ -271,10 +291,12 @@ def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
         return 2.0 * width + (5.0 if width else 0.0)
 
     at = interpolated(measure, full=96, step=8, points=5)
-    assert sorted(measured) == [0, 24, 48, 72, 96]  # multiples of the step, ends included, measured once each
+    assert sorted(measured) == [0, 8, 24, 48, 72, 96]  # multiples of the step, ends and the step, measured once
     assert at(48) == 101.0 and at(0) == 0.0
     assert at(60) == pytest.approx((at(48) + at(72)) / 2)
-    assert at(12) == pytest.approx(at(24) / 2) and at(95) == pytest.approx(at(96) - 2.0)  # the first and last gaps
+    assert at(95) == pytest.approx(at(96) - 2.0)
+    # the fixed cost of a block with any width left is measured, not spread over the first gap (which gave 26.5)
+    assert at(12) == pytest.approx(measure(12)) == 29.0
 
 
 def test_latency_target_saves_the_measured_time_within_budget_and_stays_exact():

@@ -195,7 +195,7 @@ def allocate(blocks: Iterable[Block], budget: float, layer_room: Mapping[int, fl
     does not fit ends its block's chain (the chain's later units cost as much and score higher). The result
     saves at most `budget`, short of it by less than the smallest unit that was left."""
     room = dict(layer_room or {})
-    chains = [b.units for b in blocks if b.units]
+    chains = [chain for chain in (paid(b.units) for b in blocks) if chain]
     heap = [(_per_parameter(chain[0]), i, 0) for i, chain in enumerate(chains)]
     heapq.heapify(heap)
     removals: dict[str, list[int]] = {}
@@ -217,5 +217,27 @@ def allocate(blocks: Iterable[Block], budget: float, layer_room: Mapping[int, fl
     return Allocation({k: sorted(v) for k, v in removals.items()}, score, cost)
 
 
+def paid(chain: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """The chain with every unit that saves nothing merged into the unit after it, and none at its end: removing
+    structures costs quality, so it is taken only for a saving (under a latency target, a block's time can stay
+    flat over several head counts and drop after them)."""
+    out, pending = [], None
+    for unit in chain:
+        if pending is not None:
+            removals = {
+                k: tuple(pending.removals.get(k, ())) + tuple(unit.removals.get(k, ()))
+                for k in {*pending.removals, *unit.removals}
+            }
+            layers = {
+                k: pending.layer_costs.get(k, 0.0) + unit.layer_costs.get(k, 0.0)
+                for k in {*pending.layer_costs, *unit.layer_costs}
+            }
+            unit = Unit(pending.score + unit.score, pending.cost + unit.cost, removals, layers)
+        pending = None if unit.cost > 0 else unit
+        if pending is None:
+            out.append(unit)
+    return tuple(out)
+
+
 def _per_parameter(unit: Unit) -> float:
-    return unit.score / unit.cost if unit.cost > 0 else float("inf")  # a unit that saves nothing goes last
+    return unit.score / unit.cost  # `paid` chains: every unit saves something

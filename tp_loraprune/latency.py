@@ -82,18 +82,23 @@ def attention_seconds(shape: Shape, heads: int, kv_heads: int, head_dim: int) ->
 
 
 def monotone(values: dict[int, float]) -> dict[int, float]:
-    """The running maximum over increasing keys: a narrower block is never taken to be slower than a wider one
-    (a measurement that says so is noise)."""
-    out, top = {}, 0.0
-    for k in sorted(values):
-        top = max(top, values[k])
-        out[k] = top
-    return out
+    """The running minimum from the widest key down: a narrower block is never taken to be slower than a wider
+    one. A measurement that says so is noise, and timing noise only ever adds time, so the wider block's faster
+    time is the better estimate (a running maximum from below let one slow outlier at a narrow width flatten
+    every width above it)."""
+    out, low = {}, float("inf")
+    for k in sorted(values, reverse=True):
+        low = min(low, values[k])
+        out[k] = low
+    return dict(sorted(out.items()))
 
 
 def measured_widths(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> dict[int, float]:
-    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included), made monotone."""
-    grid = sorted({0, full, *(min(full, round(full * i / (points - 1) / step) * step) for i in range(points))})
+    """`measure` at up to `points` widths that are multiples of `step` (0 and `full` included), and at `step`,
+    made monotone. A block with any width left pays its fixed costs (launches, reading its input), so the time
+    jumps between 0 and the smallest width; measuring `step` keeps that jump out of the interpolation."""
+    spread = (min(full, round(full * i / (points - 1) / step) * step) for i in range(points))
+    grid = sorted({0, min(step, full), full, *spread})
     return monotone({w: measure(w) for w in grid})
 
 

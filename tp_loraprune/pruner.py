@@ -468,7 +468,7 @@ class LoRAPruner:
         return self._channel_roots.get(key) or self._declared_ffns[key].up
 
     def _measured_latency(self, device: str) -> LatencyTable:
-        """Time every FFN at the widths it can take (interpolated between 17) and attention at every head count
+        """Time every FFN at 17 widths and the smallest one (linear between) and attention at every head count
         the allocation can reach, once, on the model's device; identical layers share the timings."""
         ffn_times: dict[str, dict[int, float]] = {}
         replayed_ffns: dict[tuple, dict[int, float] | None] = {}
