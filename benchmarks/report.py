@@ -1540,6 +1540,9 @@ def latency_target_table(name: str = "latency_target_h200.json") -> str:
 
 # seed 0 at 20 / 30%, then at 40 / 50%; then seed 1 at every ratio
 LATENCY_QUALITY_FILES = ("quality_latency_cpu.json", "quality_latency_2_cpu.json", "quality_latency_s1_cpu.json")
+# every ratio and both seeds in one run, all its latency cells on one table (`--latency-table`): first with the
+# table as it was measured then, then with the smallest width timed, the running minimum and no free removals
+SHARED_LATENCY_QUALITY_FILES = ("quality_latency_shared_1_cpu.json", "quality_latency_shared_2_cpu.json")
 
 
 def _pruned_shape(r: dict) -> str:
@@ -1561,17 +1564,17 @@ def _latency_plan_command(name: str, data: dict) -> str:
     )
     if seeds != [0]:
         command += f" --set 'seeds={seeds}'"
+    if settings.get("latency_table"):
+        command += f" --latency-table {Path(settings['latency_table']).name}"
     return f"{command} --out {name}"
 
 
-def latency_quality_table() -> str:
+def latency_quality_table(names: tuple[str, ...] = LATENCY_QUALITY_FILES) -> str:
     """target="parameters" vs target="latency" after the same LoRAPrune fine-tune: measured prefill and quality,
     each file's models timed in turns with its own dense model."""
-    files = [
-        (name, json.loads((RESULTS / name).read_text())) for name in LATENCY_QUALITY_FILES if (RESULTS / name).exists()
-    ]
+    files = [(name, json.loads((RESULTS / name).read_text())) for name in names if (RESULTS / name).exists()]
     if not files:
-        return f"(no `{LATENCY_QUALITY_FILES[0]}` yet)"
+        return f"(no `{names[0]}` yet)"
     tokens = files[0][1]["settings"]["time_prefill"]
     lines = [
         "| target | ratio | seeds | pruned layers: query / KV heads, FFN | parameters | "
@@ -1611,9 +1614,15 @@ def latency_quality_table() -> str:
         f"{settings['steps']} LoRA steps of {settings['batch_size']} × {settings['block_size']} tokens, PiSSA, peak "
         f"2e-4, perplexity on the first {settings['ppl_windows']} windows of 512 tokens; the models of one run "
         f"(each block of rows, with its own dense) timed in turns after all its runs (median of 11), the latency "
-        f"table measured on the same CPU at the same length. {commands}."
+        f"table measured on the same CPU at the same length{_table_sharing(settings)}. {commands}."
     )
     return "\n".join(lines)
+
+
+def _table_sharing(settings: dict) -> str:
+    if settings.get("latency_table"):
+        return ", once per block of rows: its first latency run measures it and the others reuse it"
+    return ", by each latency run for itself"
 
 
 def allocation_plot() -> str | None:
@@ -1659,7 +1668,9 @@ def allocation_plot() -> str | None:
     return "img/allocation.png"
 
 
-def latency_quality_plot() -> str | None:
+def latency_quality_plot(
+    names: tuple[str, ...] = LATENCY_QUALITY_FILES, image: str = "latency_quality.png", title: str = ""
+) -> str | None:
     """WikiText-2 perplexity against the measured prefill speedup, one line per target (the speed-quality trade)."""
     try:
         import matplotlib
@@ -1668,7 +1679,7 @@ def latency_quality_plot() -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    runs = [r for name in LATENCY_QUALITY_FILES if (RESULTS / name).exists() for r in _load_runs(name)]
+    runs = [r for name in names if (RESULTS / name).exists() for r in _load_runs(name)]
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -1688,18 +1699,19 @@ def latency_quality_plot() -> str | None:
     ax.set_yscale("log")
     ax.set_xlabel("prefill speedup over dense (256 tokens, measured)")
     ax.set_ylabel("WikiText-2 perplexity (24 windows of 512)")
-    ax.set_title("SmolLM2-135M after 16 LoRAPrune steps, 2-core CPU: labels = ratio asked", fontsize=9)
+    ax.set_title(f"SmolLM2-135M after 16 LoRAPrune steps, 2-core CPU: labels = ratio asked{title}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "img" / "latency_quality.png", dpi=110)
+    fig.savefig(ROOT / "docs" / "img" / image, dpi=110)
     plt.close(fig)
-    return "img/latency_quality.png"
+    return f"img/{image}"
 
 
 def main() -> int:
     rows = quality_rows()
     out = ROOT / "docs" / "benchmarks.md"
-    made = plots(rows) + [p for p in [allocation_plot(), latency_quality_plot()] if p]
+    shared = latency_quality_plot(SHARED_LATENCY_QUALITY_FILES[-1:], "latency_quality_shared.png", ", one table")
+    made = plots(rows) + [p for p in [allocation_plot(), latency_quality_plot(), shared] if p]
     text = [
         BEGIN,
         "### Allocation: who decides how many heads vs FFN channels each layer loses (SmolLM2-135M, H200)",
@@ -1810,6 +1822,14 @@ def main() -> int:
         latency_quality_table(),
         "",
         "![WikiText-2 against measured prefill speedup for the two targets](img/latency_quality.png)",
+        "",
+        "Every ratio and both seeds in one run, all its latency runs on one table (`--latency-table`): first with "
+        "the table as it was measured before (no smallest width, a running maximum, removals that save nothing "
+        "allowed), then as it is now:",
+        "",
+        latency_quality_table(SHARED_LATENCY_QUALITY_FILES),
+        "",
+        "![The same with one latency table, as the code is now](img/latency_quality_shared.png)",
         "",
         "### Aligned widths and allocation at the LLaMA-7B shape: prefill speed (H200)",
         "",

@@ -200,6 +200,23 @@ def clone_model():
     return copy.deepcopy
 
 
+@pytest.fixture
+def flop_timer(monkeypatch):
+    """The latency table timed by FLOPs (plus a fixed microsecond per call) instead of the wall clock: a tiny
+    model's wall time is launch noise, and tests of what the pruner does with a table need one that is the same
+    on every machine. Tests of the timing itself call `latency.fastest_seconds` unpatched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import tp_loraprune.latency as latency
+
+    def flop_seconds(fn, device, repeats):
+        with FlopCounterMode(display=False) as flops:
+            fn()
+        return 1e-6 + flops.get_total_flops() * 1e-12
+
+    monkeypatch.setattr(latency, "fastest_seconds", flop_seconds)
+
+
 def reference_channel_scores(A, B, dA, dB, W, s, kind):
     """The per-element formula written out with Python floats (double precision), then reduced."""
     A, B, dA, dB, W = (t.double().tolist() for t in (A, B, dA, dB, W))

@@ -83,7 +83,7 @@ def test_attention_seconds_times_the_cut_block():
     assert attention_seconds(layout, inputs, 0, 0, lambda fn: 1.0) == 0.0
 
 
-def test_a_block_that_cannot_be_replayed_is_timed_synthetic_with_a_warning():
+def test_a_block_that_cannot_be_replayed_is_timed_synthetic_with_a_warning(flop_timer):
     """OPT's learned positions stop at 16: a latency table for 64 tokens cannot run the model's forward, so the
     pruner warns and times synthetic blocks instead of failing."""
     from transformers import OPTConfig, OPTForCausalLM
@@ -159,7 +159,7 @@ def test_only_ffns_of_plain_linears_into_and_out_of_the_channels_are_replayable(
     assert not ffn_replayable(block, width, 32)
 
 
-def test_the_pruner_replays_llama_ffns_and_times_the_others_synthetic(monkeypatch):
+def test_the_pruner_replays_llama_ffns_and_times_the_others_synthetic(monkeypatch, flop_timer):
     """LLaMA's MLP is replayed (the synthetic FFN timer is never called for it); OPT's FFN lives in the decoder
     layer beside its attention, so it is timed synthetic."""
     import tp_loraprune.latency as latency
@@ -177,7 +177,7 @@ def test_the_pruner_replays_llama_ffns_and_times_the_others_synthetic(monkeypatc
     assert interpolate(times, 48) >= interpolate(times, 24) >= interpolate(times, 0) == 0.0
 
 
-def test_a_synthetic_ffn_is_timed_at_the_model_width_with_both_input_projections(monkeypatch):
+def test_a_synthetic_ffn_is_timed_at_the_model_width_with_both_input_projections(monkeypatch, flop_timer):
     """An FFN as wide as the model cannot be replayed (which side is which is ambiguous) and is timed synthetic:
     at the model's hidden width (not the FFN's) with gate and up as its two input projections."""
     import tp_loraprune.latency as latency
