@@ -1446,6 +1446,8 @@ SHARED_TABLE_RUNS = (  # (what the code did, run, file): one latency table per c
     ("+ the smallest FFN width timed", "2", "efficiency_shared_table_2_perlayer_h200.json"),
     ("+ running minimum, no removal that saves nothing (now)", "3a", "efficiency_shared_table_3a_h200.json"),
     ("+ running minimum, no removal that saves nothing (now)", "3b", "efficiency_shared_table_3b_h200.json"),
+    ("+ running minimum, no removal that saves nothing (now)", "3c", "efficiency_shared_table_3c_h200.json"),
+    ("+ running minimum, no removal that saves nothing (now)", "3d", "efficiency_shared_table_3d_h200.json"),
     ("+ running minimum, no removal that saves nothing (now)", "3", "efficiency_shared_table_3_perlayer_h200.json"),
 )
 
@@ -1479,11 +1481,13 @@ def shared_table_speed_table() -> str:
                 if r["target"] == "latency"
                 else "–"
             )
-            decode = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            decode = (
+                f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}×" if "decode_tokens_per_s" in r else "–"
+            )
             lines.append(
                 f"| {code} | {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} "
                 f"| {_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
-                f"{believed} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {decode:.2f}× |"
+                f"{believed} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {decode} |"
             )
     if env is None:
         return "(no shared latency table results)"
@@ -1493,8 +1497,11 @@ def shared_table_speed_table() -> str:
         "of 128 tokens. The prediction is the dense prefill less the time the table says was removed. Command: "
         "`python benchmarks/efficiency.py --device cuda --skip steps,init --inference-shapes llama7b --ratios "
         "0.2,0.5 --multiples none --targets latency --decode-mode static --latency-table lt.json [--uniform 0] "
-        "--out ...` (runs 1a: `--targets parameters,latency`; the first run of each code version measures "
-        "`lt.json`, the others reuse it); " + ", ".join(f"`{n}`" for _, _, n in SHARED_TABLE_RUNS) + "; the tables: "
+        "--out ...` (runs 1a: `--targets parameters,latency`; 3c and 3d, a later session on another machine of "
+        "the same kind: `--ratios 0.5 --targets parameters,latency --decode 0`, reusing run 3a's table; the first "
+        "run of each code version measures `lt.json`, the others reuse it); "
+        + ", ".join(f"`{n}`" for _, _, n in SHARED_TABLE_RUNS)
+        + "; the tables: "
         "`latency_table_llama7b_2_h200.json`, `latency_table_llama7b_3_h200.json`."
     )
     return "\n".join(lines)
