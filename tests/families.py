@@ -97,6 +97,10 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "falcon_h1": {"mamba_d_ssm": 64},
+    # sliding and indexed (sparse, K/V-sharing) attention layers; the validators want NVFP4-sized heads
+    "kolibri1_1": {"num_hidden_layers": 3, "layer_types": ["sliding_attention"] * 2 + ["indexed_attention"],
+                   "kv_source_layers": [0, 1, 2], "index_layers": [2], "mlp_only_layers": [0], "head_dim": 16,
+                   "index_num_heads": 1},
     "gemma3n_text": {"num_kv_shared_layers": 0, "laurel_rank": 4},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "gptj": {"rotary_dim": 4},
