@@ -1399,6 +1399,15 @@ def targets_table(name: str = "efficiency_targets_h200.json", profiles: str = "p
     return "\n".join(lines)
 
 
+def _pruned_inference_rows(name: str):
+    """(the file's environment, pruned row, its dense row) for every pruned row of an efficiency.py file, in
+    order; nothing when it was not run."""
+    loaded = _inference_results(name)
+    if loaded is not None:
+        data, rows, dense = loaded
+        yield from ((data["environment"], r, dense) for r in rows if r["ratio"])
+
+
 LATENCY_REPLAY_RUNS = ("efficiency_latency_replay_ffn_h200_a.json", "efficiency_latency_replay_ffn_h200_b.json")
 
 
@@ -1410,25 +1419,18 @@ def latency_prediction_table() -> str:
         "| prefill time saved, measured | prefill vs dense |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    env = None
-    for run, name in enumerate(LATENCY_REPLAY_RUNS, 1):
-        loaded = _inference_results(name)
-        if loaded is None:
-            continue
-        data, rows, dense = loaded
-        env = data["environment"]
-        for r in rows:
-            if not r["ratio"]:
-                continue
-            cost = r["allocation_cost"]
-            believed = f"{cost['removed'] / cost['before']:.1%}" if r["target"] == "latency" else "–"
-            lines.append(
-                f"| {run} | {r['target']} | {r['ratio']:.0%} | {r['intermediate_sizes'][0]} | {r['q_heads'][0]} | "
-                f"{r['parameters'] / 1e9:.2f}B | {believed} | {1 - r['prefill_s'] / dense['prefill_s']:.1%} | "
-                f"{dense['prefill_s'] / r['prefill_s']:.2f}× |"
-            )
-    if env is None:
+    found = [(run, *row) for run, name in enumerate(LATENCY_REPLAY_RUNS, 1) for row in _pruned_inference_rows(name)]
+    if not found:
         return "(no latency replay results)"
+    env = found[0][1]
+    for run, _, r, dense in found:
+        cost = r["allocation_cost"]
+        believed = f"{cost['removed'] / cost['before']:.1%}" if r["target"] == "latency" else "–"
+        lines.append(
+            f"| {run} | {r['target']} | {r['ratio']:.0%} | {r['intermediate_sizes'][0]} | {r['q_heads'][0]} | "
+            f"{r['parameters'] / 1e9:.2f}B | {believed} | {1 - r['prefill_s'] / dense['prefill_s']:.1%} | "
+            f"{dense['prefill_s'] / r['prefill_s']:.2f}× |"
+        )
     lines.append(
         f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights, every "
         "layer pruned, prefill of 2048 tokens, dense 0.060 s in both runs. Command (twice): `python "
@@ -1465,32 +1467,23 @@ def shared_table_speed_table() -> str:
         "table's prediction | prefill vs dense, measured | static decode vs dense |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    env = None
-    for code, run, name in SHARED_TABLE_RUNS:
-        loaded = _inference_results(name)
-        if loaded is None:
-            continue
-        data, rows, dense = loaded
-        env = data["environment"]
-        for r in rows:
-            if not r["ratio"]:
-                continue
-            cost = r["allocation_cost"]
-            believed = (
-                f"{dense['prefill_s'] / (dense['prefill_s'] - cost['removed']):.2f}×"
-                if r["target"] == "latency"
-                else "–"
-            )
-            decode = (
-                f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}×" if "decode_tokens_per_s" in r else "–"
-            )
-            lines.append(
-                f"| {code} | {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} "
-                f"| {_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
-                f"{believed} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {decode} |"
-            )
-    if env is None:
+    found = [(code, run, *row) for code, run, name in SHARED_TABLE_RUNS for row in _pruned_inference_rows(name)]
+    if not found:
         return "(no shared latency table results)"
+    env = found[0][2]
+    for code, run, _, r, dense in found:
+        cost = r["allocation_cost"]
+        believed = (
+            f"{dense['prefill_s'] / (dense['prefill_s'] - cost['removed']):.2f}×" if r["target"] == "latency" else "–"
+        )
+        decode = (
+            f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}×" if "decode_tokens_per_s" in r else "–"
+        )
+        lines.append(
+            f"| {code} | {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} "
+            f"| {_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
+            f"{believed} | {dense['prefill_s'] / r['prefill_s']:.2f}× | {decode} |"
+        )
     lines.append(
         f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights (the same "
         "scores in every run), every layer pruned, prefill of 2048 tokens (dense 0.060–0.062 s), static-cache decode "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -282,7 +283,7 @@ def test_monotone_latency_keeps_the_faster_time_of_a_wider_block():
 
 
 def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
-    from tp_loraprune.latency import interpolated
+    from tp_loraprune.latency import interpolate, measured_widths
 
     measured = []
 
@@ -290,7 +291,7 @@ def test_interpolated_latency_is_exact_at_the_grid_and_linear_between():
         measured.append(width)
         return 2.0 * width + (5.0 if width else 0.0)
 
-    at = interpolated(measure, full=96, step=8, points=5)
+    at = partial(interpolate, measured_widths(measure, full=96, step=8, points=5))
     assert sorted(measured) == [0, 8, 24, 48, 72, 96]  # multiples of the step, ends and the step, measured once
     assert at(48) == 101.0 and at(0) == 0.0
     assert at(60) == pytest.approx((at(48) + at(72)) / 2)

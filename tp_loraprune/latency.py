@@ -113,9 +113,3 @@ def interpolate(values: dict[int, float], width: int) -> float:
         raise ValueError(f"width {width} is outside the measured widths {grid[0]}..{grid[-1]}.")
     lo, hi = grid[k - 1], grid[k]
     return values[lo] + (values[hi] - values[lo]) * (width - lo) / (hi - lo)
-
-
-def interpolated(measure: Callable[[int], float], full: int, step: int, points: int = 17) -> Callable[[int], float]:
-    """`measured_widths`, linear between (see `interpolate`)."""
-    values = measured_widths(measure, full, step, points)
-    return lambda width: interpolate(values, width)

@@ -194,6 +194,7 @@ class LoRAPruner:
         self.progress = 0.0
         self.events: list[dict] = []
         self.initial_parameters = count_parameters(model)
+        self._latency: LatencyTable | None = None  # target="latency": set by _measure_latency
         self._heads = {
             a.name: _Heads(a, a.num_heads, a.num_kv_heads, list(range(a.num_heads)))
             for a in prunable_head_layouts(
@@ -408,14 +409,14 @@ class LoRAPruner:
     def _attention_cost(self, h: _Heads, heads: int, kv: int) -> float:
         """Parameters (or seconds, target="latency") of an attention block with `heads` query and `kv` KV heads."""
         if self.config.target == "latency":
-            return self._latency.attention[h.layout.name][(heads, kv)]
+            return cast(LatencyTable, self._latency).attention[h.layout.name][(heads, kv)]  # set before any cost
         per_q, per_kv = self._head_cost(h)
         return heads * per_q + kv * per_kv
 
     def _ffn_cost(self, ch: _Channels, width: int) -> float:
         """Parameters (or seconds, target="latency") of an FFN `width` channels wide."""
         if self.config.target == "latency":
-            return latency.interpolate(self._latency.ffn[ch.key], width)
+            return latency.interpolate(cast(LatencyTable, self._latency).ffn[ch.key], width)
         return width * ch.cost
 
     def _latency_shape(self, module: nn.Module, hidden: int) -> latency.Shape:
@@ -432,7 +433,7 @@ class LoRAPruner:
     def latency_table(self) -> LatencyTable | None:
         """The timings target="latency" allocates by (None under target="parameters"); `.save(path)` writes them
         for `LoRAPruneConfig(latency_table=path)` to reuse."""
-        return getattr(self, "_latency", None)
+        return self._latency
 
     def _head_states(self, h: _Heads) -> list[tuple[int, int]]:
         """Every (query heads, KV heads) the allocation can leave this attention block with, smallest first."""
@@ -447,10 +448,8 @@ class LoRAPruner:
         """The latency table: loaded from `config.latency_table` and checked against this model, or measured
         (`_measured_latency`)."""
         c = self.config
-        weights = [cast(torch.Tensor, base_layer(h.layout.o).weight) for h in self._heads.values()]
-        weights += [cast(torch.Tensor, base_layer(self._ffn_root(key)).weight) for key in self._channels]
-        devices = [w.device for w in weights]
-        device = device_name(devices[0]) if devices else "cpu"
+        blocks = [h.layout.o for h in self._heads.values()] + [self._ffn_root(key) for key in self._channels]
+        device = device_name(cast(torch.Tensor, base_layer(blocks[0]).weight).device) if blocks else "cpu"
         if c.latency_table is None:
             self._latency = self._measured_latency(device)
             return
