@@ -166,6 +166,30 @@ def timed_steps(step_fn, n_warmup: int, n_timed: int, device: str) -> tuple[floa
     return statistics.median(times), peak
 
 
+def times_in_turns(calls: dict, n_warmup: int, rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each call in `calls`, timed in turns: `n_warmup` calls each, then `rounds` rounds of one call of
+    each, so a change of clock or load during the run falls on every call alike."""
+    for call in calls.values():
+        for _ in range(n_warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            sync(device)
+            t = time.perf_counter()
+            call()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_speedup(dense: list[float], pruned: list[float]) -> dict:
+    """Median and quartiles over the rounds of dense time / pruned time within each round."""
+    ratios = sorted(d / p for d, p in zip(dense, pruned, strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": round(median, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
+
+
 def lora_model(base, bf16_adapters: bool):
     import peft
 
@@ -353,95 +377,119 @@ def write_profile(profile: cProfile.Profile, path: Path, lines: int = 45) -> Non
     path.write_text(text.getvalue())
 
 
-@torch.no_grad()
-def inference_speed(shape: str, args) -> list[dict]:
-    """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
-    every allocation in args.allocations and FFN width multiple in args.multiples. Decode runs eagerly, or with
-    a static cache, which transformers compiles (CUDA graphs) on a GPU (`--decode-mode static`)."""
+def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: str, args):
+    """A model of `shape` with one LoRAPrune event at `ratio` (one backward's scores), LoRA merged; returns the
+    model and what the row records about the event."""
     import peft
     from baselines import allocation_cost  # this script's folder is on sys.path when run as a script
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
+    device = args.device
+    model = build(shape, device)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+    imp = LoRAGuidedImportance(gradient="eq10")
+    with torch.enable_grad():
+        pm(input_ids=ids, labels=ids).loss.backward()
+    imp.accumulate(pm)
+    table = Path(args.latency_table) if target == "latency" and args.latency_table else None
+    reused = table is not None and table.is_file()
+    config = LoRAPruneConfig(
+        ratio=ratio,
+        layers=list(range(model.config.num_hidden_layers)),
+        round_to=multiple,
+        allocation=allocation,
+        uniform=args.uniform,
+        target=target,
+        latency_tokens=args.prefill,
+        latency_table=str(table) if reused else None,
+    )
+    pruner = LoRAPruner(pm, config, importance=imp)  # under target="latency" this measures the table
+    if table is not None and not reused:
+        pruner.latency_table.save(table)
+    profile = cProfile.Profile() if args.profile_events else None
+    t0 = time.perf_counter()
+    if profile:
+        profile.enable()
+    pruner.prune(1.0)
+    sync(device)
+    prune_s = time.perf_counter() - t0
+    believed = allocation_cost(pruner)
+    if profile:
+        profile.disable()
+        write_profile(profile, Path(args.out).with_suffix(f".event_{ratio}_{target}.txt"))
+    event = {
+        "latency_table": ("reused" if reused else "measured") if target == "latency" else None,
+        "prune_event_s": round(prune_s, 3),
+        "allocation_cost": believed,
+    }
+    return merge_lora(pm).eval(), event
+
+
+def shape_of(model) -> dict:
+    layers = model.model.layers
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "intermediate_sizes": sorted({layer.mlp.down_proj.in_features for layer in layers}),
+        "q_heads": sorted({layer.self_attn.q_proj.out_features // model.config.head_dim for layer in layers}),
+    }
+
+
+@torch.no_grad()
+def inference_speed(shape: str, args) -> list[dict]:
+    """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
+    every allocation in args.allocations and FFN width multiple in args.multiples. The dense model stays loaded
+    and each pruned model is timed in turns with it (`times_in_turns`), so each row's speedup is the median over
+    rounds of the two times of one round. Decode runs eagerly, or with a static cache, which transformers
+    compiles (CUDA graphs) on a GPU (`--decode-mode static`)."""
     device, rows = args.device, []
-    cells = [(0.0, "dense", 1, "parameters")] + [
-        (r, a, m, t) for r in args.ratios for a in args.allocations for m in args.multiples for t in args.targets
-    ]
+    static = {"cache_implementation": "static"} if args.decode_mode == "static" else {}
+    if static:  # every pruned model is another compiled shape of the same forward: keep them all compiled
+        torch._dynamo.config.recompile_limit = 64
+    dense = build(shape, device).eval()
+    prompt = torch.randint(0, dense.config.vocab_size, (1, args.prefill), device=device)
+
+    def prefill(model):
+        return lambda: model(input_ids=prompt, use_cache=False)
+
+    def decode(model):
+        kwargs = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False, pad_token_id=0)
+        return lambda: model.generate(prompt[:, :16], **kwargs, **static)
+
+    dense_times = times_in_turns({"dense": prefill(dense)}, 2, args.rounds, device)["dense"]
+    row = {"shape": shape, "ratio": 0.0, "allocation": "dense", "uniform": args.uniform, "round_to": 1}
+    row |= shape_of(dense) | {"target": "parameters", "prefill_s": round(statistics.median(dense_times), 4)}
+    if args.decode:
+        seconds = times_in_turns({"dense": decode(dense)}, 2 if static else 1, args.decode_rounds, device)["dense"]
+        row |= {
+            "decode_mode": args.decode_mode,
+            "decode_tokens_per_s": round(args.decode / statistics.median(seconds), 1),
+        }
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    cells = [(r, a, m, t) for r in args.ratios for a in args.allocations for m in args.multiples for t in args.targets]
     for ratio, allocation, multiple, target in cells:
-        model = build(shape, device)
-        reused = False
-        if ratio > 0:
-            pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
-            ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
-            imp = LoRAGuidedImportance(gradient="eq10")
-            with torch.enable_grad():
-                pm(input_ids=ids, labels=ids).loss.backward()
-            imp.accumulate(pm)
-            layers = list(range(model.config.num_hidden_layers))
-            table = Path(args.latency_table) if target == "latency" and args.latency_table else None
-            reused = table is not None and table.is_file()
-            config = LoRAPruneConfig(
-                ratio=ratio,
-                layers=layers,
-                round_to=multiple,
-                allocation=allocation,
-                uniform=args.uniform,
-                target=target,
-                latency_tokens=args.prefill,
-                latency_table=str(table) if reused else None,
-            )
-            pruner = LoRAPruner(pm, config, importance=imp)  # under target="latency" this measures the table
-            if table is not None and not reused:
-                pruner.latency_table.save(table)
-            profile = cProfile.Profile() if args.profile_events else None
-            t0 = time.perf_counter()
-            if profile:
-                profile.enable()
-            pruner.prune(1.0)
-            sync(device)
-            prune_s = time.perf_counter() - t0
-            believed = allocation_cost(pruner)
-            if profile:
-                profile.disable()
-                write_profile(profile, Path(args.out).with_suffix(f".event_{ratio}_{target}.txt"))
-            model = merge_lora(pm)
-            del pm, pruner, imp
-        model.eval()
-        n_params = sum(p.numel() for p in model.parameters())
-        prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
-        prefill, _ = timed_steps(lambda: model(input_ids=prompt, use_cache=False), 2, 5, device)
-        row = {
-            "shape": shape,
-            "ratio": ratio,
-            "allocation": allocation,
-            "uniform": args.uniform,
-            "round_to": multiple,
-            "parameters": n_params,
-            "intermediate_sizes": sorted({layer.mlp.down_proj.in_features for layer in model.model.layers}),
-            "q_heads": sorted(
-                {layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers}
-            ),
-            "target": target,
-            "latency_table": ("reused" if reused else "measured") if ratio > 0 and target == "latency" else None,
-            "prune_event_s": round(prune_s, 3) if ratio > 0 else None,
-            "allocation_cost": believed if ratio > 0 else None,
-            "prefill_s": round(prefill, 4),
+        model, event = pruned_model(shape, ratio, allocation, multiple, target, args)
+        t = times_in_turns({"dense": prefill(dense), "pruned": prefill(model)}, 2, args.rounds, device)
+        row = {"shape": shape, "ratio": ratio, "allocation": allocation, "uniform": args.uniform}
+        row |= {"round_to": multiple} | shape_of(model) | {"target": target} | event
+        row |= {
+            "prefill_s": round(statistics.median(t["pruned"]), 4),
+            "dense_prefill_s": round(statistics.median(t["dense"]), 4),
+            "prefill_speedup": paired_speedup(t["dense"], t["pruned"]),
         }
         if args.decode:
-            short = prompt[:, :16]
-            static = {"cache_implementation": "static"} if args.decode_mode == "static" else {}
-            gen = lambda: model.generate(  # noqa: E731
-                short,
-                max_new_tokens=args.decode,
-                min_new_tokens=args.decode,
-                do_sample=False,
-                pad_token_id=0,
-                **static,
-            )
-            decode, _ = timed_steps(gen, 2 if static else 1, 3, device)
-            row |= {"decode_mode": args.decode_mode, "decode_tokens_per_s": round(args.decode / decode, 1)}
+            warm = 2 if static else 1
+            t = times_in_turns({"dense": decode(dense), "pruned": decode(model)}, warm, args.decode_rounds, device)
+            row |= {
+                "decode_mode": args.decode_mode,
+                "decode_tokens_per_s": round(args.decode / statistics.median(t["pruned"]), 1),
+                "dense_decode_tokens_per_s": round(args.decode / statistics.median(t["dense"]), 1),
+                "decode_speedup": paired_speedup(t["dense"], t["pruned"]),
+            }
         rows.append(row)
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(row), flush=True)
         del model
         gc.collect()
         if device.startswith("cuda"):
@@ -463,6 +511,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode", type=int, default=128, help="decode tokens (0: prefill only)")
     p.add_argument("--decode-mode", choices=["eager", "static"], default="eager")
+    p.add_argument("--rounds", type=int, default=21, help="inference: prefill rounds, dense and pruned in turns")
+    p.add_argument("--decode-rounds", type=int, default=5, help="inference: decode rounds, dense and pruned in turns")
     p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
     p.add_argument(
         "--multiples", default="1,64", help="inference: comma list of FFN width multiples (round_to; none: its default)"
