@@ -1454,6 +1454,60 @@ SHARED_TABLE_RUNS = (  # (what the code did, run, file): one latency table per c
 )
 
 
+TURNS_RUNS = (  # (run, file): every pruned model timed in turns with the dense model, same table reused
+    ("a", "efficiency_turns_a_h200.json"),
+    ("b", "efficiency_turns_b_h200.json"),
+    ("b", "efficiency_turns_perlayer_h200.json"),
+)
+
+
+def _quartiles(speedup: dict) -> str:
+    return f"{speedup['median']:.2f}× ({speedup['q1']:.2f}–{speedup['q3']:.2f})"
+
+
+def turns_speed_table() -> str:
+    """The LLaMA-7B shape's pruned models, each timed in turns with the dense model kept loaded: the median over
+    rounds of the per-round speedup and its quartiles, for both targets, uniform and per-layer widths."""
+    lines = [
+        "| run | widths | target | ratio | FFN width | query heads | parameters | parameter ratio | prefill MAC "
+        "ratio | prefill vs dense, the table's prediction | prefill vs dense (quartiles) | static decode vs dense "
+        "(quartiles) | decode tok/s (dense) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = [(run, *row) for run, name in TURNS_RUNS for row in _pruned_inference_rows(name)]
+    if not found:
+        return "(no in-turns speed results)"
+    env = found[0][1]
+    dense_macs = llama7b_prefill_macs(11008, 32)
+    for run, _, r, dense in found:
+        cost = r["allocation_cost"]
+        believed = (
+            f"{dense['prefill_s'] / (dense['prefill_s'] - cost['removed']):.2f}×" if r["target"] == "latency" else "–"
+        )
+        decode = f"{r['decode_tokens_per_s']:.0f} ({r['dense_decode_tokens_per_s']:.0f})"
+        (ffn, *more_ffn), (heads, *more_heads) = r["intermediate_sizes"], r["q_heads"]
+        macs = "–" if more_ffn or more_heads else f"{dense_macs / llama7b_prefill_macs(ffn, heads):.2f}×"
+        lines.append(
+            f"| {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} | "
+            f"{_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
+            f"{dense['parameters'] / r['parameters']:.2f}× | {macs} | {believed} | "
+            f"{_quartiles(r['prefill_speedup'])} | {_quartiles(r['decode_speedup'])} | {decode} |"
+        )
+    lines.append(
+        f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights (the same "
+        "scores in every run), every layer pruned, one latency table for every run (`latency_table_llama7b_3_h200.json`"
+        ", reused). The dense model stays loaded and each pruned model is timed in turns with it: prefill of 2048 "
+        "tokens, 2 warm-ups each, then 21 rounds of one dense and one pruned prefill; static-cache decode of 128 "
+        'greedy tokens after 16 (`cache_implementation="static"`, compiled), 5 rounds. The speedup is the median '
+        "over rounds of the two times of one round, with its quartiles. Runs a and b are two device calls, one after "
+        "the other. Command: `python benchmarks/efficiency.py --device cuda --skip steps,init --inference-shapes "
+        "llama7b --ratios 0.2,0.5 --multiples none --targets parameters,latency --latency-table "
+        "benchmarks/results/latency_table_llama7b_3_h200.json --decode 128 --decode-mode static [--uniform 0] --out "
+        "...`; " + ", ".join(f"`{n}`" for _, n in TURNS_RUNS) + "."
+    )
+    return "\n".join(lines)
+
+
 def _spread(values: list[int]) -> str:
     return f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
@@ -1796,6 +1850,12 @@ def main() -> int:
         "allocation is the same in every run of a version and what varies is the measurement of the pruned model:",
         "",
         shared_table_speed_table(),
+        "",
+        "The same models timed in turns with the dense model (kept loaded), two runs, and per-layer widths: the "
+        "speedups in the tables above were the ratio of two medians taken minutes apart, and one model had "
+        "measured 1.31–1.91× at 50%:",
+        "",
+        turns_speed_table(),
         "",
         '### target="parameters" vs target="latency" on SmolLM2-135M (H200, bf16, one-shot)',
         "",
