@@ -427,6 +427,35 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
     return merge_lora(pm).eval(), event
 
 
+def graph_decode(model, prompt: torch.Tensor, new_tokens: int):
+    """A call that greedily decodes `new_tokens` after `prompt` (and returns them) with a static cache, the
+    one-token forward compiled with CUDA graphs (`torch.compile(mode="reduce-overhead")`, on a GPU; eager on a
+    CPU) and no `generate()` around it: the model's own decode time, with no sampling, stopping or cache
+    bookkeeping per token. Its tokens equal greedy `generate()`'s."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
+    on_gpu = prompt.device.type == "cuda"
+    step = torch.compile(model.forward, mode="reduce-overhead") if on_gpu else model.forward
+    start = prompt.shape[1]
+
+    positions = torch.arange(start + new_tokens, device=prompt.device)  # on the device: no copy, no sync per token
+
+    def run():
+        cache.reset()
+        logits = model(input_ids=prompt, past_key_values=cache, cache_position=positions[:start], logits_to_keep=1)
+        tokens = [logits.logits.argmax(-1)]
+        for i in range(start, start + new_tokens - 1):
+            if on_gpu:
+                torch.compiler.cudagraph_mark_step_begin()
+            position = positions[i : i + 1]
+            logits = step(input_ids=tokens[-1], past_key_values=cache, cache_position=position, logits_to_keep=1)
+            tokens.append(logits.logits.argmax(-1))
+        return torch.cat(tokens, dim=1)
+
+    return run
+
+
 def shape_of(model) -> dict:
     layers = model.model.layers
     return {
@@ -441,11 +470,11 @@ def inference_speed(shape: str, args) -> list[dict]:
     """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
     every allocation in args.allocations and FFN width multiple in args.multiples. The dense model stays loaded
     and each pruned model is timed in turns with it (`times_in_turns`), so each row's speedup is the median over
-    rounds of the two times of one round. Decode runs eagerly, or with a static cache, which transformers
-    compiles (CUDA graphs) on a GPU (`--decode-mode static`)."""
+    rounds of the two times of one round. Decode runs `generate()` eagerly, or with a static cache, which
+    transformers compiles (`--decode-mode static`), or a bare loop in CUDA graphs (`--decode-mode graph`)."""
     device, rows = args.device, []
     static = {"cache_implementation": "static"} if args.decode_mode == "static" else {}
-    if static:  # every pruned model is another compiled shape of the same forward: keep them all compiled
+    if args.decode_mode != "eager":  # every pruned model is another compiled shape of one forward: keep them all
         torch._dynamo.config.recompile_limit = 64
     dense = build(shape, device).eval()
     prompt = torch.randint(0, dense.config.vocab_size, (1, args.prefill), device=device)
@@ -454,14 +483,18 @@ def inference_speed(shape: str, args) -> list[dict]:
         return lambda: model(input_ids=prompt, use_cache=False)
 
     def decode(model):
+        if args.decode_mode == "graph":
+            return graph_decode(model, prompt[:, :16], args.decode)
         kwargs = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False, pad_token_id=0)
         return lambda: model.generate(prompt[:, :16], **kwargs, **static)
 
-    dense_times = times_in_turns({"dense": prefill(dense)}, 2, args.rounds, device)["dense"]
+    dense_prefill, dense_decode = prefill(dense), decode(dense) if args.decode else None
+    warm = 1 if args.decode_mode == "eager" else 2
+    dense_times = times_in_turns({"dense": dense_prefill}, 2, args.rounds, device)["dense"]
     row = {"shape": shape, "ratio": 0.0, "allocation": "dense", "uniform": args.uniform, "round_to": 1}
     row |= shape_of(dense) | {"target": "parameters", "prefill_s": round(statistics.median(dense_times), 4)}
     if args.decode:
-        seconds = times_in_turns({"dense": decode(dense)}, 2 if static else 1, args.decode_rounds, device)["dense"]
+        seconds = times_in_turns({"dense": dense_decode}, warm, args.decode_rounds, device)["dense"]
         row |= {
             "decode_mode": args.decode_mode,
             "decode_tokens_per_s": round(args.decode / statistics.median(seconds), 1),
@@ -471,7 +504,7 @@ def inference_speed(shape: str, args) -> list[dict]:
     cells = [(r, a, m, t) for r in args.ratios for a in args.allocations for m in args.multiples for t in args.targets]
     for ratio, allocation, multiple, target in cells:
         model, event = pruned_model(shape, ratio, allocation, multiple, target, args)
-        t = times_in_turns({"dense": prefill(dense), "pruned": prefill(model)}, 2, args.rounds, device)
+        t = times_in_turns({"dense": dense_prefill, "pruned": prefill(model)}, 2, args.rounds, device)
         row = {"shape": shape, "ratio": ratio, "allocation": allocation, "uniform": args.uniform}
         row |= {"round_to": multiple} | shape_of(model) | {"target": target} | event
         row |= {
@@ -480,8 +513,7 @@ def inference_speed(shape: str, args) -> list[dict]:
             "prefill_speedup": paired_speedup(t["dense"], t["pruned"]),
         }
         if args.decode:
-            warm = 2 if static else 1
-            t = times_in_turns({"dense": decode(dense), "pruned": decode(model)}, warm, args.decode_rounds, device)
+            t = times_in_turns({"dense": dense_decode, "pruned": decode(model)}, warm, args.decode_rounds, device)
             row |= {
                 "decode_mode": args.decode_mode,
                 "decode_tokens_per_s": round(args.decode / statistics.median(t["pruned"]), 1),
@@ -510,7 +542,13 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode", type=int, default=128, help="decode tokens (0: prefill only)")
-    p.add_argument("--decode-mode", choices=["eager", "static"], default="eager")
+    p.add_argument(
+        "--decode-mode",
+        choices=["eager", "static", "graph"],
+        default="eager",
+        help="generate() eagerly, generate() with a static cache (compiled), or a bare greedy loop with the "
+        "one-token forward in CUDA graphs (graph_decode)",
+    )
     p.add_argument("--rounds", type=int, default=21, help="inference: prefill rounds, dense and pruned in turns")
     p.add_argument("--decode-rounds", type=int, default=5, help="inference: decode rounds, dense and pruned in turns")
     p.add_argument("--allocations", default="auto", help="inference: comma list of LoRAPruneConfig.allocation")
