@@ -1458,7 +1458,11 @@ TURNS_RUNS = (  # (run, file): every pruned model timed in turns with the dense 
     ("a", "efficiency_turns_a_h200.json"),
     ("b", "efficiency_turns_b_h200.json"),
     ("b", "efficiency_turns_perlayer_h200.json"),
+    ("c", "efficiency_turns_graph_h200.json"),
 )
+
+
+DECODE_MODES = {"eager": "generate()", "static": "generate(), static cache", "graph": "loop in CUDA graphs"}
 
 
 def _quartiles(speedup: dict) -> str:
@@ -1470,9 +1474,9 @@ def turns_speed_table() -> str:
     rounds of the per-round speedup and its quartiles, for both targets, uniform and per-layer widths."""
     lines = [
         "| run | widths | target | ratio | FFN width | query heads | parameters | parameter ratio | prefill MAC "
-        "ratio | prefill vs dense, the table's prediction | prefill vs dense (quartiles) | static decode vs dense "
+        "ratio | prefill vs dense, the table's prediction | prefill vs dense (quartiles) | decode | decode vs dense "
         "(quartiles) | decode tok/s (dense) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     found = [(run, *row) for run, name in TURNS_RUNS for row in _pruned_inference_rows(name)]
     if not found:
@@ -1491,19 +1495,22 @@ def turns_speed_table() -> str:
             f"| {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} | "
             f"{_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
             f"{dense['parameters'] / r['parameters']:.2f}× | {macs} | {believed} | "
-            f"{_quartiles(r['prefill_speedup'])} | {_quartiles(r['decode_speedup'])} | {decode} |"
+            f"{_quartiles(r['prefill_speedup'])} | {DECODE_MODES[r['decode_mode']]} | "
+            f"{_quartiles(r['decode_speedup'])} | {decode} |"
         )
     lines.append(
         f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights (the same "
         "scores in every run), every layer pruned, one latency table for every run (`latency_table_llama7b_3_h200.json`"
         ", reused). The dense model stays loaded and each pruned model is timed in turns with it: prefill of 2048 "
-        "tokens, 2 warm-ups each, then 21 rounds of one dense and one pruned prefill; static-cache decode of 128 "
-        'greedy tokens after 16 (`cache_implementation="static"`, compiled), 5 rounds. The speedup is the median '
-        "over rounds of the two times of one round, with its quartiles. Runs a and b are two device calls, one after "
-        "the other. Command: `python benchmarks/efficiency.py --device cuda --skip steps,init --inference-shapes "
-        "llama7b --ratios 0.2,0.5 --multiples none --targets parameters,latency --latency-table "
-        "benchmarks/results/latency_table_llama7b_3_h200.json --decode 128 --decode-mode static [--uniform 0] --out "
-        "...`; " + ", ".join(f"`{n}`" for _, n in TURNS_RUNS) + "."
+        "tokens, 2 warm-ups each, then 21 rounds of one dense and one pruned prefill; decode of 128 greedy tokens "
+        "after 16, 2 warm-ups, 5 rounds, either through `generate()` with a static cache (which transformers "
+        "compiles) or as a bare greedy loop with the one-token forward compiled in CUDA graphs "
+        '(`--decode-mode graph`, `torch.compile(mode="reduce-overhead")`, the same tokens as `generate()`). The '
+        "speedup is the median over rounds of the two times of one round, with its quartiles. Runs a, b and c are "
+        "three device calls (b with per-layer widths right after). Command: `python benchmarks/efficiency.py "
+        "--device cuda --skip steps,init --inference-shapes llama7b --ratios 0.2,0.5 --multiples none --targets "
+        "parameters,latency --latency-table benchmarks/results/latency_table_llama7b_3_h200.json --decode 128 "
+        "--decode-mode static|graph [--uniform 0] --out ...`; " + ", ".join(f"`{n}`" for _, n in TURNS_RUNS) + "."
     )
     return "\n".join(lines)
 

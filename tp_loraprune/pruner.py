@@ -665,12 +665,11 @@ class LoRAPruner:
             warnings.warn(
                 "target='latency' is experimental. Its table (the model's own attention and FFN blocks, timed alone on "
                 "this device; measure it once and reuse it with latency_table=...) predicted the prefill of the "
-                "LLaMA-7B shape on an H200 at 20% (1.19x predicted, 1.16-1.22x measured) but not reliably at 50% "
-                "(1.64x predicted; the same model measured 1.31x-1.91x in four runs), and it removes more "
-                "parameters than target='parameters'. After a fine-tune of SmolLM2-135M on a 2-core CPU it was on "
-                "the parameter target's quality-vs-speed curve, not above it, and saved less time than asked at "
-                "20%; decode is timed with synthetic blocks (docs/benchmarks.md). Measure the result's speed and "
-                "quality, and compare with target='parameters'.",
+                "LLaMA-7B shape on an H200 within 7% (1.19x / 1.65x predicted at 20% / 50%, 1.18x / 1.73-1.76x "
+                "measured), and it removes more parameters than target='parameters'. After a fine-tune of "
+                "SmolLM2-135M on a 2-core CPU it was on the parameter target's quality-vs-speed curve, not above "
+                "it, and saved less time than asked at 20%; decode is timed with synthetic blocks "
+                "(docs/benchmarks.md). Measure the result's speed and quality, and compare with target='parameters'.",
                 stacklevel=3,
             )
             self._measure_latency()
