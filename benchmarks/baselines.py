@@ -149,6 +149,19 @@ def allocation_cost(pruner) -> dict:
     return {"before": sum(pruner._layer_totals().values()), "removed": sum(pruner._removed_by_layer().values())}
 
 
+def shared_latency_table(path: str | None, target: str | None) -> str | None:
+    """`--latency-table` of a benchmark, whose first latency run measures the table and every later one allocates
+    by it: the file for `LoRAPruneConfig.latency_table` once it is written, None while it is not (or for another
+    target)."""
+    return path if target == "latency" and path and Path(path).is_file() else None
+
+
+def keep_latency_table(path: str | None, table) -> None:
+    """Write the table a latency run measured to `--latency-table` if no run has written it yet."""
+    if path and table is not None and not Path(path).is_file():
+        table.save(path)
+
+
 def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
     """Median of `repeats` prefills of `tokens` tokens after one warm-up."""
     return prefill_seconds_in_turns({"model": model}, tokens, repeats, device)["model"]

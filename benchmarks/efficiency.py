@@ -381,7 +381,11 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
     """A model of `shape` with one LoRAPrune event at `ratio` (one backward's scores), LoRA merged; returns the
     model and what the row records about the event."""
     import peft
-    from baselines import allocation_cost  # this script's folder is on sys.path when run as a script
+    from baselines import (
+        allocation_cost,
+        keep_latency_table,
+        shared_latency_table,
+    )  # this script's folder is on sys.path
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
@@ -393,8 +397,7 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
     with torch.enable_grad():
         pm(input_ids=ids, labels=ids).loss.backward()
     imp.accumulate(pm)
-    table = Path(args.latency_table) if target == "latency" and args.latency_table else None
-    reused = table is not None and table.is_file()
+    reused = shared_latency_table(args.latency_table, target)
     config = LoRAPruneConfig(
         ratio=ratio,
         layers=list(range(model.config.num_hidden_layers)),
@@ -403,11 +406,11 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
         uniform=args.uniform,
         target=target,
         latency_tokens=args.prefill,
-        latency_table=str(table) if reused else None,
+        latency_table=reused,
     )
     pruner = LoRAPruner(pm, config, importance=imp)  # under target="latency" this measures the table
-    if table is not None and not reused:
-        pruner.latency_table.save(table)
+    if target == "latency":
+        keep_latency_table(args.latency_table, pruner.latency_table)
     profile = cProfile.Profile() if args.profile_events else None
     t0 = time.perf_counter()
     if profile:

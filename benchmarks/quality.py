@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import calibration_batches, make_importance, prefill_seconds_in_turns  # noqa: E402
+from baselines import (  # noqa: E402
+    calibration_batches,
+    keep_latency_table,
+    make_importance,
+    prefill_seconds_in_turns,
+    shared_latency_table,
+)
 
 from tp_loraprune import LoRAPruneConfig, LoRAPruner  # noqa: E402
 from tp_loraprune.data import read_text_documents, token_blocks  # noqa: E402
@@ -108,11 +114,9 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     lora_r = overrides.pop("lora_r", 8)  # another LoRA rank for this run only (alpha stays 2 * r)
     if overrides.get("target") == "latency" and args.time_prefill:  # the table is timed at the timed length
         overrides.setdefault("latency_tokens", args.time_prefill)
-    shared_table = None  # --latency-table: the first latency run writes it, every later one allocates by it
-    if overrides.get("target") == "latency" and args.latency_table:
-        shared_table = Path(args.latency_table)
-        if shared_table.is_file():
-            overrides["latency_table"] = str(shared_table)
+    reuse = shared_latency_table(args.latency_table, overrides.get("target"))
+    if reuse:
+        overrides["latency_table"] = reuse
     config = LoRAPruneConfig(ratio=ratio, total_steps=steps, prune_every=prune_every, **overrides)
     train = TrainConfig(
         lr=lr,
@@ -137,8 +141,7 @@ def run_one(name, method, ratio, dense, tokenizer, blocks, args, seed, config_ov
     if method == "loraprune":
         result = prune(model, tokenizer, blocks, config, train, dequantize=not keep_quantized)
         merged, events = result.model, len(result.events)
-        if shared_table is not None and result.latency_table is not None and not shared_table.is_file():
-            result.latency_table.save(shared_table)
+        keep_latency_table(args.latency_table, result.latency_table)
     else:
         peft_model = prepare_lora_model(model, train)
         batches = calibration_batches(blocks, args.calibration_batches, args.batch_size, device)
