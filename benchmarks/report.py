@@ -1459,6 +1459,7 @@ TURNS_RUNS = (  # (run, file): every pruned model timed in turns with the dense 
     ("b", "efficiency_turns_b_h200.json"),
     ("b", "efficiency_turns_perlayer_h200.json"),
     ("c", "efficiency_turns_graph_h200.json"),
+    ("d", "efficiency_turns_alignment_h200.json"),
 )
 
 
@@ -1473,10 +1474,10 @@ def turns_speed_table() -> str:
     """The LLaMA-7B shape's pruned models, each timed in turns with the dense model kept loaded: the median over
     rounds of the per-round speedup and its quartiles, for both targets, uniform and per-layer widths."""
     lines = [
-        "| run | widths | target | ratio | FFN width | query heads | parameters | parameter ratio | prefill MAC "
-        "ratio | prefill vs dense, the table's prediction | prefill vs dense (quartiles) | decode | decode vs dense "
-        "(quartiles) | decode tok/s (dense) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | widths | target | ratio | round_to | FFN width | query heads | parameters | parameter ratio | "
+        "prefill MAC ratio | prefill vs dense, the table's prediction | prefill vs dense (quartiles) | decode | "
+        "decode vs dense (quartiles) | decode tok/s (dense) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     found = [(run, *row) for run, name in TURNS_RUNS for row in _pruned_inference_rows(name)]
     if not found:
@@ -1488,15 +1489,17 @@ def turns_speed_table() -> str:
         believed = (
             f"{dense['prefill_s'] / (dense['prefill_s'] - cost['removed']):.2f}×" if r["target"] == "latency" else "–"
         )
-        decode = f"{r['decode_tokens_per_s']:.0f} ({r['dense_decode_tokens_per_s']:.0f})"
+        timed_decode = "decode_speedup" in r
+        decode = f"{r['decode_tokens_per_s']:.0f} ({r['dense_decode_tokens_per_s']:.0f})" if timed_decode else "–"
+        decode_mode = DECODE_MODES[r["decode_mode"]] if timed_decode else "–"
+        decode_speedup = _quartiles(r["decode_speedup"]) if timed_decode else "–"
         (ffn, *more_ffn), (heads, *more_heads) = r["intermediate_sizes"], r["q_heads"]
         macs = "–" if more_ffn or more_heads else f"{dense_macs / llama7b_prefill_macs(ffn, heads):.2f}×"
         lines.append(
             f"| {run} | {'uniform' if r['uniform'] else 'per layer'} | {r['target']} | {r['ratio']:.0%} | "
-            f"{_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | {r['parameters'] / 1e9:.2f}B | "
-            f"{dense['parameters'] / r['parameters']:.2f}× | {macs} | {believed} | "
-            f"{_quartiles(r['prefill_speedup'])} | {DECODE_MODES[r['decode_mode']]} | "
-            f"{_quartiles(r['decode_speedup'])} | {decode} |"
+            f"{r['round_to'] or 'default (64)'} | {_spread(r['intermediate_sizes'])} | {_spread(r['q_heads'])} | "
+            f"{r['parameters'] / 1e9:.2f}B | {dense['parameters'] / r['parameters']:.2f}× | {macs} | {believed} | "
+            f"{_quartiles(r['prefill_speedup'])} | {decode_mode} | {decode_speedup} | {decode} |"
         )
     lines.append(
         f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, random bf16 weights (the same "
@@ -1506,8 +1509,9 @@ def turns_speed_table() -> str:
         "after 16, 2 warm-ups, 5 rounds, either through `generate()` with a static cache (which transformers "
         "compiles) or as a bare greedy loop with the one-token forward compiled in CUDA graphs "
         '(`--decode-mode graph`, `torch.compile(mode="reduce-overhead")`, the same tokens as `generate()`). The '
-        "speedup is the median over rounds of the two times of one round, with its quartiles. Runs a, b and c are "
-        "three device calls (b with per-layer widths right after). Command: `python benchmarks/efficiency.py "
+        "speedup is the median over rounds of the two times of one round, with its quartiles. Runs a, b, c and d are "
+        "four device calls (b with per-layer widths right after; d: the FFN width multiples, `--multiples 64,128,256 "
+        "--targets parameters --decode 0`, no latency table). Command: `python benchmarks/efficiency.py "
         "--device cuda --skip steps,init --inference-shapes llama7b --ratios 0.2,0.5 --multiples none --targets "
         "parameters,latency --latency-table benchmarks/results/latency_table_llama7b_3_h200.json --decode 128 "
         "--decode-mode static|graph [--uniform 0] --out ...`; " + ", ".join(f"`{n}`" for _, n in TURNS_RUNS) + "."
