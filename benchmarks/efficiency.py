@@ -385,7 +385,7 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
         allocation_cost,
         keep_latency_table,
         shared_latency_table,
-    )  # this script's folder is on sys.path
+    )  # the script's folder is on the path
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
@@ -441,7 +441,6 @@ def graph_decode(model, prompt: torch.Tensor, new_tokens: int):
     on_gpu = prompt.device.type == "cuda"
     step = torch.compile(model.forward, mode="reduce-overhead") if on_gpu else model.forward
     start = prompt.shape[1]
-
     positions = torch.arange(start + new_tokens, device=prompt.device)  # on the device: no copy, no sync per token
 
     def run():
