@@ -381,11 +381,7 @@ def pruned_model(shape: str, ratio: float, allocation: str, multiple, target: st
     """A model of `shape` with one LoRAPrune event at `ratio` (one backward's scores), LoRA merged; returns the
     model and what the row records about the event."""
     import peft
-    from baselines import (
-        allocation_cost,
-        keep_latency_table,
-        shared_latency_table,
-    )  # the script's folder is on the path
+    from baselines import allocation_cost, keep_latency_table, shared_latency_table  # the script's folder
 
     from tp_loraprune import LoRAGuidedImportance, LoRAPruneConfig, LoRAPruner, merge_lora
 
