@@ -13,6 +13,9 @@ Step variants, measured side by side in one process on the same model:
                    amortized over prune_every=10 steps (measured separately and added).
   taylor           full weight gradients of every projection (what Taylor importance needs), no LoRA.
 Times are medians over the timed steps; memory is torch.cuda.max_memory_allocated over them.
+Inference: the dense model stays loaded and every pruned model is timed in turns with it (prefill of --prefill
+tokens, --rounds rounds; decode of --decode tokens, --decode-rounds rounds); a row's speedup is the median over the
+rounds of dense time / pruned time within a round, with its quartiles.
 """
 
 from __future__ import annotations
