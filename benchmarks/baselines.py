@@ -167,24 +167,32 @@ def prefill_seconds(model, tokens: int, repeats: int, device: str) -> float:
     return prefill_seconds_in_turns({"model": model}, tokens, repeats, device)["model"]
 
 
-@torch.no_grad()
-def prefill_seconds_in_turns(models: dict, tokens: int, repeats: int, device: str) -> dict[str, float]:
-    """Median prefill time of each model, timed in turns: one warm-up each, then `repeats` rounds of one prefill
-    per model, so whatever else loads the machine falls on every model alike."""
-    vocab = min(m.config.vocab_size for m in models.values())
-    ids = torch.randint(0, vocab, (1, tokens), device=device)
+def times_in_turns(calls: dict, n_warmup: int, rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each call in `calls`, timed in turns: `n_warmup` calls each, then `rounds` rounds of one call of
+    each, so a change of clock or load during the run falls on every call alike."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for model in models.values():
-        model(input_ids=ids, use_cache=False)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
+    for call in calls.values():
+        for _ in range(n_warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
             sync()
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
+            call()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+@torch.no_grad()
+def prefill_seconds_in_turns(models: dict, tokens: int, repeats: int, device: str) -> dict[str, float]:
+    """Median prefill time of each model, timed in turns (`times_in_turns`): one warm-up each, then `repeats`
+    rounds of one prefill per model, so whatever else loads the machine falls on every model alike."""
+    vocab = min(m.config.vocab_size for m in models.values())
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    calls = {name: (lambda model=model: model(input_ids=ids, use_cache=False)) for name, model in models.items()}
+    return {name: statistics.median(t) for name, t in times_in_turns(calls, 1, repeats, device).items()}
 
 
 def cpu_environment() -> dict:

@@ -169,23 +169,6 @@ def timed_steps(step_fn, n_warmup: int, n_timed: int, device: str) -> tuple[floa
     return statistics.median(times), peak
 
 
-def times_in_turns(calls: dict, n_warmup: int, rounds: int, device: str) -> dict[str, list[float]]:
-    """Seconds of each call in `calls`, timed in turns: `n_warmup` calls each, then `rounds` rounds of one call of
-    each, so a change of clock or load during the run falls on every call alike."""
-    for call in calls.values():
-        for _ in range(n_warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            sync(device)
-            t = time.perf_counter()
-            call()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
 def paired_speedup(dense: list[float], pruned: list[float]) -> dict:
     """Median and quartiles over the rounds of dense time / pruned time within each round."""
     ratios = sorted(d / p for d, p in zip(dense, pruned, strict=True))
@@ -470,9 +453,11 @@ def shape_of(model) -> dict:
 def inference_speed(shape: str, args) -> list[dict]:
     """Prefill latency (batch 1, args.prefill tokens) and greedy decode tokens/s of dense vs pruned models, for
     every allocation in args.allocations and FFN width multiple in args.multiples. The dense model stays loaded
-    and each pruned model is timed in turns with it (`times_in_turns`), so each row's speedup is the median over
-    rounds of the two times of one round. Decode runs `generate()` eagerly, or with a static cache, which
+    and each pruned model is timed in turns with it (`baselines.times_in_turns`), so each row's speedup is the
+    median over rounds of the two times of one round. Decode runs `generate()` eagerly, or with a static cache, which
     transformers compiles (`--decode-mode static`), or a bare loop in CUDA graphs (`--decode-mode graph`)."""
+    from baselines import times_in_turns  # the script's folder
+
     device, rows = args.device, []
     static = {"cache_implementation": "static"} if args.decode_mode == "static" else {}
     if args.decode_mode != "eager":  # every pruned model is another compiled shape of one forward: keep them all

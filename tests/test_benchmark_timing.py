@@ -8,13 +8,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baselines  # noqa: E402
 import efficiency  # noqa: E402
 
 
 def test_calls_are_timed_in_turns_after_their_warmups():
     order = []
     calls = {"dense": lambda: order.append("d"), "pruned": lambda: order.append("p")}
-    times = efficiency.times_in_turns(calls, 2, 3, "cpu")
+    times = baselines.times_in_turns(calls, 2, 3, "cpu")
     assert order == ["d", "d", "p", "p"] + ["d", "p"] * 3
     assert {name: len(t) for name, t in times.items()} == {"dense": 3, "pruned": 3}
 
